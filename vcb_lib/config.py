@@ -1,0 +1,423 @@
+"""Typed parameters for every stage of the workbench, loaded from ``params/*.yaml``.
+
+One dataclass per stage. Each field is one annotated line with a trailing ``# comment``;
+``python -m vcb_lib list-params`` prints those comments as the documentation. A YAML file holds
+only what differs from these defaults::
+
+    run:
+      name: smoke
+    training:
+      gamma: 0.05
+
+``load_params(path, overrides)`` rejects unknown keys (suggesting the closest valid key), wrong
+types and out-of-range values with a message naming the file, the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``5e-6`` as a string; scientific notation is a number here."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$|^[-+]?(?:\d+\.\d*|\.\d+)$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+class ConfigError(ValueError):
+    """A parameter file or override is wrong; the message says where and what is allowed."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    """Range check used in ``__post_init__``: raise naming ``key`` when ``ok`` is false."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+# --------------------------------------------------------------------------------------------
+# Stage configs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how it is seeded."""
+
+    name: str = "default"  # run folder name: <output_root>/<name>/
+    output_root: str = "outputs"  # folder holding run folders; relative paths are relative to the project root
+    seed: int = 0  # seed for torch, numpy, random and the samplers
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto picks cuda when available
+    stages: list[str] = field(default_factory=list)  # notebooks to run (stem or name, e.g. "00_theory" or "theory"); empty = all
+
+    def __post_init__(self) -> None:
+        _require(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)), "run.name",
+                 f"{self.name!r} must be a folder name made of letters, digits, '.', '_' or '-'")
+        _require(self.seed >= 0, "run.seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass
+class TheoryConfig:
+    """Notebook 00: Theorem 1 and the loss optima on tabular (finite-response) toy problems."""
+
+    n_instances: int = 20  # random tabular problems checked against Theorem 1
+    n_prompts: int = 3  # prompts X per random problem
+    n_responses: int = 5  # responses Y per prompt
+    figure1_rewards: list[float] = field(default_factory=lambda: [0.1, 0.85, 0.9])  # Figure 1 example rewards
+    gamma: float = 0.1  # γ of the losses on the toy problems (Eq. 9)
+    tolerance: float = 1e-8  # max abs error allowed between closed form and numerical optimum
+
+    def __post_init__(self) -> None:
+        _require(self.n_instances >= 1, "theory.n_instances", f"must be >= 1, got {self.n_instances}")
+        _require(self.n_prompts >= 1, "theory.n_prompts", f"must be >= 1, got {self.n_prompts}")
+        _require(self.n_responses >= 2, "theory.n_responses", f"must be >= 2, got {self.n_responses}")
+        _require(len(self.figure1_rewards) >= 2, "theory.figure1_rewards", "needs at least 2 rewards")
+        _require(self.gamma > 0, "theory.gamma", f"must be > 0, got {self.gamma}")
+        _require(self.tolerance > 0, "theory.tolerance", f"must be > 0, got {self.tolerance}")
+
+
+@dataclass
+class ModelsConfig:
+    """Which language models play π_sft / π and how they are loaded."""
+
+    policy: str = "tiny-random"  # model spec: local folder, hub id, packaged:smollm2-135m-instruct or tiny-random
+    sft_init: str = ""  # model the SFT stage starts from; empty = policy
+    dtype: Literal["float32", "bfloat16"] = "float32"  # weight dtype when loading
+    cache_dir: str = ".cache/models"  # converted/cached models; relative to the project root
+    max_prompt_tokens: int = 256  # prompts are truncated from the left to this many tokens
+
+    def __post_init__(self) -> None:
+        _require(bool(self.policy), "models.policy", "must name a model spec")
+        _require(self.max_prompt_tokens > 0, "models.max_prompt_tokens", f"must be > 0, got {self.max_prompt_tokens}")
+
+
+@dataclass
+class SamplingConfig:
+    """Step 2 of the pipeline (Sec. 4.3): n candidates per prompt from π_sft."""
+
+    backend: Literal["auto", "hf", "vllm"] = "auto"  # auto = vLLM when importable, else HF generate
+    n: int = 4  # candidates per prompt (n in Eq. 20)
+    temperature: float = 1.0  # sampling temperature (Fig. 6 ablates it)
+    top_p: float = 1.0  # nucleus sampling mass
+    max_new_tokens: int = 64  # generation length cap
+    num_prompts: int = 0  # train prompts used to build D_t; 0 = all
+    batch_size: int = 8  # prompts per generate call (HF backend)
+
+    def __post_init__(self) -> None:
+        _require(self.n >= 2, "sampling.n", f"VCB needs at least 2 candidates per prompt, got {self.n}")
+        _require(self.temperature > 0, "sampling.temperature", f"must be > 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.max_new_tokens > 0, "sampling.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        _require(self.num_prompts >= 0, "sampling.num_prompts", f"must be >= 0, got {self.num_prompts}")
+        _require(self.batch_size > 0, "sampling.batch_size", f"must be > 0, got {self.batch_size}")
+
+
+@dataclass
+class RewardsConfig:
+    """The task, its gold reward, and the learned reward model (Eq. 18)."""
+
+    task: Literal["sentiment", "assistant", "hh", "tldr"] = "sentiment"  # embedded tasks or the paper's hub datasets
+    reward_model: str = "learned"  # learned (Bradley-Terry, Eq. 18), gold, or a hub reward-model id
+    rm_pairs_per_prompt: int = 1  # preference pairs per training prompt for the reward model
+    rm_learning_rate: float = 1e-4  # reward model AdamW learning rate
+    rm_epochs: int = 1  # reward model epochs
+
+    def __post_init__(self) -> None:
+        _require(self.rm_pairs_per_prompt >= 1, "rewards.rm_pairs_per_prompt", f"must be >= 1, got {self.rm_pairs_per_prompt}")
+        _require(self.rm_learning_rate > 0, "rewards.rm_learning_rate", f"must be > 0, got {self.rm_learning_rate}")
+        _require(self.rm_epochs >= 1, "rewards.rm_epochs", f"must be >= 1, got {self.rm_epochs}")
+
+
+METHODS = ("vcb", "dpo", "ipo", "slic", "rrhf", "rest", "sft")
+
+
+@dataclass
+class TrainingConfig:
+    """Step 3 (Sec. 4.3): calibration training of π on D_t; hyper-parameters of every loss."""
+
+    methods: list[str] = field(default_factory=lambda: ["vcb", "dpo", "ipo", "slic", "rrhf", "rest"])  # losses to train, one run each
+    gamma: float = 0.05  # γ, Eq. 9 (DPO's β, IPO's target is γ⁻¹/2)
+    lam: float = 1.0  # λ, the logsumexp temperature of Eq. 20
+    reduction: Literal["logsumexp", "mean"] = "logsumexp"  # VCB aggregation over pairs; mean = the "w/o" ablation
+    delta: float = 1.0  # SLiC hinge margin δ, Eq. 7
+    sft_weight: float = 1.0  # cross-entropy regulariser weight for SLiC and RRHF
+    pairs: Literal["all", "best_worst"] = "all"  # preference pairs for order-based losses
+    learning_rate: float = 5e-6  # AdamW peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    batch_size: int = 4  # prompts per optimizer micro-batch (each with n candidates)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_steps: int = 10  # linear warm-up steps
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warm-up
+    max_grad_norm: float = 1.0  # gradient clipping
+    epochs: int = 1  # passes over D_t
+    max_steps: int = 0  # stop after this many optimizer steps; 0 = no limit
+    bf16: bool = False  # bf16 autocast (CPU and GPU)
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    save_every: int = 0  # checkpoint every K optimizer steps; 0 = only at the end
+    accelerate_config: str = "params/accelerate/single.yaml"  # accelerate launch config
+    num_processes: int = 1  # processes for accelerate launch
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        _require(not bad, "training.methods", f"unknown method(s) {bad}; allowed: {list(METHODS)}")
+        for key in ("gamma", "lam", "learning_rate", "max_grad_norm"):
+            value = getattr(self, key)
+            _require(value > 0, f"training.{key}", f"must be > 0, got {value}")
+        for key in ("delta", "sft_weight", "weight_decay", "warmup_steps", "max_steps", "save_every"):
+            value = getattr(self, key)
+            _require(value >= 0, f"training.{key}", f"must be >= 0, got {value}")
+        for key in ("batch_size", "grad_accum", "epochs", "num_processes"):
+            value = getattr(self, key)
+            _require(value >= 1, f"training.{key}", f"must be >= 1, got {value}")
+
+
+@dataclass
+class EvaluationConfig:
+    """Notebooks 04-05: win rates, reward vs KL, misalignment, diversity, length."""
+
+    num_prompts: int = 0  # test prompts evaluated; 0 = all
+    samples_per_prompt: int = 1  # responses per prompt for win rates
+    misalignment_samples: int = 8  # samples per prompt for the misalignment check (A.5)
+    temperature: float = 1.0  # evaluation sampling temperature
+    max_new_tokens: int = 64  # evaluation generation length cap
+    bootstrap: int = 1000  # bootstrap resamples for confidence intervals
+    judge_url: str = ""  # OpenAI-compatible endpoint of an LLM judge (A.3); empty = off
+
+    def __post_init__(self) -> None:
+        for key in ("samples_per_prompt", "misalignment_samples", "max_new_tokens", "bootstrap"):
+            value = getattr(self, key)
+            _require(value >= 1, f"evaluation.{key}", f"must be >= 1, got {value}")
+        _require(self.num_prompts >= 0, "evaluation.num_prompts", f"must be >= 0, got {self.num_prompts}")
+        _require(self.temperature > 0, "evaluation.temperature", f"must be > 0, got {self.temperature}")
+
+
+@dataclass
+class AblationConfig:
+    """Notebook 06: the widget panel and the sweep read-back."""
+
+    interactive: bool = True  # show the ipywidgets panel (the runner turns it off)
+    sweep: str = ""  # sweep file whose results notebook 06 reads
+
+    def __post_init__(self) -> None:
+        pass
+
+
+@dataclass
+class Config:
+    """All stages. ``cfg.<stage>.<key>``; ``cfg.run_dir`` is where this run writes."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    theory: TheoryConfig = field(default_factory=TheoryConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+    source: str = field(default="<defaults>", compare=False, repr=False)  # file the values came from
+
+    @property
+    def run_dir(self) -> Path:
+        return resolve_path(self.run.output_root) / self.run.name
+
+    def stage_dir(self, stage: str) -> Path:
+        """``<run_dir>/<stage>``, created if missing."""
+        path = self.run_dir / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {s.name: dataclasses.asdict(getattr(self, s.name)) for s in _sections()}
+
+    def hash(self, *sections: str) -> str:
+        """Short hash of the given sections (all when none): stages compare it to decide whether
+        their outputs are current."""
+        data = self.to_dict()
+        unknown = [s for s in sections if s not in data]
+        if unknown:
+            raise KeyError(f"unknown config section(s) {unknown}; allowed: {list(data)}")
+        picked = {s: data[s] for s in (sections or data)}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+
+    def save(self, path: Path | None = None) -> Path:
+        """Write the resolved config (with its hash) to ``<run_dir>/config.yaml`` atomically."""
+        from vcb_lib.io import atomic_write_text
+
+        path = path or self.run_dir / "config.yaml"
+        text = f"# resolved from {self.source}; hash {self.hash()}\n" + yaml.safe_dump(self.to_dict(), sort_keys=False)
+        atomic_write_text(path, text)
+        return path
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Relative paths in params files are relative to the project root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _sections() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field line in ``cls``'s source."""
+    docs = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*?#\s*(.*)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2).strip()
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(tp, str(tp))
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to ``tp`` (int -> float only) or raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    ok = False
+    if origin is Literal:
+        ok = value in typing.get_args(tp)
+    elif origin is list:
+        if isinstance(value, list):
+            return [_check_type(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError:
+                pass
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is type(None):
+        ok = value is None
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _unknown_key(key: str, allowed: list[str]) -> ConfigError:
+    """Name the closest allowed key, then list the allowed keys of the same section (or the
+    sections, when the section itself is unknown)."""
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    section = key.partition(".")[0] + "."
+    same = [a for a in allowed if a.startswith(section)] or sorted({a.partition(".")[0] for a in allowed})
+    return ConfigError(f"unknown key '{key}'.{hint} Allowed: {', '.join(same)}")
+
+
+def _build_section(cls: type, raw: dict[str, Any], section: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise _unknown_key(f"{section}.{key}", [f"{section}.{n}" for n in names])
+        kwargs[key] = _check_type(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"training.gamma=0.1"`` -> ``("training.gamma", 0.1)``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. training.gamma=0.1")
+    key, value = text.split("=", 1)
+    return key.strip(), _yaml(value) if value.strip() else ""
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read a params YAML file (None = defaults only), apply ``section.key=value`` overrides,
+    validate types and ranges, and return the resolved ``Config``.
+
+    Raises ``ConfigError`` naming the file (or override), the key and the allowed keys/values.
+    """
+    where = "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path).expanduser().resolve()
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"params file not found: {path}")
+        try:
+            raw = _yaml(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{where} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where} must be a mapping of sections (run:, training:, ...), got {type(raw).__name__}")
+    sections = {f.name: f.default_factory for f in _sections()}
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{_unknown_key(name, list(sections))} (in {where})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} in {where} must be a mapping of keys, got {value!r}")
+    raw = {name: dict(raw.get(name) or {}) for name in sections}
+
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    all_keys = [f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls)]
+    for key, value in items:
+        if key not in all_keys:
+            raise ConfigError(f"{_unknown_key(key, all_keys)} (in override {key}={value!r})")
+        section, _, name = key.partition(".")
+        raw[section][name] = value
+    if overrides:
+        where += " with overrides " + ", ".join(f"{k}={v!r}" for k, v in items)
+
+    try:
+        built = {name: _build_section(cls, raw[name], name, where) for name, cls in sections.items()}
+    except ConfigError as err:
+        raise ConfigError(f"{err} (in {where})") from None
+    except TypeError as err:  # a dataclass check fed a value of the right type but wrong kind
+        raise ConfigError(f"{err} (in {where})") from None
+    return Config(**built, source=where)
+
+
+def describe(cfg: Config) -> str:
+    """Resolved parameters with their documentation, one line each (``list-params``)."""
+    lines = [f"# {cfg.source}"]
+    for sec in _sections():
+        obj = getattr(cfg, sec.name)
+        docs = field_docs(type(obj))
+        lines.append(f"\n{sec.name}:  # {(type(obj).__doc__ or '').strip().splitlines()[0]}")
+        for f in dataclasses.fields(obj):
+            value = json.dumps(getattr(obj, f.name), ensure_ascii=False)
+            lines.append(f"  {f.name}: {value}  # {docs.get(f.name, '')}")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Run the ordered notebooks headless with papermill: ``python -m vcb_lib run PARAMS.yaml``.
+
+Each notebook ``notebooks/NN_<name>.ipynb`` is one stage. The runner validates the parameters,
+writes the resolved config to ``outputs/<run>/config.yaml``, checks that every parameter it
+injects is declared in each notebook's ``parameters`` cell (papermill itself only warns), then
+executes the notebooks in order into ``outputs/<run>/notebooks/``.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from vcb_lib.config import PROJECT_ROOT, Config, load_params
+
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+HEADLESS_OVERRIDES = ["ablation.interactive=false"]  # widget event loops hang headless runs
+
+
+class RunnerError(RuntimeError):
+    """Bad stage selection or a notebook that does not declare what the runner injects."""
+
+
+class StageFailed(RuntimeError):
+    """A notebook raised; carries what a user needs to find the failing cell."""
+
+    def __init__(self, notebook: str, cell_index: int | None, exception: str, partial: Path):
+        self.notebook, self.cell_index, self.exception, self.partial = notebook, cell_index, exception, partial
+        cell = f"cell {cell_index} (0-based, in the source notebook)" if cell_index is not None else "a cell"
+        super().__init__(f"{notebook} failed in {cell}: {exception}\n  partial output notebook: {partial}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    path: Path
+
+    @property
+    def stem(self) -> str:  # "00_theory"
+        return self.path.stem
+
+    @property
+    def number(self) -> str:  # "00"
+        return self.stem.split("_", 1)[0]
+
+    @property
+    def name(self) -> str:  # "theory"
+        return self.stem.split("_", 1)[1]
+
+    def matches(self, key: str) -> bool:
+        return key in (self.stem, self.number, self.name)
+
+
+def discover(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Stage]:
+    """The ordered stages: ``NN_<name>.ipynb`` files sorted by name."""
+    paths = sorted(p for p in Path(notebooks_dir).glob("*.ipynb") if re.fullmatch(r"\d\d_\w+", p.stem))
+    if not paths:
+        raise RunnerError(f"no notebooks named NN_<name>.ipynb in {notebooks_dir}")
+    return [Stage(p) for p in paths]
+
+
+def select(stages: list[Stage], only: list[str] | None = None, start: str | None = None) -> list[Stage]:
+    """Stages named by ``only`` (stem, number or name), or every stage from ``start`` on."""
+    allowed = ", ".join(s.stem for s in stages)
+
+    def find(key: str) -> int:
+        for i, stage in enumerate(stages):
+            if stage.matches(key):
+                return i
+        raise RunnerError(f"unknown stage {key!r}; allowed: {allowed} (or their number or name)")
+
+    if only and start:
+        raise RunnerError("use either --only or --from, not both")
+    if only:
+        return [stages[i] for i in sorted({find(k) for k in only})]
+    if start:
+        return stages[find(start):]
+    return stages
+
+
+def declared_parameters(path: Path) -> dict[str, dict]:
+    import papermill
+
+    return papermill.inspect_notebook(str(path))
+
+
+def check_parameters(stage: Stage, injected: dict) -> None:
+    """Fail before running anything when a notebook does not declare an injected parameter."""
+    declared = declared_parameters(stage.path)
+    if not declared:
+        raise RunnerError(f"{stage.path} has no cell tagged 'parameters'; the runner injects {sorted(injected)}")
+    missing = sorted(set(injected) - set(declared))
+    if missing:
+        raise RunnerError(f"{stage.path} does not declare parameter(s) {missing} that the runner injects; "
+                          f"its parameters cell declares {sorted(declared)}")
+
+
+def source_cell_index(executed: Path, exec_count: int | None) -> int | None:
+    """Index, in the source notebook, of the executed cell numbered ``exec_count``: papermill's
+    own index counts the cells it inserted (injected parameters, error banners)."""
+    import nbformat
+
+    inserted = {"injected-parameters", "papermill-error-cell-tag"}
+    index = 0
+    for cell in nbformat.read(str(executed), as_version=4).cells:
+        if inserted & set(cell.metadata.get("tags", [])):
+            continue
+        if cell.cell_type == "code" and exec_count is not None and cell.get("execution_count") == exec_count:
+            return index
+        index += 1
+    return None
+
+
+def run(params_path: str | Path, overrides: list[str] | None = None, *, only: list[str] | None = None,
+        start: str | None = None, notebooks_dir: Path = NOTEBOOKS_DIR,
+        log: Callable[[str], None] = print) -> Path:
+    """Execute the selected notebooks in order; return the run folder. Raises ``StageFailed``."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    overrides = list(overrides or []) + HEADLESS_OVERRIDES
+    params_path = Path(params_path).expanduser().resolve()
+    cfg: Config = load_params(params_path, overrides)  # fails here, before any notebook, on bad params
+    stages = discover(notebooks_dir)
+    stages = select(stages, only or cfg.run.stages or None, start)
+    injected = {"params_path": str(params_path), "overrides": overrides}
+    for stage in stages:
+        check_parameters(stage, injected)
+
+    cfg.save()
+    out_dir = cfg.run_dir / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"run {cfg.run.name!r} -> {cfg.run_dir}  ({len(stages)} notebook(s), config hash {cfg.hash()})")
+    t_run = time.monotonic()
+    for i, stage in enumerate(stages, 1):
+        out = out_dir / stage.path.name
+        log(f"[{i}/{len(stages)}] {stage.stem} ...")
+        t0 = time.monotonic()
+        try:
+            papermill.execute_notebook(str(stage.path), str(out), parameters=injected, cwd=str(stage.path.parent),
+                                       progress_bar=sys.stderr.isatty(), log_output=False)
+        except PapermillExecutionError as err:
+            cell = source_cell_index(out, err.exec_count)
+            raise StageFailed(stage.stem, cell, f"{err.ename}: {err.evalue}", out) from None
+        log(f"[{i}/{len(stages)}] {stage.stem} done in {time.monotonic() - t0:.1f} s -> {out}")
+    log(f"run {cfg.run.name!r} finished in {time.monotonic() - t_run:.1f} s")
+    return cfg.run_dir
