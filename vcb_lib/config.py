@@ -162,6 +162,8 @@ class TrainingConfig:
     reduction: Literal["logsumexp", "mean"] = "logsumexp"  # VCB aggregation over pairs; mean = the "w/o" ablation
     delta: float = 1.0  # SLiC hinge margin δ, Eq. 7
     sft_weight: float = 1.0  # cross-entropy regulariser weight for SLiC and RRHF
+    length_penalty: float = 1.0  # RRHF scores are log π / n_tokens^length_penalty
+    top_k: int = 1  # ReST: responses per prompt kept (highest reward) for the NLL
     pairs: Literal["all", "best_worst"] = "all"  # preference pairs for order-based losses
     learning_rate: float = 5e-6  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
@@ -184,10 +186,10 @@ class TrainingConfig:
         for key in ("gamma", "lam", "learning_rate", "max_grad_norm"):
             value = getattr(self, key)
             _require(value > 0, f"training.{key}", f"must be > 0, got {value}")
-        for key in ("delta", "sft_weight", "weight_decay", "warmup_steps", "max_steps", "save_every"):
+        for key in ("delta", "sft_weight", "length_penalty", "weight_decay", "warmup_steps", "max_steps", "save_every"):
             value = getattr(self, key)
             _require(value >= 0, f"training.{key}", f"must be >= 0, got {value}")
-        for key in ("batch_size", "grad_accum", "epochs", "num_processes"):
+        for key in ("batch_size", "grad_accum", "epochs", "num_processes", "top_k"):
             value = getattr(self, key)
             _require(value >= 1, f"training.{key}", f"must be >= 1, got {value}")
 

@@ -1,0 +1,534 @@
+"""Alignment losses on listwise sequence log-probs: VCB (arXiv 2402.16030) and its baselines.
+
+Every loss is a pure function with the same leading signature, so a trainer calls any of them
+through :class:`LossType` without branching on names::
+
+    losses, metrics = fn(policy_logps, ref_logps, rewards, mask, *, <hyper-parameters>, n_tokens=None)
+
+Inputs are shaped ``(B, n)``: ``B`` prompts with ``n`` sampled candidate responses each.
+
+* ``policy_logps`` -- summed token log-probs ``log π(y_i|x)`` of each response under the policy.
+* ``ref_logps`` -- the same under the frozen SFT/reference model ``π_sft`` (``None`` allowed for
+  losses that do not use it: SLiC, RRHF, ReST, SFT).
+* ``rewards`` -- reward-model values ``r(x, y_i)`` (constants of the loss).
+* ``mask`` -- bool, True where a response is real; ``None`` means all valid. Padded entries may
+  hold anything (even inf/NaN): they are replaced by finite values before any arithmetic, so they
+  change no loss and receive an exact zero gradient.
+* ``n_tokens`` -- response token counts, used for per-token NLL and RRHF length normalisation.
+
+Each returns ``(losses, metrics)``: per-prompt losses ``(B,)`` (the caller reduces, e.g.
+``.mean()``) and a dict of detached 0-dim diagnostics named as in the DPO reference code / TRL
+(``rewards/chosen``, ``rewards/margins``, ``logps/chosen``, ...). "Implied rewards" are the
+quantities each loss treats as a reward (Table 1): ``γ·log π/π_sft`` for VCB/DPO/IPO,
+``γ·log π`` for SLiC, the length-normalised log-prob for RRHF.
+
+Order-based losses (DPO, IPO, SLiC, RRHF) turn the rewards of the ``n`` candidates into
+preference pairs ``(w, l)`` with ``r_w > r_l`` (ties never form a pair), Sec. 5.3:
+``pairs="all"`` uses every such ordered pair, ``pairs="best_worst"`` only argmax vs argmin
+reward (first index on ties; no pair when all rewards are equal).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from enum import StrEnum
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+Metrics = dict[str, Tensor]
+
+REDUCTIONS = ("logsumexp", "mean")
+PAIRS = ("all", "best_worst")
+SELECTS = ("best", "all")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_positive(fn: str, name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value!r}")
+
+
+def _check_nonnegative(fn: str, name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_choice(fn: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{fn}: unknown {name} {value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+def _prepare(
+    fn: str,
+    policy_logps: Tensor,
+    ref_logps: Tensor | None,
+    rewards: Tensor | None,
+    mask: Tensor | None,
+    n_tokens: Tensor | None,
+    *,
+    need_ref: bool,
+    need_rewards: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None]:
+    """Check shapes once and return the inputs with padded entries made finite.
+
+    ``masked_fill`` (not multiplication) is used so that a NaN/inf in a padded slot neither leaks
+    into the values nor into the gradient (its backward writes exact zeros there).
+    Returns ``(policy, ref, rewards, mask, n_tokens)``; all float tensors in ``policy``'s dtype.
+    """
+    if not isinstance(policy_logps, Tensor) or policy_logps.dim() != 2 or not policy_logps.is_floating_point():
+        got = tuple(policy_logps.shape) if isinstance(policy_logps, Tensor) else type(policy_logps).__name__
+        raise ValueError(f"{fn}: policy_logps must be a floating (B, n) tensor, got {got}")
+    shape = policy_logps.shape
+    if need_ref and ref_logps is None:
+        raise ValueError(f"{fn}: ref_logps is required (this loss uses log π/π_sft)")
+    if need_rewards and rewards is None:
+        raise ValueError(f"{fn}: rewards are required")
+    for name, t in (("ref_logps", ref_logps), ("rewards", rewards), ("mask", mask), ("n_tokens", n_tokens)):
+        if t is not None and (not isinstance(t, Tensor) or t.shape != shape):
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(
+                f"{fn}: {name} has shape {got} but policy_logps has shape {tuple(shape)}; "
+                "all (B, n) inputs must match"
+            )
+    if mask is None:
+        mask = torch.ones(shape, dtype=torch.bool, device=policy_logps.device)
+    elif mask.dtype != torch.bool:
+        raise ValueError(f"{fn}: mask must be a bool tensor, got dtype {mask.dtype}")
+    pad = ~mask
+    dtype = policy_logps.dtype
+    policy = policy_logps.masked_fill(pad, 0.0)
+    ref = None if ref_logps is None else ref_logps.to(dtype).masked_fill(pad, 0.0)
+    rw = None if rewards is None else rewards.to(dtype).masked_fill(pad, 0.0)
+    nt = None if n_tokens is None else n_tokens.to(dtype).masked_fill(pad, 1.0)
+    return policy, ref, rw, mask, nt
+
+
+def _pair_mask(rewards: Tensor | None, mask: Tensor, pairs: str) -> Tensor:
+    """(B, n) -> (B, n, n) bool; entry [b, w, l] is True iff (w, l) is a pair of prompt b.
+
+    ``"all"``: both valid and r_w > r_l. ``"best_worst"``: the single pair (argmax r, argmin r)
+    over valid responses, if r_max > r_min. ``"upper"`` (VCB only, rewards unused): both valid
+    and w < l, i.e. each unordered pair once.
+    """
+    B, n = mask.shape
+    valid = mask[:, :, None] & mask[:, None, :]  # (B, n, n)
+    if pairs == "upper":
+        return valid & torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)
+    better = rewards[:, :, None] > rewards[:, None, :]  # (B, n, n)
+    if pairs == "all":
+        return valid & better
+    best = rewards.masked_fill(~mask, -math.inf).argmax(-1)  # (B,), first index on ties
+    worst = rewards.masked_fill(~mask, math.inf).argmin(-1)  # (B,)
+    chosen = F.one_hot(best, n).bool()[:, :, None] & F.one_hot(worst, n).bool()[:, None, :]
+    return valid & better & chosen
+
+
+def _pair_mean(pair_losses: Tensor, pm: Tensor) -> Tensor:
+    """(B, n, n) pair losses -> (B,) mean over each prompt's pairs; 0 for a prompt with none."""
+    return torch.where(pm, pair_losses, 0.0).sum((1, 2)) / pm.sum((1, 2)).clamp_min(1)
+
+
+def _select_top(rewards: Tensor, mask: Tensor, top_k: int) -> Tensor:
+    """(B, n) -> (B, n) bool: the ``top_k`` highest-reward valid responses (stable: first index wins ties)."""
+    B, n = rewards.shape
+    order = torch.sort(rewards.masked_fill(~mask, -math.inf), dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=order.device).expand(B, n))
+    return mask & (rank < top_k)
+
+
+def _nll(policy: Tensor, selected: Tensor, n_tokens: Tensor | None) -> Tensor:
+    """(B, n) -> (B,): NLL of the selected responses; per token (Σ -logp / Σ tokens) when
+    ``n_tokens`` is given, else per sequence (mean -logp over selected). 0 if none selected."""
+    nll = -torch.where(selected, policy, 0.0).sum(-1)
+    if n_tokens is None:
+        return nll / selected.sum(-1).clamp_min(1)
+    return nll / torch.where(selected, n_tokens, 0.0).sum(-1).clamp_min(1)
+
+
+@torch.no_grad()
+def _pair_metrics(implied: Tensor, policy: Tensor, pm: Tensor) -> Metrics:
+    """Detached DPO-style diagnostics averaged over all pairs (w, l) of the batch.
+
+    ``rewards/accuracies`` is the fraction of pairs whose implied reward is ordered like the
+    reward model (1 - the misalignment rate of App. A.5 for VCB/DPO/IPO).
+    """
+    count = pm.sum().clamp_min(1)
+
+    def over_pairs(x: Tensor) -> Tensor:  # (B, n, n) -> ()
+        return torch.where(pm, x, 0.0).sum() / count
+
+    chosen, rejected = implied[:, :, None], implied[:, None, :]  # (B, n, 1), (B, 1, n)
+    margins = chosen - rejected  # (B, n, n)
+    return {
+        "rewards/chosen": over_pairs(chosen.expand_as(margins)),
+        "rewards/rejected": over_pairs(rejected.expand_as(margins)),
+        "rewards/margins": over_pairs(margins),
+        "rewards/accuracies": over_pairs((margins > 0).to(implied.dtype)),
+        "logps/chosen": over_pairs(policy[:, :, None].expand_as(margins)),
+        "logps/rejected": over_pairs(policy[:, None, :].expand_as(margins)),
+        "pairs/per_prompt": pm.sum((1, 2)).to(implied.dtype).mean(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# VCB
+# --------------------------------------------------------------------------------------------
+
+
+def vcb_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    rewards: Tensor,
+    mask: Tensor | None = None,
+    *,
+    gamma: float,
+    lam: float = 1.0,
+    reduction: str = "logsumexp",
+    n_tokens: Tensor | None = None,
+) -> tuple[Tensor, Metrics]:
+    """Value-based calibration loss, Eq. 19-20 of arXiv 2402.16030.
+
+    Args: ``policy_logps``, ``ref_logps``, ``rewards``: (B, n) float; ``mask``: (B, n) bool or
+    None; ``gamma`` = γ > 0; ``lam`` = λ > 0; ``reduction``: "logsumexp" (Eq. 20) or "mean"
+    (the "w/o" ablation of App. A.6); ``n_tokens``: accepted and ignored.
+    Returns ``(losses (B,), metrics)``.
+
+    For each prompt with m valid responses and every valid pair i < j (K = m(m-1)/2 pairs)::
+
+        l_ij = [γ(Δπ_i - Δπ_j) - (r_i - r_j)/σ_r(x)]²,   Δπ = log π - log π_sft    (Eq. 19)
+        logsumexp:  L = λ·log Σ_{i<j} exp(l_ij/λ) - λ·log K
+        mean:       L = (1/K) Σ_{i<j} l_ij
+
+    σ_r(x) is the POPULATION std of the valid rewards of the prompt (Eq. 10, divisor m).
+    The per-prompt constant ``-λ·log K`` changes no gradient; it makes L ≥ 0 with L = 0 exactly
+    when Eq. 12 holds (the paper's "minimum value of 0"). Prompts with m < 2 get L = 0 and zero
+    gradient.
+
+    σ = 0 (all valid rewards equal): the reward term is computed from raw differences
+    ``(r_i - r_j)/σ``, which are exactly 0, and σ is floored at sqrt(finfo.tiny) only to keep the
+    division finite; so the loss pulls the prompt's log-ratios Δπ together (Eq. 12 with equal
+    rewards). There is no relative eps: for any σ > 0 the loss is exactly invariant to shifting
+    and positively scaling a prompt's rewards, so rewards differing only by rounding noise are
+    treated as different (quantise upstream if that matters).
+
+    Relation to the paper's other forms (m valid responses, K = m(m-1)/2, L_λ = this loss):
+
+    * Eq. 20 sums j from i, adding the m diagonal terms l_ii = 0 (each contributes e^0 = 1):
+      ``Eq20_λ = λ·log(K·exp(L_λ/λ) + m)``. Same minimiser, but not a constant shift: its
+      gradient is that of L_λ times S/(S+m), S = Σ_{i<j} exp(l_ij/λ).
+    * App. A.4 takes λ·logsumexp over all m² entries of ((s - sᵀ)**2)/2 with
+      s_i = γΔπ_i - r_i/σ (so s_i - s_j is Eq. 19's inner term): both orders of every pair plus
+      the diagonal, at half the value, i.e. temperature 2λ:
+      ``A4_λ = λ·log(2K·exp(L_{2λ}/(2λ)) + m)``.
+      (A.4 also calls ``rewards.std()``, Bessel-corrected; here Eq. 10's population std is used.)
+    * With reduction="mean", the mean over i<j equals the mean over ordered i≠j; the mean of A.4's
+      full m×m matrix /2 is ``(m-1)/(2m)·L``.
+    """
+    fn = "vcb_loss"
+    _check_positive(fn, "gamma", gamma)
+    _check_positive(fn, "lam", lam)
+    _check_choice(fn, "reduction", reduction, REDUCTIONS)
+    policy, ref, rw, mask, _ = _prepare(fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=True)
+
+    # 1. σ_r(x), Eq. 10: population std over the valid responses of each prompt.
+    m = mask.sum(-1)  # (B,)
+    mf = m.clamp_min(1).to(policy.dtype)
+    mean = rw.sum(-1) / mf  # (B,)
+    var = torch.where(mask, rw - mean[:, None], 0.0).pow(2).sum(-1) / mf  # (B,)
+    sigma = var.clamp_min(torch.finfo(policy.dtype).tiny).sqrt()  # (B,), > 0 always
+
+    # 2. Pair residuals of Eq. 19 from raw differences (exactly 0 reward term when σ = 0).
+    implied = gamma * (policy - ref)  # (B, n): γΔπ
+    resid = (implied[:, :, None] - implied[:, None, :]) - (rw[:, :, None] - rw[:, None, :]) / sigma[:, None, None]
+    pair_l = resid.pow(2)  # (B, n, n)
+    upper = _pair_mask(None, mask, "upper")  # (B, n, n), valid i < j
+    K = upper.sum((1, 2))  # (B,)
+    has_pairs = K > 0
+
+    # 3. Aggregate over pairs (Eq. 20 up to the documented constant, or the plain mean).
+    if reduction == "mean":
+        losses = _pair_mean(pair_l, upper)
+    else:
+        x = (pair_l / lam).masked_fill(~upper, -math.inf).flatten(1)  # (B, n*n)
+        x = x.masked_fill(~has_pairs[:, None], 0.0)  # rows without pairs: finite dummy, dropped below
+        lse = torch.logsumexp(x, dim=-1) - K.clamp_min(1).to(x.dtype).log()  # (B,)
+        losses = torch.where(has_pairs, lam * lse, 0.0)
+
+    metrics = _pair_metrics(implied, policy, _pair_mask(rw, mask, "all"))
+    with torch.no_grad():
+        n_with = has_pairs.sum().clamp_min(1)
+        metrics["vcb/sigma_r"] = torch.where(has_pairs, var.sqrt(), 0.0).sum() / n_with
+        tied = rw.masked_fill(~mask, -math.inf).amax(-1) == rw.masked_fill(~mask, math.inf).amin(-1)  # (B,)
+        metrics["vcb/frac_sigma_zero"] = (has_pairs & tied).sum().to(policy.dtype) / n_with
+        metrics["vcb/pair_loss_mean"] = torch.where(upper, pair_l, 0.0).sum() / K.sum().clamp_min(1)
+        metrics["vcb/pair_loss_max"] = torch.where(upper, pair_l, 0.0).amax() if pair_l.numel() else pair_l.sum()
+    return losses, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Order-based baselines (Table 1, App. A.2, A.12)
+# --------------------------------------------------------------------------------------------
+
+
+def dpo_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    rewards: Tensor,
+    mask: Tensor | None = None,
+    *,
+    gamma: float,
+    pairs: str = "all",
+    n_tokens: Tensor | None = None,
+) -> tuple[Tensor, Metrics]:
+    """DPO (Table 1, App. A.2): -log σ(γ[Δπ_w - Δπ_l]), Δπ = log π - log π_sft, γ = DPO's β.
+
+    Args: (B, n) ``policy_logps``, ``ref_logps``, ``rewards``; ``mask`` (B, n) bool or None;
+    ``gamma`` > 0; ``pairs`` "all" | "best_worst"; ``n_tokens`` ignored.
+    Returns per-prompt mean over the prompt's preference pairs (B,), 0 if it has none.
+    """
+    fn = "dpo_loss"
+    _check_positive(fn, "gamma", gamma)
+    _check_choice(fn, "pairs", pairs, PAIRS)
+    policy, ref, rw, mask, _ = _prepare(fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=True)
+    implied = gamma * (policy - ref)  # (B, n)
+    margin = implied[:, :, None] - implied[:, None, :]  # (B, n, n): [b, w, l]
+    pm = _pair_mask(rw, mask, pairs)
+    losses = _pair_mean(-F.logsigmoid(margin), pm)
+    return losses, _pair_metrics(implied, policy, pm)
+
+
+def ipo_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    rewards: Tensor,
+    mask: Tensor | None = None,
+    *,
+    gamma: float,
+    pairs: str = "all",
+    n_tokens: Tensor | None = None,
+) -> tuple[Tensor, Metrics]:
+    """IPO (App. A.12, Azar et al. 2023): (Δπ_w - Δπ_l - γ⁻¹/2)², Δπ = log π - log π_sft.
+
+    Args as :func:`dpo_loss`. Returns per-prompt mean over pairs (B,), 0 if none.
+    Metrics' implied rewards are γΔπ as for DPO.
+    """
+    fn = "ipo_loss"
+    _check_positive(fn, "gamma", gamma)
+    _check_choice(fn, "pairs", pairs, PAIRS)
+    policy, ref, rw, mask, _ = _prepare(fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=True)
+    delta = policy - ref  # (B, n)
+    margin = delta[:, :, None] - delta[:, None, :]  # (B, n, n)
+    pm = _pair_mask(rw, mask, pairs)
+    losses = _pair_mean((margin - 1.0 / (2.0 * gamma)).pow(2), pm)
+    return losses, _pair_metrics(gamma * delta, policy, pm)
+
+
+def slic_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor | None,
+    rewards: Tensor,
+    mask: Tensor | None = None,
+    *,
+    gamma: float,
+    delta: float = 1.0,
+    sft_weight: float = 1.0,
+    pairs: str = "all",
+    n_tokens: Tensor | None = None,
+) -> tuple[Tensor, Metrics]:
+    """SLiC (Eq. 8): max(0, δ - γ log π(y_w) + γ log π(y_l)) + sft_weight · NLL(best response).
+
+    Args: (B, n) ``policy_logps`` and ``rewards``; ``ref_logps`` unused (may be None);
+    ``mask`` (B, n) bool or None; ``gamma`` > 0; ``delta`` = margin δ ≥ 0; ``sft_weight`` ≥ 0;
+    ``pairs`` "all" | "best_worst"; ``n_tokens`` (B, n) makes the regulariser per token.
+    The hinge is averaged over the prompt's pairs (0 if none). The cross-entropy regulariser
+    (Sec. 5.3) is the NLL of the highest-reward valid response (first on ties; applied whenever
+    the prompt has one valid response, pairs or not): -logp/n_tokens, or -logp without n_tokens.
+    """
+    fn = "slic_loss"
+    _check_positive(fn, "gamma", gamma)
+    _check_nonnegative(fn, "delta", delta)
+    _check_nonnegative(fn, "sft_weight", sft_weight)
+    _check_choice(fn, "pairs", pairs, PAIRS)
+    policy, _, rw, mask, nt = _prepare(fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=False)
+    implied = gamma * policy  # (B, n): Table 1, r = γ log π
+    hinge = (delta - (implied[:, :, None] - implied[:, None, :])).clamp_min(0.0)  # (B, n, n)
+    pm = _pair_mask(rw, mask, pairs)
+    rank = _pair_mean(hinge, pm)  # (B,)
+    nll = _nll(policy, _select_top(rw, mask, 1), nt)  # (B,)
+    metrics = _pair_metrics(implied, policy, pm)
+    metrics["slic/hinge"] = rank.detach().mean()
+    metrics["slic/sft_nll"] = nll.detach().mean()
+    return rank + sft_weight * nll, metrics
+
+
+def rrhf_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor | None,
+    rewards: Tensor,
+    mask: Tensor | None = None,
+    *,
+    sft_weight: float = 1.0,
+    length_penalty: float = 1.0,
+    pairs: str = "all",
+    n_tokens: Tensor | None = None,
+) -> tuple[Tensor, Metrics]:
+    """RRHF (Eq. 1; Yuan et al. 2023): Σ_{r_w > r_l} max(0, p_l - p_w) + sft_weight · NLL(best).
+
+    Args: (B, n) ``policy_logps`` and ``rewards``; ``ref_logps`` unused (may be None);
+    ``mask`` (B, n) bool or None; ``sft_weight`` ≥ 0; ``length_penalty`` ≥ 0;
+    ``pairs`` "all" | "best_worst"; ``n_tokens`` (B, n) token counts.
+    Scores are p_i = logp_i / n_tokens_i**length_penalty (raw logp without ``n_tokens``).
+    The ranking term is SUMMED over the prompt's pairs, as in RRHF's code (``-diff[aval].sum()``),
+    i.e. (mean over pairs) × (number of pairs); 0 if none. The SFT term is the (per-token, with
+    ``n_tokens``) NLL of the highest-reward valid response, as RRHF's ``sft_loss``.
+    """
+    fn = "rrhf_loss"
+    _check_nonnegative(fn, "sft_weight", sft_weight)
+    _check_nonnegative(fn, "length_penalty", length_penalty)
+    _check_choice(fn, "pairs", pairs, PAIRS)
+    policy, _, rw, mask, nt = _prepare(fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=False)
+    scores = policy if nt is None else policy / nt.pow(length_penalty)  # (B, n)
+    pm = _pair_mask(rw, mask, pairs)
+    hinge = (scores[:, None, :] - scores[:, :, None]).clamp_min(0.0)  # (B, n, n): [b, w, l] = max(0, p_l - p_w)
+    rank = torch.where(pm, hinge, 0.0).sum((1, 2))  # (B,)
+    nll = _nll(policy, _select_top(rw, mask, 1), nt)  # (B,)
+    metrics = _pair_metrics(scores, policy, pm)
+    metrics["rrhf/rank"] = rank.detach().mean()
+    metrics["rrhf/sft_nll"] = nll.detach().mean()
+    return rank + sft_weight * nll, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Selection losses: ReST and plain SFT
+# --------------------------------------------------------------------------------------------
+
+
+def sft_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor | None,
+    rewards: Tensor | None,
+    mask: Tensor | None = None,
+    *,
+    select: str = "best",
+    top_k: int = 1,
+    n_tokens: Tensor | None = None,
+) -> tuple[Tensor, Metrics]:
+    """NLL of reward-selected responses: ReST-style (Gulcehre et al. 2023) or plain SFT.
+
+    Args: ``policy_logps`` (B, n); ``ref_logps`` unused (may be None); ``rewards`` (B, n),
+    may be None for ``select="all"``; ``mask`` (B, n) bool or None; ``select``: "best" = the
+    ``top_k`` highest-reward valid responses per prompt (first index on ties), "all" = every
+    valid response (plain SFT); ``n_tokens`` (B, n).
+    Per prompt: Σ_sel -logp / Σ_sel n_tokens (per-token NLL) with ``n_tokens``, else the mean
+    per-sequence NLL over the selected responses; 0 for a prompt with no valid response.
+    """
+    fn = "sft_loss"
+    _check_choice(fn, "select", select, SELECTS)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"{fn}: top_k must be an int >= 1, got {top_k!r}")
+    policy, _, rw, mask, nt = _prepare(
+        fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=False, need_rewards=select == "best"
+    )
+    selected = mask if select == "all" else _select_top(rw, mask, top_k)  # (B, n) bool
+    losses = _nll(policy, selected, nt)  # (B,)
+    with torch.no_grad():
+        count = selected.sum().clamp_min(1)
+        metrics = {
+            "sft/nll": losses.mean(),
+            "sft/selected_per_prompt": selected.sum(-1).to(policy.dtype).mean(),
+            "logps/selected": torch.where(selected, policy, 0.0).sum() / count,
+        }
+        if rw is not None:
+            metrics["rewards/selected"] = torch.where(selected, rw, 0.0).sum() / count
+    return losses, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Loss registry
+# --------------------------------------------------------------------------------------------
+
+
+class LossType(StrEnum):
+    """The losses of the paper's comparison (Sec. 5.3), with the facts a trainer needs.
+
+    ``LossType("DPO")`` / ``LossType.parse("dpo")`` are case-insensitive; an unknown name raises
+    ``ValueError`` listing the allowed ones. A trainer calls every loss the same way::
+
+        lt.fn(policy, ref, rewards, mask, n_tokens=t, **{k: getattr(cfg, k) for k in lt.hparams})
+    """
+
+    VCB = "vcb"
+    DPO = "dpo"
+    IPO = "ipo"
+    SLIC = "slic"
+    RRHF = "rrhf"
+    REST = "rest"  # sft_loss, select="best" (top_k by reward)
+    SFT = "sft"  # sft_loss, select="all"
+
+    @classmethod
+    def _missing_(cls, value: object) -> LossType:
+        if isinstance(value, str):
+            key = value.strip().lower()
+            for member in cls:
+                if member.value == key:
+                    return member
+        raise ValueError(f"unknown loss type {value!r}; allowed: {', '.join(m.value for m in cls)}")
+
+    @classmethod
+    def parse(cls, name: str) -> LossType:
+        """Case-insensitive lookup; ``ValueError`` naming the allowed values otherwise."""
+        return cls(name)
+
+    @property
+    def needs_reference(self) -> bool:
+        """True if the loss uses ``ref_logps`` (log π/π_sft)."""
+        return self in (LossType.VCB, LossType.DPO, LossType.IPO)
+
+    @property
+    def uses_reward_values(self) -> bool:
+        """True only for VCB; the others use the reward ORDER (pairs) or a selection."""
+        return self is LossType.VCB
+
+    @property
+    def pairwise(self) -> bool:
+        """True if the loss compares responses of the same prompt (needs n ≥ 2)."""
+        return self not in (LossType.REST, LossType.SFT)
+
+    @property
+    def fn(self) -> Callable[..., tuple[Tensor, Metrics]]:
+        """The loss function, with REST/SFT's ``select`` fixed."""
+        return _LOSS_FNS[self]
+
+    @property
+    def hparams(self) -> tuple[str, ...]:
+        """Keyword hyper-parameters ``fn`` takes (besides ``n_tokens``)."""
+        return _HPARAMS[self]
+
+
+_LOSS_FNS: dict[LossType, Callable[..., tuple[Tensor, Metrics]]] = {
+    LossType.VCB: vcb_loss,
+    LossType.DPO: dpo_loss,
+    LossType.IPO: ipo_loss,
+    LossType.SLIC: slic_loss,
+    LossType.RRHF: rrhf_loss,
+    LossType.REST: functools.partial(sft_loss, select="best"),
+    LossType.SFT: functools.partial(sft_loss, select="all", top_k=1),  # top_k is unused by select="all"
+}
+
+_HPARAMS: dict[LossType, tuple[str, ...]] = {
+    LossType.VCB: ("gamma", "lam", "reduction"),
+    LossType.DPO: ("gamma", "pairs"),
+    LossType.IPO: ("gamma", "pairs"),
+    LossType.SLIC: ("gamma", "delta", "sft_weight", "pairs"),
+    LossType.RRHF: ("sft_weight", "length_penalty", "pairs"),
+    LossType.REST: ("top_k",),
+    LossType.SFT: (),
+}
