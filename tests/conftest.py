@@ -9,6 +9,7 @@ from vcb_lib.config import PROJECT_ROOT
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 PARAMETERS_CELL = (
     'params_path: str = "../params/smoke.yaml"  # parameter file; the runner passes an absolute path\n'
