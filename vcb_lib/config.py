@@ -81,20 +81,39 @@ class RunConfig:
 class TheoryConfig:
     """Notebook 00: Theorem 1 and the loss optima on tabular (finite-response) toy problems."""
 
-    n_instances: int = 20  # random tabular problems checked against Theorem 1
+    n_instances: int = 20  # random tabular problems checked against Theorem 1 (stacked as rows of one table)
     n_prompts: int = 3  # prompts X per random problem
     n_responses: int = 5  # responses Y per prompt
-    figure1_rewards: list[float] = field(default_factory=lambda: [0.1, 0.85, 0.9])  # Figure 1 example rewards
-    gamma: float = 0.1  # γ of the losses on the toy problems (Eq. 9)
+    figure1_rewards: list[float] = field(default_factory=lambda: [0.1, 0.85, 0.9])  # Figure 1 example rewards r(x, y_1..y_3)
+    figure1_ref_probs: list[float] = field(default_factory=list)  # π_sft over the Figure 1 responses (normalised); empty = uniform
+    gamma: float = 1.0  # γ of Table 1 / Eq. 13 and of the toy losses (Eq. 9); 1.0 keeps Figure 1 readable (p3/p2 = e^{Δr/γσ})
+    lam: float = 1.0  # λ, the logsumexp temperature of Eq. 20, in the toy VCB fits
+    delta: float = 1.0  # SLiC hinge margin δ (Eq. 7) in the toy fits
+    sft_weight: float = 1.0  # SLiC/RRHF cross-entropy weight in the toy fits (0 = ranking term only)
+    fit_steps: int = 150  # Adam steps of the finite-budget toy fits (Figure 1, order-based methods)
+    fit_lr: float = 0.1  # Adam learning rate of those fits
     tolerance: float = 1e-8  # max abs error allowed between closed form and numerical optimum
+    fit_tolerance: float = 1e-6  # max abs error allowed between the converged VCB loss minimiser and Eq. 15 / Eq. 12
 
     def __post_init__(self) -> None:
         _require(self.n_instances >= 1, "theory.n_instances", f"must be >= 1, got {self.n_instances}")
         _require(self.n_prompts >= 1, "theory.n_prompts", f"must be >= 1, got {self.n_prompts}")
         _require(self.n_responses >= 2, "theory.n_responses", f"must be >= 2, got {self.n_responses}")
         _require(len(self.figure1_rewards) >= 2, "theory.figure1_rewards", "needs at least 2 rewards")
-        _require(self.gamma > 0, "theory.gamma", f"must be > 0, got {self.gamma}")
-        _require(self.tolerance > 0, "theory.tolerance", f"must be > 0, got {self.tolerance}")
+        _require(len(set(self.figure1_rewards)) > 1, "theory.figure1_rewards",
+                 f"must not all be equal (σ_r = 0), got {self.figure1_rewards}")
+        _require(not self.figure1_ref_probs or len(self.figure1_ref_probs) == len(self.figure1_rewards),
+                 "theory.figure1_ref_probs", f"must be empty (uniform) or have one entry per reward "
+                 f"({len(self.figure1_rewards)}), got {len(self.figure1_ref_probs)}")
+        _require(all(p > 0 for p in self.figure1_ref_probs), "theory.figure1_ref_probs",
+                 f"must be > 0, got {self.figure1_ref_probs}")
+        for key in ("gamma", "lam", "fit_lr", "tolerance", "fit_tolerance"):
+            value = getattr(self, key)
+            _require(value > 0, f"theory.{key}", f"must be > 0, got {value}")
+        for key in ("delta", "sft_weight"):
+            value = getattr(self, key)
+            _require(value >= 0, f"theory.{key}", f"must be >= 0, got {value}")
+        _require(self.fit_steps >= 1, "theory.fit_steps", f"must be >= 1, got {self.fit_steps}")
 
 
 @dataclass

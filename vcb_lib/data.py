@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,9 @@ __all__ = [
     "load_hub_preferences",
     "split_hh_dialogue",
     "MalformedRow",
+    "CandidateGroup",
+    "candidate_groups",
+    "collate_groups",
 ]
 
 
@@ -288,3 +292,167 @@ def load_hub_preferences(name: str, split: str, *, data_files=None, limit: int |
         if parsed["chosen"] != parsed["rejected"]:
             rows.append({"prompt": parsed["prompt"], "chosen": parsed["chosen"], "rejected": parsed["rejected"]})
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The candidate table D_t and its (B, n) batches
+# --------------------------------------------------------------------------------------------
+#
+# D_t (``02_candidates/candidates.parquet``) has one row per sampled response:
+#   prompt_id, split, prompt (task text), model_input (the prompt as the model saw it: chat
+#   template applied), k (0..n-1), response (text), response_ids (list[int],
+#   the sampled tokens: training uses these ids, never a re-tokenisation of the text), n_tokens,
+#   finish_reason, ref_logp (log π_sft, computed once at generation), sampler_logp, reward.
+# A prompt's rows form one group; training batches are groups, flattened to B·n sequences.
+
+
+@dataclass
+class CandidateGroup:
+    """One prompt with its candidates (what one row of a ``(B, n)`` batch holds)."""
+
+    prompt_id: str
+    prompt: str  # the model input (chat-formatted where the model has a template)
+    response_ids: list[list[int]]  # n_b responses as token ids
+    rewards: list[float]
+    ref_logps: list[float]
+
+
+def candidate_groups(table, prompt_column: str = "model_input") -> list[CandidateGroup]:
+    """Group a candidate table (pandas DataFrame) by prompt, candidates in ``k`` order.
+
+    Groups come out in the order prompts first appear in the table. Rows with a missing reward
+    or reference log-prob are an error (score and finish the table first).
+    """
+    missing = [c for c in ("prompt_id", prompt_column, "k", "response_ids", "reward", "ref_logp") if c not in table]
+    if missing:
+        raise ValueError(f"candidate table lacks column(s) {missing}; it has {list(table.columns)}")
+    for column in ("reward", "ref_logp"):
+        bad = table[column].isna()
+        if bad.any():
+            raise ValueError(f"candidate table has {int(bad.sum())} row(s) without {column} "
+                             f"(first prompt_id {table.loc[bad, 'prompt_id'].iloc[0]!r})")
+    groups = []
+    for prompt_id, rows in table.groupby("prompt_id", sort=False):
+        rows = rows.sort_values("k")
+        groups.append(CandidateGroup(
+            prompt_id=str(prompt_id), prompt=str(rows[prompt_column].iloc[0]),
+            response_ids=[[int(t) for t in ids] for ids in rows["response_ids"]],
+            rewards=[float(r) for r in rows["reward"]], ref_logps=[float(r) for r in rows["ref_logp"]],
+        ))
+    return groups
+
+
+def collate_groups(tokenizer, groups: Sequence[CandidateGroup], *, max_length: int | None = None) -> dict:
+    """B groups -> one batch: the valid responses flattened to rows of a right-padded token
+    batch, plus the ``(B, n)`` tensors the losses take (``n`` = the largest group).
+
+    Returns ``input_ids, attention_mask, response_mask`` (R, T) with R = number of valid
+    responses, and ``rewards, ref_logps`` (B, n) float32, ``mask`` (B, n) bool, ``n_tokens``
+    (B, n) long. Row r of the flat batch is entry ``mask.nonzero()[r]`` of the (B, n) grid, so
+    ``grid = zeros(B, n); grid[mask] = flat`` folds per-row values back.
+    """
+    import torch
+
+    from vcb_lib.models import collate_pairs, encode_pairs
+
+    if not groups:
+        raise ValueError("collate_groups needs at least one group")
+    B, n = len(groups), max(len(g.response_ids) for g in groups)
+    prompts = [g.prompt for g in groups for _ in g.response_ids]
+    responses = [ids for g in groups for ids in g.response_ids]
+    pairs = encode_pairs(tokenizer, prompts, responses, max_length=max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = collate_pairs(pairs, 0 if pad is None else pad)  # (R, T)
+    mask = torch.zeros(B, n, dtype=torch.bool)
+    rewards = torch.zeros(B, n)
+    ref_logps = torch.zeros(B, n)
+    for b, g in enumerate(groups):
+        m = len(g.response_ids)
+        mask[b, :m] = True
+        rewards[b, :m] = torch.tensor(g.rewards, dtype=torch.float32)
+        ref_logps[b, :m] = torch.tensor(g.ref_logps, dtype=torch.float32)
+    n_tokens = torch.zeros(B, n, dtype=torch.long)
+    n_tokens[mask] = batch.pop("n_tokens")  # (R,) -> (B, n)
+    return {**batch, "rewards": rewards, "ref_logps": ref_logps, "mask": mask, "n_tokens": n_tokens}
+
+
+CANDIDATE_COLUMNS = ["prompt_id", "split", "prompt", "model_input", "k", "response", "response_ids", "n_tokens", "finish_reason",
+                     "ref_logp", "sampler_logp", "reward"]
+
+
+def build_candidates(prompts: Sequence[Mapping], sampler, out_dir: str | Path, *, n: int, temperature: float,
+                     max_new_tokens: int, seed: int, top_p: float = 1.0, ref_model=None, tokenizer=None,
+                     format_prompt: Callable[[str], str] = lambda p: p, shard_size: int = 16,
+                     ref_autocast_bf16: bool = False, manifest: Mapping | None = None, progress: bool = True):
+    """Sample ``n`` candidates for each prompt row (``prompt_id``, ``prompt``, ``split``) and
+    return the candidate table D_t (pandas DataFrame, ``CANDIDATE_COLUMNS``, reward = NaN).
+
+    Resumable: shard ``i`` (prompts ``[i·shard_size, (i+1)·shard_size)``) is written atomically to
+    ``out_dir/shards/shard-{i:05d}.parquet`` once sampled and scored with ``ref_model``; a rerun
+    skips the shards that exist, and the sampler seeds by prompt position, so an interrupted run
+    continues with no sample duplicated or lost. ``manifest`` (config hash, model, sampler, …)
+    is stored as ``out_dir/manifest.json``; shards written under a different manifest are moved
+    to ``out_dir/stale-<hash>/`` (kept, never deleted) before sampling starts.
+
+    ``ref_model``/``tokenizer``: π_sft, for ``ref_logp`` (computed here once, so training never
+    holds a reference model); when None, ``ref_logp`` = the sampler's own log-prob, which is exact
+    only for the same model at the same precision.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from vcb_lib.io import atomic_write_bytes, read_json, write_json
+    from vcb_lib.models import sequence_logps
+
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("build_candidates needs at least one prompt")
+    if n < 2:
+        raise ValueError(f"n must be >= 2 candidates per prompt (pairs are needed), got {n}")
+    out_dir = Path(out_dir)
+    shard_dir = out_dir / "shards"
+    manifest = {**dict(manifest or {}), "n": n, "temperature": temperature, "top_p": top_p,
+                "max_new_tokens": max_new_tokens, "seed": seed, "shard_size": shard_size,
+                "prompt_ids_digest": _stable_hash("|".join(str(p["prompt_id"]) for p in prompts))}
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.is_file() and read_json(manifest_path) != manifest and shard_dir.is_dir():
+        stale = out_dir / f"stale-{_stable_hash(json.dumps(read_json(manifest_path), sort_keys=True))}"
+        shard_dir.rename(stale)
+        warnings.warn(f"candidate settings changed: the previous shards were moved to {stale}")
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    write_json(manifest_path, manifest)
+
+    starts = range(0, len(prompts), shard_size)
+    bar = tqdm(total=len(prompts), desc="candidates", unit="prompt", disable=not progress)
+    tokens, t_sampling = 0, 0.0
+    for i, start in enumerate(starts):
+        path = shard_dir / f"shard-{i:05d}.parquet"
+        chunk = prompts[start:start + shard_size]
+        if path.is_file():
+            bar.update(len(chunk))
+            continue
+        inputs = [format_prompt(p["prompt"]) for p in chunk]
+        t0 = time.monotonic()
+        completions = sampler.generate(inputs, n, temperature, max_new_tokens, seed, top_p, first_index=start)
+        t_sampling += time.monotonic() - t0
+        rows = [{"prompt_id": str(p["prompt_id"]), "split": p.get("split", ""), "prompt": p["prompt"],
+                 "model_input": text, "k": k, "response": c.text, "response_ids": c.token_ids,
+                 "n_tokens": len(c.token_ids), "finish_reason": c.finish_reason, "sampler_logp": c.logp}
+                for p, text, cs in zip(chunk, inputs, completions) for k, c in enumerate(cs)]
+        if ref_model is not None:
+            ref = sequence_logps(ref_model, tokenizer, [r["model_input"] for r in rows],
+                                 [r["response_ids"] for r in rows], autocast_bf16=ref_autocast_bf16)
+            for r, lp in zip(rows, ref.tolist()):
+                r["ref_logp"] = lp
+        else:
+            for r in rows:
+                r["ref_logp"] = r["sampler_logp"]
+        frame = pd.DataFrame(rows).assign(reward=float("nan"))
+        atomic_write_bytes(path, frame.to_parquet(index=False))
+        tokens += int(frame["n_tokens"].sum())
+        bar.update(len(chunk))
+        bar.set_postfix(tok_s=f"{tokens / max(t_sampling, 1e-9):.0f}")
+    bar.close()
+    shards = sorted(shard_dir.glob("shard-*.parquet"))
+    table = pd.concat([pd.read_parquet(p) for p in shards[:len(starts)]], ignore_index=True)
+    return table[CANDIDATE_COLUMNS]
