@@ -1,0 +1,386 @@
+"""Model specs, the packaged-model cache, and summed response log-probs against a plain loop.
+
+Fast tier uses ``tiny-random`` (its tokenizer comes from the cache; the first run extracts it
+from the GGUF once, ~13 s). Tests that need SmolLM2 weights are marked ``default_tier`` and run
+only when selected: ``pytest tests/test_models.py -m default_tier``.
+"""
+import copy
+import threading
+import time
+
+import pytest
+import torch
+
+from vcb_lib import models as M
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return M.load_tokenizer("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return M.load_policy("tiny-random")
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def reference_logp(model, prompt_ids, response_ids) -> float:
+    """Independent: one unpadded row, a python loop over response positions, float64."""
+    row = torch.tensor([list(prompt_ids) + list(response_ids)])  # (1, T)
+    with torch.no_grad():
+        logits = model(row).logits[0].double()  # (T, V)
+    total = 0.0
+    for j in range(len(prompt_ids), row.shape[1]):  # token j is predicted at position j-1
+        total += torch.log_softmax(logits[j - 1], -1)[row[0, j]].item()
+    return total
+
+
+PROMPTS = [
+    "Hi",
+    "Write a short poem about the sea, with rhymes, and make it cheerful please.",
+    "What is 2 + 2?",
+    "Summarise: the cat sat on the mat and then it went to sleep for a very long time.",
+    "Tell me a joke.",
+]
+RESPONSES = [
+    " Hello! How can I help you today? I can answer questions.",
+    " Waves.",
+    " 4<|im_end|>",  # ends with eos (== pad)
+    " A cat slept.",
+    " Why did the chicken cross the road? To get to the other side!",
+]
+
+
+# -----------------------------------------------------------------------------
+# log-probs
+
+
+def test_sequence_logps_matches_unpadded_loop(model, tok):
+    prompts = [M.format_prompt(tok, p) for p in PROMPTS]  # mixed lengths, unsorted
+    want = torch.tensor([reference_logp(model, ids(tok, p), ids(tok, r)) for p, r in zip(prompts, RESPONSES)], dtype=torch.float64)
+    tok.padding_side = "left"  # what samplers set; log-probs pad right regardless
+    try:
+        for bs in (1, 2, 8):
+            got = M.sequence_logps(model, tok, prompts, RESPONSES, batch_size=bs)
+            assert got.shape == (len(prompts),) and got.dtype == torch.float32
+            # 1e-5 nats, plus 1e-6 relative: a float32 sum near -150 is only resolved to 1.5e-5
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-6)
+    finally:
+        tok.padding_side = "right"
+
+
+def test_pad_equals_eos_is_counted_and_padding_is_not(model, tok):
+    eos = tok.eos_token_id
+    assert tok.pad_token_id == eos  # SmolLM2: the case this guards
+    a, b = ids(tok, " yes"), ids(tok, " no thanks")
+    prompt = ids(tok, "Answer briefly:")
+    responses = [a + [eos], a + [eos] + b + [eos], a, b + b + b + b]  # eos inside and at the end
+    prompts = [prompt] * len(responses)
+    got, n = M.sequence_logps(model, tok, prompts, responses, batch_size=4, return_n_tokens=True)
+    assert n.tolist() == [len(r) for r in responses]
+    want = torch.tensor([reference_logp(model, prompt, r) for r in responses], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-6)
+    # the same counts come out of the batch masks (built from lengths, not from ids == pad)
+    batch = M.tokenize_pairs(tok, prompts, responses)
+    assert batch["response_mask"].sum(-1).tolist() == n.tolist()
+    assert batch["attention_mask"].sum(-1).tolist() == [len(prompt) + len(r) for r in responses]
+
+
+def test_add_eos_appends_once(model, tok):
+    eos = tok.eos_token_id
+    r = ids(tok, " fine")
+    p = ids(tok, "How are you?")
+    plain, n0 = M.sequence_logps(model, tok, [p, p], [r, r + [eos]], return_n_tokens=True)
+    added, n1 = M.sequence_logps(model, tok, [p, p], [r, r + [eos]], add_eos=True, return_n_tokens=True)
+    assert n0.tolist() == [len(r), len(r) + 1] and n1.tolist() == [len(r) + 1, len(r) + 1]
+    torch.testing.assert_close(added[0], plain[1])  # appended eos == explicit eos
+    torch.testing.assert_close(added[1], plain[1])  # not appended twice
+    assert added[0] < plain[0]  # eos adds a log-prob term
+
+
+def test_prompt_tokens_are_excluded(model, tok):
+    p1 = ids(tok, "Tell me a story about a dragon")
+    p2 = p1[:-1] + ids(tok, " knight")[-1:]
+    assert p1 != p2 and len(p1) == len(p2)
+    r = ids(tok, " Once upon a time there was a dragon.")
+    got, n = M.sequence_logps(model, tok, [p1, p2], [r, r], return_n_tokens=True)
+    assert n.tolist() == [len(r), len(r)]
+    assert abs(got[0] - got[1]) > 1e-4  # the prompt conditions the response
+    assert abs(got[0].item() - reference_logp(model, p1, r)) < 1e-5
+    # an off-by-one boundary (counting the last prompt token too) would give this instead:
+    assert abs(got[0].item() - reference_logp(model, p1[:-1], p1[-1:] + r)) > 1e-3
+
+
+def test_text_and_ids_give_the_same_result(model, tok):
+    by_text = M.sequence_logps(model, tok, PROMPTS, RESPONSES)
+    by_ids = M.sequence_logps(model, tok, [ids(tok, p) for p in PROMPTS], [ids(tok, r) for r in RESPONSES])
+    torch.testing.assert_close(by_text, by_ids, atol=0, rtol=0)
+
+
+def test_accepts_series_and_id_arrays(model, tok):
+    """What a candidates table hands over: pandas columns, numpy id arrays."""
+    pd = pytest.importorskip("pandas")
+    np = pytest.importorskip("numpy")
+    want = M.sequence_logps(model, tok, PROMPTS[:2], RESPONSES[:2])
+    got = M.sequence_logps(model, tok, pd.Series(PROMPTS[:2]), [np.array(ids(tok, r)) for r in RESPONSES[:2]])
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_max_length_cuts_prompt_start_then_response_end(model, tok):
+    p, r = ids(tok, " ".join(["word"] * 20)), ids(tok, " a b c")
+    got, n = M.sequence_logps(model, tok, [p], [r], max_length=10, return_n_tokens=True)
+    assert n.item() == len(r)
+    assert abs(got.item() - reference_logp(model, p[-(10 - len(r)):], r)) < 1e-5
+    long_r = ids(tok, " one two three four five six seven eight nine ten eleven")
+    got, n = M.sequence_logps(model, tok, [p], [long_r], max_length=6, return_n_tokens=True)
+    assert n.item() == 5
+    assert abs(got.item() - reference_logp(model, p[-1:], long_r[:5])) < 1e-5
+
+
+def test_bf16_autocast_close_to_fp32(model, tok):
+    fp32 = M.sequence_logps(model, tok, PROMPTS, RESPONSES)
+    bf16 = M.sequence_logps(model, tok, PROMPTS, RESPONSES, autocast_bf16=True)
+    assert bf16.dtype == torch.float32
+    assert not torch.equal(bf16, fp32)  # autocast really ran
+    # bf16 has an 8-bit mantissa: allow 1% of the summed log-prob plus 0.05 nats
+    # (measured: <= 0.02 nats, 3e-4 relative, on sums of -20 to -170 nats)
+    assert ((bf16 - fp32).abs() <= 0.01 * fp32.abs() + 0.05).all(), (bf16, fp32)
+
+
+def test_batch_logps_keeps_grad_and_matches(model, tok):
+    m = copy.deepcopy(model).train()
+    batch = M.tokenize_pairs(tok, PROMPTS, RESPONSES)
+    out = M.batch_logps(m, batch)  # (B,)
+    assert out.requires_grad and out.shape == (len(PROMPTS),)
+    out.sum().backward()
+    assert m.model.embed_tokens.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(out.detach(), M.sequence_logps(m, tok, PROMPTS, RESPONSES), atol=1e-5, rtol=1e-6)
+
+
+def test_sequence_logps_restores_mode_and_has_no_grad(model, tok):
+    model.train()
+    try:
+        out = M.sequence_logps(model, tok, PROMPTS[:2], RESPONSES[:2])
+        assert model.training and not out.requires_grad
+    finally:
+        model.eval()
+
+
+def test_empty_prompt_gets_bos(model, tok):
+    r = ids(tok, " hello")
+    got, n = M.sequence_logps(model, tok, [""], [r], return_n_tokens=True)
+    assert n.item() == len(r)
+    assert abs(got.item() - reference_logp(model, [tok.bos_token_id], r)) < 1e-5
+
+
+def test_input_errors(model, tok):
+    with pytest.raises(ValueError, match="no \\(prompt, response\\) pairs"):
+        M.sequence_logps(model, tok, [], [])
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        M.sequence_logps(model, tok, ["a", "b"], ["c"])
+    with pytest.raises(TypeError, match="prompts must be a list"):
+        M.sequence_logps(model, tok, "a", ["c"])
+    with pytest.raises(ValueError, match="batch_size"):
+        M.sequence_logps(model, tok, ["a"], ["c"], batch_size=0)
+    with pytest.raises(ValueError, match="max_length"):
+        M.tokenize_pairs(tok, ["a"], ["c"], max_length=1)
+
+
+# -----------------------------------------------------------------------------
+# specs, loading, tokenizer
+
+
+def test_spec_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown model spec 'tiny_random'.*tiny-random"):
+        M.load_policy("tiny_random")
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        M.load_policy(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        M.load_tokenizer("./no/such/model")
+    with pytest.raises(ValueError, match="known: packaged:smollm2-135m-instruct"):
+        M.load_policy("packaged:gpt5")
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        M.load_policy("tiny-random", dtype="fp8")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        M.parse_spec(str(tmp_path / "file.txt"))
+
+
+def test_parse_spec_kinds(tmp_path):
+    assert M.parse_spec("tiny-random") == ("tiny-random", "tiny-random")
+    assert M.parse_spec("packaged:smollm2-135m-instruct") == ("packaged", "smollm2-135m-instruct")
+    assert M.parse_spec("EleutherAI/pythia-2.8b") == ("hub", "EleutherAI/pythia-2.8b")
+    assert M.parse_spec(tmp_path) == ("folder", str(tmp_path))
+
+
+def test_tiny_random_is_deterministic_and_leaves_rng_alone(tok):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = M.load_policy("tiny-random")
+    assert torch.equal(torch.rand(3), expected)  # the seeded init ran on a forked RNG
+    b = M.load_policy("tiny-random")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    cfg = a.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 64, 4, 2)
+    assert cfg.vocab_size == len(tok) and cfg.eos_token_id == tok.eos_token_id
+    assert a.lm_head.weight.data_ptr() == a.model.embed_tokens.weight.data_ptr()  # tied
+    assert not a.training
+
+
+def test_ensure_model_folder(tmp_path, model, tok):
+    folder = M.ensure_model_folder("tiny-random", cache_dir=tmp_path)
+    assert M.is_complete(folder) and (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert M.ensure_model_folder("tiny-random", cache_dir=tmp_path) == folder
+    saved = M.load_policy(folder)
+    sa, sb = saved.state_dict(), model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sb)
+    assert M.load_tokenizer(folder)("Hello there").input_ids == tok("Hello there").input_ids
+    assert M.ensure_model_folder(folder) == folder
+    assert M.ensure_model_folder("EleutherAI/pythia-2.8b") == "EleutherAI/pythia-2.8b"
+
+
+def test_tiny_random_bf16_dtype():
+    m = M.load_policy("tiny-random", dtype="bfloat16")
+    assert next(m.parameters()).dtype == torch.bfloat16
+
+
+def test_tokenizer_has_pad_and_chat_template(tok):
+    assert tok.pad_token_id is not None and tok.pad_token_id == tok.eos_token_id
+    text = M.format_prompt(tok, "What is the capital of France?")
+    assert "What is the capital of France?" in text and text.endswith("<|im_start|>assistant\n")
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    assert M.format_prompt(plain, "just text") == "just text"
+
+
+def test_cache_dir_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("VCB_CACHE", raising=False)
+    assert M.resolve_cache_dir() == M.project_root() / ".cache" / "models"
+    monkeypatch.setenv("VCB_CACHE", str(tmp_path / "env"))
+    assert M.resolve_cache_dir() == tmp_path / "env"
+    assert M.resolve_cache_dir(tmp_path / "arg") == tmp_path / "arg"
+    assert M.resolve_cache_dir("rel/dir") == M.project_root() / "rel" / "dir"
+
+
+def test_packaged_gguf_is_found():
+    path = M.packaged_gguf_path("smollm2-135m-instruct")
+    assert path.is_file() and path.suffix == ".gguf"
+
+
+# -----------------------------------------------------------------------------
+# atomic cache folders
+
+
+def _tmp_leftovers(parent, name):
+    return [p for p in parent.iterdir() if p.name.startswith(f".{name}.tmp-")]
+
+
+def test_failed_build_leaves_no_folder(tmp_path):
+    def build(d):
+        (d / "model.safetensors").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        M.atomic_build_dir(tmp_path / "m", build)
+    assert not (tmp_path / "m").exists() and not _tmp_leftovers(tmp_path, "m")
+
+
+def test_half_folder_is_rebuilt_and_whole_one_is_reused(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")  # looks like a model, has no marker
+    (tmp_path / ".m.tmp-killed").mkdir()  # a killed run's leftover
+    calls = []
+
+    def build(d):
+        calls.append(1)
+        (d / "config.json").write_text('{"ok": true}')
+        return {"n": len(calls)}
+
+    out = M.atomic_build_dir(tmp_path / "m", build)
+    assert M.is_complete(out) and (out / "config.json").read_text() == '{"ok": true}'
+    M.atomic_build_dir(tmp_path / "m", build)
+    assert len(calls) == 1
+    assert oct((tmp_path / "m").stat().st_mode & 0o777) == "0o755"
+    assert oct((tmp_path / "m" / "config.json").stat().st_mode & 0o777) == "0o644"
+
+
+def test_concurrent_builds_build_once(tmp_path):
+    calls = []
+
+    def build(d):
+        calls.append(1)
+        time.sleep(0.3)
+        (d / "x").write_text("x")
+        return {}
+
+    threads = [threading.Thread(target=M.atomic_build_dir, args=(tmp_path / "m", build)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and M.is_complete(tmp_path / "m") and not _tmp_leftovers(tmp_path, "m")
+
+
+# -----------------------------------------------------------------------------
+# default tier: the real SmolLM2-135M-Instruct
+
+
+@pytest.mark.default_tier
+def test_packaged_conversion_matches_gguf(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = "smollm2-135m-instruct"
+    t0 = time.perf_counter()
+    folder = M.ensure_packaged_model(name, cache_dir=tmp_path)
+    t_convert = time.perf_counter() - t0
+    assert folder == tmp_path / name and M.is_complete(folder)
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (folder / f).is_file(), f
+    assert "quantization_config" not in (folder / "config.json").read_text()
+
+    t0 = time.perf_counter()
+    assert M.ensure_packaged_model(name, cache_dir=tmp_path) == folder
+    t_second = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = M.load_policy(f"packaged:{name}", cache_dir=tmp_path)
+    tok = M.load_tokenizer(f"packaged:{name}", cache_dir=tmp_path)
+    t_cached = time.perf_counter() - t0
+    assert t_second < 0.5 and t_cached < 10
+
+    gguf = M.packaged_gguf_path(name)
+    ref_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    text = M.format_prompt(tok, "Name three colours.") + "Red, green and blue."
+    assert tok(text).input_ids == ref_tok(text).input_ids
+    assert tok.chat_template == ref_tok.chat_template
+    assert (folder / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by others (shared cache)
+    x = torch.tensor([tok(text).input_ids])  # (1, T)
+    with torch.no_grad():
+        err = (model(x).logits - ref(x).logits).abs().max().item()
+    assert err <= 1e-4  # same float32 weights: expect 0
+    print(f"\nconvert {t_convert:.1f}s, second ensure {t_second * 1e3:.1f}ms, cached load {t_cached:.2f}s, "
+          f"max|Δlogit| {err:.2e}")
+
+
+@pytest.mark.default_tier
+def test_smollm2_logps_are_sensible():
+    model = M.load_policy("packaged:smollm2-135m-instruct")
+    tok = M.load_tokenizer("packaged:smollm2-135m-instruct")
+    prompt = M.format_prompt(tok, "What is the capital of France? Answer in one word.")
+    good, bad = M.sequence_logps(model, tok, [prompt, prompt], ["Paris", "Banana"])
+    assert good > bad
+    # batching on a real model: equals the unpadded loop
+    prompts = [M.format_prompt(tok, p) for p in PROMPTS]
+    got = M.sequence_logps(model, tok, prompts, RESPONSES, batch_size=3)
+    one = M.sequence_logps(model, tok, prompts, RESPONSES, batch_size=1)
+    torch.testing.assert_close(got, one, atol=1e-4, rtol=0)  # measured <= 8e-6
+    # float32 log_softmax over 49152 logits (|logit| up to ~40) is off by ~1e-5 nats per token
+    # against the float64 loop; measured <= 2.7e-4 on ~20-token responses
+    want = torch.tensor([reference_logp(model, ids(tok, p), ids(tok, r)) for p, r in zip(prompts, RESPONSES)], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=0)

