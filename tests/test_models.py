@@ -227,7 +227,7 @@ def test_tiny_random_is_deterministic_and_leaves_rng_alone(tok):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     cfg = a.config
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 64, 4, 2)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 64, 1, 1)
     assert cfg.vocab_size == len(tok) and cfg.eos_token_id == tok.eos_token_id
     assert a.lm_head.weight.data_ptr() == a.model.embed_tokens.weight.data_ptr()  # tied
     assert not a.training

@@ -472,6 +472,7 @@ class LossType(StrEnum):
     RRHF = "rrhf"
     REST = "rest"  # sft_loss, select="best" (top_k by reward)
     SFT = "sft"  # sft_loss, select="all"
+    BT = "bt"  # bradley_terry_loss: the reward model of Eq. 18 (scores in place of log-probs)
 
     @classmethod
     def _missing_(cls, value: object) -> LossType:
@@ -532,3 +533,39 @@ _HPARAMS: dict[LossType, tuple[str, ...]] = {
     LossType.REST: ("top_k",),
     LossType.SFT: (),
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Reward model (Eq. 18)
+# --------------------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor | None,
+    rewards: Tensor,
+    mask: Tensor | None = None,
+    *,
+    n_tokens: Tensor | None = None,
+) -> tuple[Tensor, Metrics]:
+    """Bradley-Terry reward-model loss, Eq. 18 of arXiv 2402.16030: -log σ(r(x, y_w) - r(x, y_l)).
+
+    Args: ``policy_logps`` (B, n) = the reward model's scalar scores r(x, y_i) (the trainer's
+    score function fills this slot); ``ref_logps`` unused (may be None); ``rewards`` (B, n) =
+    preference labels, e.g. [1, 0] for (chosen, rejected): every valid pair with label_w > label_l
+    is a pair (ties form none); ``mask`` (B, n) bool or None; ``n_tokens`` ignored.
+    Returns per-prompt mean over the prompt's pairs (B,), 0 for a prompt without a pair.
+    Metrics: ``rewards/chosen|rejected|margins`` are scores averaged over pairs and
+    ``rewards/accuracies`` is the pairwise accuracy of the reward model (Table 4).
+    """
+    fn = "bradley_terry_loss"
+    scores, _, labels, mask, _ = _prepare(fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=False)
+    margin = scores[:, :, None] - scores[:, None, :]  # (B, n, n): [b, w, l] = r_w - r_l
+    pm = _pair_mask(labels, mask, "all")
+    losses = _pair_mean(-F.logsigmoid(margin), pm)
+    metrics = {k: v for k, v in _pair_metrics(scores, scores, pm).items() if not k.startswith("logps/")}
+    return losses, metrics
+
+
+_LOSS_FNS[LossType.BT] = bradley_terry_loss
+_HPARAMS[LossType.BT] = ()
