@@ -294,6 +294,29 @@ def load_hub_preferences(name: str, split: str, *, data_files=None, limit: int |
     return rows
 
 
+# The paper's tasks by config name (``rewards.task``): prompts, preference pairs, OOD prompts.
+PAPER_TASKS = {
+    "hh": {"prompts": "Anthropic/hh-rlhf", "preferences": "Anthropic/hh-rlhf", "ood": None},
+    "tldr": {"prompts": "CarperAI/openai_summarize_tldr", "preferences": "CarperAI/openai_summarize_comparisons",
+             "ood": "abisee/cnn_dailymail"},
+}
+
+
+def task_prompts(task: str, split: str, limit: int = 0) -> list[dict]:
+    """Prompts of a config task: an embedded one (``sentiment``, ``assistant``) or the paper's
+    (``hh``, ``tldr``; hub access needed). ``split``: train, test or ood; ``limit`` 0 = all."""
+    if task in TASKS:
+        rows = load_prompts(task, split)
+    elif task in PAPER_TASKS:
+        name = PAPER_TASKS[task]["ood"] if split == "ood" else PAPER_TASKS[task]["prompts"]
+        if name is None:
+            raise ValueError(f"task {task!r} has no out-of-distribution prompt set")
+        rows = load_hub_prompts(name, "test" if split == "ood" else split, limit=limit or None)
+    else:
+        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(map(repr, TASKS + tuple(PAPER_TASKS)))}")
+    return rows[:limit] if limit else rows
+
+
 # --------------------------------------------------------------------------------------------
 # The candidate table D_t and its (B, n) batches
 # --------------------------------------------------------------------------------------------

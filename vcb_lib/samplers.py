@@ -149,3 +149,20 @@ class VLLMSampler:
 def _seed(seed: int, index: int) -> int:
     """Distinct, reproducible seed for the prompt (or batch) starting at ``index``."""
     return (seed * 1_000_003 + index) % (2**31 - 1)
+
+
+def make_sampler(backend: str, spec: str, *, model=None, tokenizer=None, batch_size: int = 8, dtype: str = "float32",
+                 seed: int = 0, cache_dir=None, log=print):
+    """The sampler for ``backend`` (auto/hf/vllm) over the model ``spec``; says which it picked.
+
+    HF reuses ``model``/``tokenizer`` when given (e.g. the π_sft already in memory)."""
+    from vcb_lib.models import ensure_model_folder, load_policy, load_tokenizer
+
+    name = resolve_backend(backend)
+    log(f"sampler: {name}" + (" (auto: vLLM is importable)" if backend == "auto" and name == "vllm" else
+                              " (auto: vLLM not installed)" if backend == "auto" else ""))
+    if name == "vllm":
+        return VLLMSampler(ensure_model_folder(spec, cache_dir), dtype=dtype, seed=seed)
+    model = model if model is not None else load_policy(spec, dtype=dtype, cache_dir=cache_dir)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec, cache_dir=cache_dir)
+    return HFSampler(model, tokenizer, batch_size=batch_size)
