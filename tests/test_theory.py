@@ -1,0 +1,303 @@
+"""Tabular theory (vcb_lib.theory): Theorem 1, Table 1 / Eq. 13, Eq. 2, Eq. 12/15, Figure 1, A.5.
+
+Every closed form is compared with an independent numerical optimum (L-BFGS + Newton polish on
+softmax tables, or a loss of vcb_lib.losses minimised over a tabular policy), never with itself.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vcb_lib import theory as T
+from vcb_lib.losses import LossType, vcb_loss
+
+TOL = 1e-8  # closed form vs numerical maximiser (max abs probability difference)
+FIT_TOL = 1e-6  # converged loss minimiser vs closed form
+GAMMA = 1.0
+PSI_GAMMA = 0.7  # ≠ 1, so that a γ dropped from ψ (SLiC: -γ log π vs -log π) is caught
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return T.random_problem(n_instances=4, n_prompts=3, n_responses=5, seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Theorem 1 (Eq. 5)
+# --------------------------------------------------------------------------------------------
+
+
+def test_optimal_policy_known_values():
+    # r = (0, log 2), α = 1, β = 0 -> (1/3, 2/3); β shifts logits the other way.
+    p = T.optimal_policy([0.0, math.log(2.0)], 1.0)
+    assert p.shape == (2,) and torch.allclose(p, torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
+    p = T.optimal_policy([[0.0, 0.0]], [2.0], [[0.0, -math.log(3.0)]])
+    assert torch.allclose(p, torch.tensor([[0.25, 0.75]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("alpha", [0.0, -1.0, float("nan"), [1.0, 0.0]])
+def test_optimal_policy_rejects_nonpositive_alpha(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        T.optimal_policy(np.zeros((2, 3)), alpha)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_theorem1_closed_form_equals_numerical_maximum(seed):
+    pb = T.random_problem(4, 3, 5, seed=seed)
+    check = T.check_theorem1(pb)
+    assert check["max_abs_err"] <= TOL, check["max_abs_err"]
+    assert check["grad_max"] <= 1e-10
+
+
+def test_numerical_maximiser_tells_a_wrong_closed_form_apart(problem):
+    """The comparison can fail: β with the wrong sign is far from the numerical optimum."""
+    num = T.maximise_objective(problem.rewards, T.theorem1_psi(problem.alpha, problem.beta), problem.d)["probs"]
+    wrong = torch.softmax(problem.rewards / problem.alpha[:, None] + problem.beta, -1)
+    assert (num - wrong).abs().max() > 1e-2
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000))
+def test_closed_form_beats_every_other_table(seed):
+    """Eq. 3 at π_opt is ≥ at any other policy (no solver involved)."""
+    g = torch.Generator().manual_seed(seed)
+    r, beta = torch.randn(2, 4, generator=g, dtype=torch.float64), torch.randn(2, 4, generator=g, dtype=torch.float64)
+    alpha = 0.1 + 2 * torch.rand(2, generator=g, dtype=torch.float64)
+    psi = T.theorem1_psi(alpha, beta)
+    best = T.objective(T.optimal_log_policy(r, alpha, beta), r, psi)
+    other = torch.log_softmax(torch.randn(2, 4, generator=g, dtype=torch.float64) * 3, -1)
+    assert T.objective(other, r, psi) <= best + 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# Table 1 (RRHF, SLiC, DPO), Eq. 13 (VCB), Eq. 2
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", T.PSI_FORMS)
+def test_each_psi_reduces_to_theorem1(problem, method):
+    form = T.psi_form(method, problem.rewards, problem.ref_logps, PSI_GAMMA)
+    # ψ as the paper writes it is -α[log π + β] with the (α, β) the paper derives ...
+    probe = torch.log_softmax(torch.randn(problem.rewards.shape, dtype=torch.float64), -1)
+    assert torch.allclose(form.psi(probe), -form.alpha[:, None] * (probe + form.beta), atol=1e-14, rtol=0)
+    # ... so maximising Eq. 3 with that ψ lands on Theorem 1's π for (α, β) ...
+    num = T.maximise_objective(problem.rewards, form.psi, problem.d)["probs"]
+    closed = form.optimal_policy(problem.rewards)
+    assert (num - closed).abs().max() <= TOL
+    # ... which is the π_opt printed in Table 1 / Eq. 15.
+    assert (closed - T.table1_policy(method, problem.rewards, problem.ref_logps, PSI_GAMMA)).abs().max() <= 1e-12
+
+
+def test_vcb_alpha_is_gamma_sigma(problem):
+    form = T.vcb_psi(problem.rewards, problem.ref_logps, 0.3)
+    sigma = torch.from_numpy(problem.rewards.numpy().std(axis=1))  # numpy: ddof=0, Eq. 10
+    assert torch.allclose(form.alpha, 0.3 * sigma)
+    assert torch.allclose(form.beta, -problem.ref_logps)
+
+
+def test_kl_form_eq2_equals_dpo_optimum(problem):
+    num = T.maximise_kl_objective(problem.rewards, problem.ref_logps, PSI_GAMMA, problem.d)["probs"]
+    dpo = T.dpo_psi(problem.rewards, problem.ref_logps, PSI_GAMMA).optimal_policy(problem.rewards)
+    assert (num - dpo).abs().max() <= TOL
+    # and it is not RRHF's/SLiC's optimum, which ignore π_sft
+    assert (num - T.slic_psi(problem.rewards, PSI_GAMMA).optimal_policy(problem.rewards)).abs().max() > 1e-3
+
+
+def test_psi_forms_validate(problem):
+    with pytest.raises(ValueError, match="gamma"):
+        T.psi_form("slic", problem.rewards, gamma=0.0)
+    with pytest.raises(ValueError, match="ref_logps"):
+        T.psi_form("dpo", problem.rewards)
+    with pytest.raises(ValueError, match="allowed"):
+        T.psi_form("ppo", problem.rewards)
+    with pytest.raises(ValueError, match="alpha"):  # σ_r = 0: Theorem 1 does not apply
+        T.vcb_psi(np.ones((1, 3)), np.log(np.full((1, 3), 1 / 3)), 1.0).optimal_policy(np.ones((1, 3)))
+
+
+# --------------------------------------------------------------------------------------------
+# VCB's loss over a tabular policy: Eq. 15 and Eq. 12
+# --------------------------------------------------------------------------------------------
+
+
+def test_reward_std_is_eq10_and_matches_the_loss(problem):
+    sigma = T.reward_std(problem.rewards)
+    assert np.allclose(sigma.numpy(), problem.rewards.numpy().std(axis=1, ddof=0))
+    _, metrics = vcb_loss(problem.ref_logps, problem.ref_logps, problem.rewards, gamma=1.0)
+    assert math.isclose(metrics["vcb/sigma_r"].item(), sigma.mean().item(), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["logsumexp", "mean"])
+def test_vcb_loss_minimiser_is_eq15_and_satisfies_eq12(problem, reduction):
+    fit = T.fit_tabular("vcb", problem.rewards, problem.ref_logps, optimizer="lbfgs", steps=500, gamma=GAMMA,
+                        lam=0.5, reduction=reduction)
+    eq15 = T.eq15_policy(problem.rewards, problem.ref_logps, GAMMA)
+    assert (fit["probs"] - eq15).abs().max() <= FIT_TOL
+    assert T.eq12_residual(fit["logps"], problem.ref_logps, problem.rewards, GAMMA).abs().max() <= FIT_TOL
+    assert fit["final_loss"] <= 1e-10  # the loss' minimum value is 0 exactly when Eq. 12 holds
+    # a different γ gives a measurably different optimum (the check can fail)
+    assert (fit["probs"] - T.eq15_policy(problem.rewards, problem.ref_logps, 2 * GAMMA)).abs().max() > 1e-2
+
+
+def test_vcb_minimiser_restricted_to_valid_candidates():
+    """Sampled candidates carry part of π_sft's mass and some are padding: Eq. 15 restricted."""
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    ref = torch.log_softmax(torch.randn(3, 4, generator=g, dtype=torch.float64), -1) - 2.0  # unnormalised
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    fit = T.fit_tabular("vcb", r, ref, mask=mask, optimizer="lbfgs", steps=500, gamma=0.5)
+    eq15 = T.eq15_policy(r, ref, 0.5, mask)
+    assert (fit["probs"] - eq15).abs().max() <= FIT_TOL
+    assert torch.all(fit["probs"][~mask] == 0) and torch.allclose(fit["probs"].sum(-1), torch.ones(3, dtype=torch.float64))
+    assert T.eq12_residual(fit["logps"].masked_fill(~mask, 0.0), ref, r, 0.5, mask).abs().max() <= FIT_TOL
+
+
+def test_equal_rewards_keep_pi_sft():
+    """σ_r = 0: Eq. 12 asks for equal log-ratios, i.e. π_sft restricted; the loss agrees."""
+    r = torch.tensor([[0.1, 0.1, 0.1], [0.0, 1.0, 2.0]], dtype=torch.float64)
+    ref = torch.log(torch.tensor([[0.2, 0.3, 0.5], [0.5, 0.3, 0.2]], dtype=torch.float64))
+    eq15 = T.eq15_policy(r, ref, GAMMA)
+    assert torch.allclose(eq15[0], ref[0].exp(), atol=1e-15)
+    fit = T.fit_tabular("vcb", r, ref, optimizer="lbfgs", steps=300, gamma=GAMMA,
+                        init_logits=torch.tensor([[2.0, -1.0, 0.0], [0.0, 0.0, 3.0]]))
+    assert (fit["probs"] - eq15).abs().max() <= FIT_TOL
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(-5, 5), st.floats(0.1, 10))
+def test_eq15_invariant_to_reward_shift_and_scale(shift, scale):
+    r = torch.tensor([[0.1, 0.85, 0.9, -0.3]], dtype=torch.float64)
+    ref = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]], dtype=torch.float64))
+    assert torch.allclose(T.eq15_policy(r, ref, 0.7), T.eq15_policy(scale * r + shift, ref, 0.7), atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Order-based losses: order respected, values ignored
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def order_fits(problem):
+    return T.check_order_based(problem, GAMMA, steps=100, lr=0.1)
+
+
+def test_order_based_fits_respect_the_reward_order(order_fits):
+    for method in ("dpo", "ipo", "vcb"):  # calibrate log π/π_sft: A.5's quantity
+        assert order_fits[method]["misaligned_log_ratio"] == 0.0, method
+    for method in ("slic", "rrhf"):  # calibrate raw log π (Table 1: no π_sft)
+        assert order_fits[method]["misaligned_logp"] == 0.0, method
+    for method in T.ORDER_METHODS:  # ... but their gaps are not proportional to reward gaps
+        assert order_fits[method]["eq12_max_abs_err"] > 0.1, method
+
+
+def test_ipo_converges_to_rank_spacing(problem):
+    check = T.check_ipo_fit(problem, GAMMA)
+    assert check["max_abs_err"] <= FIT_TOL
+    # closed form: consecutive log-ratio gaps (in reward order) all equal 1/(γ n)
+    n = problem.rewards.shape[1]
+    delta = torch.log(torch.as_tensor(check["closed"])) - problem.ref_logps
+    sorted_delta = torch.gather(delta, 1, problem.rewards.argsort(-1))
+    assert torch.allclose(sorted_delta.diff(dim=-1), torch.full((1,), 1 / (GAMMA * n), dtype=torch.float64))
+
+
+def test_dpo_drives_gaps_apart():
+    r = torch.tensor([list(T.FIGURE1_REWARDS)], dtype=torch.float64)
+    ref = torch.full((1, 3), -math.log(3), dtype=torch.float64)
+    short = T.fit_tabular("dpo", r, ref, steps=50, lr=0.1, gamma=GAMMA)
+    long = T.fit_tabular("dpo", r, ref, steps=200, lr=0.1, gamma=GAMMA)
+    gap = lambda f: (f["log_ratios"].max() - f["log_ratios"].min()).item()  # noqa: E731
+    assert gap(long) > gap(short) + 1.0 and long["final_loss"] < short["final_loss"]
+    conv = T.fit_tabular("dpo", r, ref, optimizer="lbfgs", steps=200, gamma=GAMMA)
+    assert conv["probs"][0, 2] > 1 - 1e-6  # the limit: all mass on the best response
+
+
+def test_slic_without_sft_stops_at_the_margin():
+    r = torch.tensor([list(T.FIGURE1_REWARDS)], dtype=torch.float64)
+    ref = torch.full((1, 3), -math.log(3), dtype=torch.float64)
+    fit = T.fit_tabular("slic", r, ref, steps=200, lr=0.1, gamma=GAMMA, delta=1.0, sft_weight=0.0)
+    gaps = fit["logps"][0].diff()
+    assert fit["final_loss"] == 0.0 and torch.all(GAMMA * gaps >= 1.0)  # every hinge satisfied
+
+
+def test_order_based_blind_to_reward_values():
+    kw = dict(gamma=GAMMA, steps=40, lr=0.1)
+    a = T.figure1_example((0.1, 0.85, 0.9), **kw)
+    b = T.figure1_example((0.1, 0.15, 0.9), **kw)  # same order, y_2 now close to y_1
+    diff = T.value_blindness(a, b)
+    assert all(diff[m] == 0.0 for m in T.ORDER_METHODS), diff
+    assert diff["vcb"] > 0.1
+
+
+def test_figure1_example():
+    fig = T.figure1_example(gamma=GAMMA, steps=120, lr=0.1)
+    probs = fig["probs"]
+    for method, p in probs.items():
+        assert np.isclose(p.sum(), 1.0) and np.all(p > 0), method
+    p1, p2, p3 = probs["vcb"]
+    assert p2 > 5 * p1 and p3 > p2 and abs(p3 - p2) < abs(p2 - p1) / 4  # y2 ≈ y3 ≫ y1
+    assert np.abs(probs["vcb"] - probs["vcb_eq15"]).max() < 2e-3  # finite Adam budget
+    for method in ("dpo", "ipo", "slic"):  # order-based: y2 sits closer to y1 than to y3
+        q1, q2, q3 = probs[method]
+        assert q1 < q2 < q3 and abs(q2 - q1) < abs(q3 - q2), (method, probs[method])
+    assert np.allclose(probs["sft"], 1 / 3)
+    with pytest.raises(ValueError, match="ref_probs"):
+        T.figure1_example(ref_probs=[0.5, 0.5], steps=1)
+
+
+def test_fit_tabular_accepts_names_enums_and_functions():
+    r = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    ref = torch.log(torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    a = T.fit_tabular(LossType.VCB, r, ref, steps=3, gamma=1.0)
+    b = T.fit_tabular("VCB", r, ref, steps=3, gamma=1.0)
+    c = T.fit_tabular(vcb_loss, r, ref, steps=3, gamma=1.0)
+    assert torch.equal(a["probs"], b["probs"]) and torch.equal(a["probs"], c["probs"])
+    assert a["loss_curve"].shape == (4,) and a["logps_curve"].shape == (4, 1, 2)
+    with pytest.raises(ValueError, match="unknown loss type"):
+        T.fit_tabular("ppo", r, ref)
+    with pytest.raises(ValueError, match="optimizer"):
+        T.fit_tabular("vcb", r, ref, optimizer="sgd", gamma=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# App. A.5: misalignment rate
+# --------------------------------------------------------------------------------------------
+
+
+def test_misalignment_zero_for_ordered_one_for_reversed():
+    r = np.array([[0.1, 0.85, 0.9], [0.0, 1.0, 2.0]])
+    ref = np.log(np.array([[0.2, 0.3, 0.5], [0.9, 0.09, 0.01]]))
+    assert T.misalignment_rate(ref + 0.5 * r, ref, r) == 0.0
+    assert T.misalignment_rate(ref - 0.5 * r, ref, r) == 1.0
+    # the log-RATIO is what counts: in prompt 2, log π itself is ordered against the rewards
+    assert T.misalignment_rate(ref + 0.5 * r, None, r) == 0.5
+
+
+def test_misalignment_hand_computed_mixed_case_with_mask_and_ties():
+    r = torch.tensor([[1.0, 2.0, 3.0, 0.0], [1.0, 1.0, 0.0, 5.0]])
+    policy = torch.tensor([[0.0, 0.5, 0.2, 0.0], [0.0, -1.0, -1.0, float("nan")]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    # prompt 0: (y1,y2) ok, (y1,y3) ok, (y2,y3) misaligned -> 1/3
+    # prompt 1: (y1,y2) reward tie, excluded; (y1,y3) ok; (y2,y3) log-ratio tie -> misaligned: 1/2
+    rate, per = T.misalignment_rate(policy, torch.zeros_like(policy), r, mask, per_prompt=True)
+    assert rate == pytest.approx(2 / 5) and np.allclose(per, [1 / 3, 1 / 2])
+    # without the mask the padded response (reward 0 / 5, NaN log-prob) would add pairs
+    assert T.misalignment_rate(policy.nan_to_num(), torch.zeros_like(policy), r) != pytest.approx(2 / 5)
+
+
+def test_misalignment_no_pairs_is_nan():
+    rate, per = T.misalignment_rate([[0.0, 1.0], [0.0, 1.0]], [[0.0, 0.0]] * 2, [[1.0, 1.0], [1.0, 2.0]],
+                                    per_prompt=True)
+    assert rate == 0.0 and math.isnan(per[0]) and per[1] == 0.0
+    assert math.isnan(T.misalignment_rate([[0.0, 1.0]], [[0.0, 0.0]], [[1.0, 1.0]]))
+    assert T.misalignment_rate([[0.0, 0.0]], [[0.0, 0.0]], [[1.0, 2.0]]) == 1.0  # π = π_sft: ties misalign
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(-1000, 1000), min_size=2, max_size=8, unique=True), st.floats(0.01, 10))
+def test_misalignment_property_monotone_log_ratios(rewards, c):
+    r = np.array([rewards]) / 100.0  # distinct rewards at least 0.01 apart
+    ref = np.log(np.full_like(r, 1 / r.size))
+    assert T.misalignment_rate(ref + c * r, ref, r) == 0.0
+    assert T.misalignment_rate(ref - c * r, ref, r) == 1.0
