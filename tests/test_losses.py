@@ -531,8 +531,9 @@ def test_loss_type_facts():
         LossType.RRHF: (False, False, True),
         LossType.REST: (False, False, False),
         LossType.SFT: (False, False, False),
+        LossType.BT: (False, False, True),
     }
-    assert [lt.value for lt in LossType] == ["vcb", "dpo", "ipo", "slic", "rrhf", "rest", "sft"]
+    assert [lt.value for lt in LossType] == ["vcb", "dpo", "ipo", "slic", "rrhf", "rest", "sft", "bt"]
     assert LossType.parse("VCB") is LossType.VCB and LossType(" ReST ") is LossType.REST
     assert LossType.REST.fn.keywords == {"select": "best"} and LossType.SFT.fn.keywords["select"] == "all"
 

@@ -121,13 +121,17 @@ class ModelsConfig:
     """Which language models play π_sft / π and how they are loaded."""
 
     policy: str = "tiny-random"  # model spec: local folder, hub id, packaged:smollm2-135m-instruct or tiny-random
-    sft_init: str = ""  # model the SFT stage starts from; empty = policy
+    sft: bool = False  # run the SFT stage (MLE on SFT targets); off = models.policy is already π_sft
+    sft_learning_rate: float = 1e-5  # SFT AdamW learning rate
+    sft_epochs: int = 1  # SFT epochs
     dtype: Literal["float32", "bfloat16"] = "float32"  # weight dtype when loading
     cache_dir: str = ".cache/models"  # converted/cached models; relative to the project root
     max_prompt_tokens: int = 256  # prompts are truncated from the left to this many tokens
 
     def __post_init__(self) -> None:
         _require(bool(self.policy), "models.policy", "must name a model spec")
+        _require(self.sft_learning_rate > 0, "models.sft_learning_rate", f"must be > 0, got {self.sft_learning_rate}")
+        _require(self.sft_epochs >= 1, "models.sft_epochs", f"must be >= 1, got {self.sft_epochs}")
         _require(self.max_prompt_tokens > 0, "models.max_prompt_tokens", f"must be > 0, got {self.max_prompt_tokens}")
 
 
@@ -157,13 +161,15 @@ class RewardsConfig:
     """The task, its gold reward, and the learned reward model (Eq. 18)."""
 
     task: Literal["sentiment", "assistant", "hh", "tldr"] = "sentiment"  # embedded tasks or the paper's hub datasets
-    reward_model: str = "learned"  # learned (Bradley-Terry, Eq. 18), gold, or a hub reward-model id
-    rm_pairs_per_prompt: int = 1  # preference pairs per training prompt for the reward model
+    reward_model: str = "learned"  # learned (Bradley-Terry, Eq. 18), gold, or a folder / hub reward-model id
+    rm_prompts: int = 128  # train prompts whose sampled pair (gold-labelled) trains the reward model; 0 = all
+    rm_heldout: float = 0.2  # share of those pairs held out for the accuracy of Table 4
     rm_learning_rate: float = 1e-4  # reward model AdamW learning rate
     rm_epochs: int = 1  # reward model epochs
 
     def __post_init__(self) -> None:
-        _require(self.rm_pairs_per_prompt >= 1, "rewards.rm_pairs_per_prompt", f"must be >= 1, got {self.rm_pairs_per_prompt}")
+        _require(self.rm_prompts >= 0, "rewards.rm_prompts", f"must be >= 0, got {self.rm_prompts}")
+        _require(0 < self.rm_heldout < 1, "rewards.rm_heldout", f"must be in (0, 1), got {self.rm_heldout}")
         _require(self.rm_learning_rate > 0, "rewards.rm_learning_rate", f"must be > 0, got {self.rm_learning_rate}")
         _require(self.rm_epochs >= 1, "rewards.rm_epochs", f"must be >= 1, got {self.rm_epochs}")
 

@@ -479,3 +479,43 @@ def build_candidates(prompts: Sequence[Mapping], sampler, out_dir: str | Path, *
     shards = sorted(shard_dir.glob("shard-*.parquet"))
     table = pd.concat([pd.read_parquet(p) for p in shards[:len(starts)]], ignore_index=True)
     return table[CANDIDATE_COLUMNS]
+
+
+def generate_candidates(cfg, *, log=print):
+    """Stage 02 (Sec. 4.3 step 2): n candidates per train prompt from π_sft, their reference
+    log-probs, and their rewards (``rewards.reward_model``; plus ``gold`` on embedded tasks).
+
+    Writes ``02_candidates/candidates.parquet`` and returns it as a DataFrame; a rerun with the
+    same config returns the stored table, an interrupted one resumes from its shards.
+    """
+    import pandas as pd
+
+    from vcb_lib.io import atomic_write_bytes, read_json, write_json
+    from vcb_lib.models import format_prompt, load_policy, load_tokenizer
+    from vcb_lib.rewards import gold_reward, load_reward_model
+    from vcb_lib.samplers import make_sampler
+    from vcb_lib.trainers import sft_spec
+
+    out = cfg.stage_dir("02_candidates")
+    path, stamp = out / "candidates.parquet", out / "candidates.hash"
+    key = cfg.hash("run", "models", "sampling", "rewards")
+    if path.is_file() and stamp.is_file() and read_json(stamp) == key:
+        log(f"candidates: up to date in {path}")
+        return pd.read_parquet(path)
+    spec, s = sft_spec(cfg), cfg.sampling
+    model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
+    tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
+    sampler = make_sampler(s.backend, spec, model=model, tokenizer=tok, batch_size=s.batch_size, seed=cfg.run.seed,
+                           cache_dir=cfg.models.cache_dir, log=log)
+    prompts = task_prompts(cfg.rewards.task, "train", s.num_prompts)
+    table = build_candidates(prompts, sampler, out, n=s.n, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
+                             seed=cfg.run.seed, top_p=s.top_p, ref_model=model, tokenizer=tok,
+                             format_prompt=lambda p: format_prompt(tok, p), ref_autocast_bf16=cfg.training.bf16,
+                             manifest={"config": key, "model": spec, "sampler": sampler.name})
+    log(f"scoring {len(table)} candidates with the {cfg.rewards.reward_model} reward model")
+    table["reward"] = load_reward_model(cfg).score(list(table.prompt), list(table.response))
+    if cfg.rewards.task in TASKS:
+        table["gold"] = gold_reward(cfg.rewards.task).score(list(table.prompt), list(table.response))
+    atomic_write_bytes(path, table.to_parquet(index=False))
+    write_json(stamp, key)
+    return table

@@ -24,11 +24,13 @@ from __future__ import annotations
 import functools
 import math
 import re
+import shutil
 import sys
 from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 __all__ = [
@@ -494,3 +496,220 @@ def gold_reward(task: str, **kwargs) -> RewardModel:
 # transformer trained on (prompt, chosen, rejected) pairs (vcb_lib.data.load_hub_preferences or
 # pairs drawn from the candidate table), exposing the same RewardModel.score.
 # --------------------------------------------------------------------------------------------
+
+
+class LearnedRewardModel:
+    """A Bradley-Terry reward model (Eq. 18): a scalar head on a transformer.
+
+    Decoder backbones (the policy's: SmolLM2, Pythia, tiny-random) read the chat-formatted
+    prompt followed by the response and score at the last token (``trainers.reward_scores``);
+    encoder reward models from the hub (e.g. the paper's
+    ``OpenAssistant/reward-model-deberta-v3-large-v2``) read the (prompt, response) text pair.
+    Trained with ``train_reward_model``; loaded with ``LearnedRewardModel.load(folder_or_hub_id)``.
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int = 512):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+        self.decoder = hasattr(model, "score")  # *ForSequenceClassification of a causal LM
+
+    @classmethod
+    def load(cls, folder_or_id: str, *, device: str = "cpu", **kwargs) -> "LearnedRewardModel":
+        from transformers import AutoModelForSequenceClassification
+
+        from vcb_lib.models import load_tokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder_or_id)).to(device)
+        return cls(model, load_tokenizer(str(folder_or_id)), **kwargs)
+
+    def model_input(self, prompt: str) -> str:
+        from vcb_lib.models import format_prompt
+
+        return format_prompt(self.tokenizer, prompt) if self.decoder else prompt
+
+    def groups(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]):
+        """Training groups for ``LossType.BT``: (chosen, rejected) with labels [1, 0]."""
+        from vcb_lib.data import CandidateGroup
+
+        encode = lambda text: self.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+        return [CandidateGroup(f"pair-{i}", self.model_input(p), [encode(c), encode(r)], [1.0, 0.0], [0.0, 0.0])
+                for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected))]
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str], *, show_progress: bool | None = None) -> np.ndarray:
+        from vcb_lib.models import collate_pairs, encode_pairs
+        from vcb_lib.trainers import reward_scores
+
+        prompts, responses = check_inputs(prompts, responses)
+        device = next(self.model.parameters()).device
+        out = np.zeros(len(responses))
+        for start in tqdm(range(0, len(responses), self.batch_size), desc="reward model", disable=not _show(show_progress)):
+            p, r = prompts[start:start + self.batch_size], responses[start:start + self.batch_size]
+            if self.decoder:
+                pairs = encode_pairs(self.tokenizer, [self.model_input(x) for x in p], r, max_length=self.max_length)
+                pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+                batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad).items()}
+                values = reward_scores(self.model, batch)
+            else:
+                batch = self.tokenizer(p, r, truncation=True, max_length=self.max_length, padding=True,
+                                       return_tensors="pt").to(device)
+                values = self.model(**batch).logits[:, 0]
+            out[start:start + len(r)] = values.float().cpu().numpy()
+        return _require_finite("learned reward", out, responses)
+
+    def save(self, folder) -> None:
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+
+def reward_model_backbone(spec: str, *, cache_dir=None):
+    """A fresh scalar-head model on the policy's backbone: (model, tokenizer) for ``spec``."""
+    from transformers import AutoModelForSequenceClassification
+
+    from vcb_lib.models import ensure_model_folder, load_tokenizer
+
+    folder = ensure_model_folder(spec, cache_dir)
+    tokenizer = load_tokenizer(spec, cache_dir=cache_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the new head's init
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def pairwise_accuracy(rm: RewardModel, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]) -> float:
+    """Share of pairs where ``rm`` scores the chosen response above the rejected one (Table 4)."""
+    s_chosen = rm.score(list(prompts), list(chosen))
+    s_rejected = rm.score(list(prompts), list(rejected))
+    return float(np.mean(s_chosen > s_rejected))
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 01 (notebook 01): preference pairs, the reward model, its accuracy
+# --------------------------------------------------------------------------------------------
+
+
+def preference_pairs(cfg, *, log=print) -> pd.DataFrame:
+    """Preference pairs for the SFT targets and the reward model, one per prompt.
+
+    Embedded tasks: two responses per train prompt sampled from ``models.policy`` and labelled by
+    the gold reward (ties dropped). The paper's tasks: the dataset's human pairs. Columns:
+    prompt_id, prompt, chosen, rejected, gold_chosen, gold_rejected, split ("train" | "heldout",
+    the ``rewards.rm_heldout`` share with the smallest stable hash of the prompt id). Cached in ``01_models/pairs.parquet`` per config hash.
+    """
+    from vcb_lib.data import PAPER_TASKS, _stable_hash, build_candidates, load_hub_preferences, task_prompts
+    from vcb_lib.io import atomic_write_bytes, read_json, write_json
+    from vcb_lib.models import format_prompt, load_policy, load_tokenizer
+    from vcb_lib.samplers import make_sampler
+
+    out = cfg.stage_dir("01_models")
+    key = cfg.hash("run", "models", "sampling", "rewards")
+    path, stamp = out / "pairs.parquet", out / "pairs.hash"
+    if path.is_file() and stamp.is_file() and read_json(stamp) == key:
+        return pd.read_parquet(path)
+    task = cfg.rewards.task
+    if task in PAPER_TASKS:
+        rows = load_hub_preferences(PAPER_TASKS[task]["preferences"], "train", limit=cfg.rewards.rm_prompts or None)
+        pairs = pd.DataFrame(rows).assign(prompt_id=lambda d: [f"pair-{i}" for i in range(len(d))],
+                                          gold_chosen=np.nan, gold_rejected=np.nan)
+    else:
+        prompts = task_prompts(task, "train", cfg.rewards.rm_prompts)
+        spec = cfg.models.policy
+        model, tok = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir), load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
+        sampler = make_sampler(cfg.sampling.backend, spec, model=model, tokenizer=tok, batch_size=cfg.sampling.batch_size,
+                               seed=cfg.run.seed, cache_dir=cfg.models.cache_dir, log=log)
+        table = build_candidates(prompts, sampler, out / "rm_samples", n=2, temperature=cfg.sampling.temperature,
+                                 max_new_tokens=cfg.sampling.max_new_tokens, seed=cfg.run.seed + 1, top_p=cfg.sampling.top_p,
+                                 format_prompt=lambda p: format_prompt(tok, p), manifest={"config": key})
+        table["gold"] = gold_reward(task).score(list(table.prompt), list(table.response))
+        wide = table.pivot(index="prompt_id", columns="k", values=["prompt", "response", "gold"])
+        first_wins = wide[("gold", 0)] > wide[("gold", 1)]
+        pairs = pd.DataFrame({
+            "prompt_id": wide.index, "prompt": wide[("prompt", 0)].values,
+            "chosen": np.where(first_wins, wide[("response", 0)], wide[("response", 1)]),
+            "rejected": np.where(first_wins, wide[("response", 1)], wide[("response", 0)]),
+            "gold_chosen": np.where(first_wins, wide[("gold", 0)], wide[("gold", 1)]).astype(float),
+            "gold_rejected": np.where(first_wins, wide[("gold", 1)], wide[("gold", 0)]).astype(float),
+        })
+        pairs = pairs[pairs.gold_chosen != pairs.gold_rejected].reset_index(drop=True)  # ties carry no preference
+    # Hold out the ceil(rm_heldout · N) pairs with the smallest stable hash (>= 1 when N >= 2).
+    rank = pd.Series([_stable_hash(f"rm|{pid}") for pid in pairs.prompt_id]).rank(method="first").to_numpy()
+    n_held = min(max(int(np.ceil(cfg.rewards.rm_heldout * len(pairs))), 1), len(pairs) - 1) if len(pairs) >= 2 else 0
+    pairs["split"] = np.where(rank <= n_held, "heldout", "train")
+    atomic_write_bytes(path, pairs.to_parquet(index=False))
+    write_json(stamp, key)
+    log(f"preference pairs: {int((pairs.split == 'train').sum())} train, {int((pairs.split == 'heldout').sum())} held out")
+    return pairs
+
+
+def train_reward_model(cfg, pairs: pd.DataFrame, *, log=print) -> "LearnedRewardModel":
+    """Eq. 18 on the train pairs: a scalar head on the policy backbone, trained by the one
+    ``Trainer`` with ``LossType.BT``. Saved to ``01_models/reward_model/`` (skipped when a
+    complete model for the same config is there)."""
+    import dataclasses
+
+    from vcb_lib.io import read_json, write_json
+    from vcb_lib.trainers import Trainer, reward_scores
+
+    folder = cfg.stage_dir("01_models") / "reward_model"
+    key = cfg.hash("run", "models", "sampling", "rewards", "training")
+    stamp, work = folder / "vcb_hash.json", folder / "training"
+    if (folder / "config.json").is_file() and stamp.is_file() and read_json(stamp) == key:
+        log(f"reward model: up to date in {folder}")
+        return LearnedRewardModel.load(folder)
+    stamp.unlink(missing_ok=True)
+    if (work / "vcb_hash.json").is_file() and read_json(work / "vcb_hash.json") != key:
+        shutil.rmtree(work)  # checkpoints of another config; the same config resumes from them
+    write_json(work / "vcb_hash.json", key)
+    model, tok = reward_model_backbone(cfg.models.policy, cache_dir=cfg.models.cache_dir)
+    rm = LearnedRewardModel(model, tok)
+    train = pairs[pairs.split == "train"]
+    if train.empty:
+        raise ValueError("no training pairs for the reward model (all held out or tied): raise rewards.rm_prompts")
+    rm_cfg = dataclasses.replace(cfg.training, learning_rate=cfg.rewards.rm_learning_rate, epochs=cfg.rewards.rm_epochs,
+                                 max_steps=0, save_every=0, warmup_steps=min(cfg.training.warmup_steps, 5))
+    trainer = Trainer(model.train(), tok, rm.groups(list(train.prompt), list(train.chosen), list(train.rejected)),
+                      "bt", rm_cfg, work, seed=cfg.run.seed, score_fn=reward_scores,
+                      max_length=cfg.models.max_prompt_tokens + cfg.sampling.max_new_tokens)
+    summary = trainer.train(resume=True)
+    rm = LearnedRewardModel(trainer.accelerator.unwrap_model(trainer.model), tok)
+    rm.save(folder)
+    write_json(folder / "vcb_hash.json", key)
+    log(f"reward model: trained {summary.get('steps', '?')} steps -> {folder}")
+    return rm
+
+
+def evaluate_reward_model(cfg, rm: RewardModel, pairs: pd.DataFrame) -> dict:
+    """Held-out pair accuracy (Table 4) and, on embedded tasks, agreement with the gold reward:
+    Pearson/Spearman correlation over the held-out responses. Writes ``accuracy.json``."""
+    from vcb_lib.io import write_json
+
+    held = pairs[pairs.split == "heldout"]
+    if held.empty:
+        raise ValueError("no held-out pairs to measure the reward model on: raise rewards.rm_prompts or rm_heldout")
+    chosen, rejected = rm.score(list(held.prompt), list(held.chosen)), rm.score(list(held.prompt), list(held.rejected))
+    result = {"accuracy": float(np.mean(chosen > rejected)), "heldout_pairs": int(len(held)),
+              "train_pairs": int((pairs.split == "train").sum())}
+    if held.gold_chosen.notna().all():
+        learned = np.concatenate([chosen, rejected])
+        gold = np.concatenate([held.gold_chosen, held.gold_rejected])
+        result["pearson_gold"] = float(np.corrcoef(learned, gold)[0, 1])
+        ranks = lambda x: pd.Series(x).rank().to_numpy()  # noqa: E731  (Spearman = Pearson of ranks)
+        result["spearman_gold"] = float(np.corrcoef(ranks(learned), ranks(gold))[0, 1])
+        result["scores"] = {"learned": learned.tolist(), "gold": gold.tolist()}
+    write_json(cfg.stage_dir("01_models") / "reward_model" / "accuracy.json", {k: v for k, v in result.items() if k != "scores"})
+    return result
+
+
+def load_reward_model(cfg) -> RewardModel:
+    """What ``rewards.reward_model`` names: "gold" (embedded tasks), "learned" (stage 01's
+    Bradley-Terry model of this run), or a folder / hub id of a sequence-classification model."""
+    choice = cfg.rewards.reward_model
+    if choice == "gold":
+        return gold_reward(cfg.rewards.task)
+    if choice == "learned":
+        folder = cfg.run_dir / "01_models" / "reward_model"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"no learned reward model in {folder}: run notebook 01 (stage sft_and_reward) first")
+        return LearnedRewardModel.load(folder)
+    return LearnedRewardModel.load(choice)

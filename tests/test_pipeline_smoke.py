@@ -1,0 +1,78 @@
+"""The smoke tier: every notebook runs headless through the runner on params/smoke.yaml (tiny
+random model), once per test session, and the numbers each stage writes hold."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vcb_lib.config import PROJECT_ROOT, load_params
+from vcb_lib.data import CANDIDATE_COLUMNS
+from vcb_lib.runner import run
+
+pytestmark = pytest.mark.notebook
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Run every notebook once; return the resolved config of the run."""
+    params = PROJECT_ROOT / "params" / "smoke.yaml"
+    overrides = [f"run.output_root={tmp_path_factory.mktemp('outputs')}"]
+    run(params, overrides, log=lambda m: None)
+    return load_params(params, overrides + ["ablation.interactive=false"])
+
+
+def test_every_notebook_was_executed(smoke):
+    executed = sorted(p.name for p in (smoke.run_dir / "notebooks").glob("*.ipynb"))
+    assert executed == sorted(p.name for p in (PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert (smoke.run_dir / "config.yaml").is_file()
+
+
+def test_theory_checks_hold(smoke):
+    cfg = smoke
+    stage = cfg.run_dir / "00_theory"
+    checks = json.loads((stage / "checks.json").read_text())
+    tol, fit_tol = cfg.theory.tolerance, cfg.theory.fit_tolerance
+
+    assert checks["passed"] is True and all(checks["checks"].values()), checks["checks"]
+    assert checks["theorem1_max_abs_err"] <= tol
+    assert set(checks["psi_forms_max_abs_err"]) >= {"rrhf", "slic", "dpo", "vcb", "kl_eq2_vs_dpo"}
+    assert all(err <= tol for err in checks["psi_forms_max_abs_err"].values()), checks["psi_forms_max_abs_err"]
+    assert checks["vcb_tabular_vs_eq15_max_abs_err"] <= fit_tol
+    assert checks["eq12_max_abs_err"] <= fit_tol
+    assert checks["ipo_tabular_vs_closed_form_max_abs_err"] <= fit_tol
+
+    fig1 = {m: np.array(p) for m, p in checks["figure1"].items()}
+    assert set(fig1) >= {"sft", "rrhf", "slic", "dpo", "ipo", "vcb", "vcb_eq15"}
+    for method, p in fig1.items():
+        assert p.shape == (3,) and np.isclose(p.sum(), 1.0) and np.all(p >= 0), method
+    p1, p2, p3 = fig1["vcb"]
+    assert p2 > p1 and p3 > p1 and abs(p3 - p2) < abs(p2 - p1) / 4  # VCB: y2 ≈ y3 ≫ y1
+    d1, d2, d3 = fig1["dpo"]
+    assert abs(d2 - d1) < abs(d3 - d2)  # DPO: y2 closer to y1 than to y3
+
+    assert all(checks["value_blindness"][m] == 0.0 for m in ("rrhf", "slic", "dpo", "ipo"))
+    assert checks["misalignment"]["r_ordered"] == 0.0 and checks["misalignment"]["reversed"] == 1.0
+    for png in ("theorem1.png", "eq12_proportionality.png", "figure1.png", "figure1_trajectories.png"):
+        assert (stage / png).stat().st_size > 0, png
+
+
+def test_reward_model_stage(smoke):
+    stage = smoke.run_dir / "01_models"
+    accuracy = json.loads((stage / "reward_model" / "accuracy.json").read_text())
+    assert 0.0 <= accuracy["accuracy"] <= 1.0 and accuracy["heldout_pairs"] >= 1 and accuracy["train_pairs"] >= 1
+    assert (stage / "reward_model" / "config.json").is_file()
+    assert (stage / "sft" / "model.safetensors").is_file()  # the SFT stage ran for real (models.sft: true)
+    pairs = pd.read_parquet(stage / "pairs.parquet")
+    assert (pairs.gold_chosen > pairs.gold_rejected).all()  # chosen = gold-preferred, ties dropped
+
+
+def test_candidate_stage(smoke):
+    table = pd.read_parquet(smoke.run_dir / "02_candidates" / "candidates.parquet")
+    s = smoke.sampling
+    assert set(CANDIDATE_COLUMNS) <= set(table.columns) and "gold" in table
+    assert table.prompt_id.nunique() == s.num_prompts and len(table) == s.num_prompts * s.n
+    assert table.reward.notna().all() and np.isfinite(table.ref_logp).all()
+    assert (table.n_tokens <= s.max_new_tokens).all()
+    metrics = json.loads((smoke.run_dir / "02_candidates" / "metrics.json").read_text())
+    assert metrics["candidates"] == len(table)

@@ -1,0 +1,566 @@
+"""One trainer for every stage that learns from groups of responses: SFT, the reward model
+(Eq. 18) and every calibration loss of ``losses.py`` (VCB, DPO, IPO, SLiC, RRHF, ReST).
+
+The trainer is named by how it runs (``accelerate``: one process, DDP, FSDP, DeepSpeed), never by
+loss. A batch is B prompts, each with its n candidates (:class:`~vcb_lib.data.CandidateGroup`)::
+
+    groups --collate--> (R, T) tokens --score_fn--> (R,) scores --fold--> (B, n) --loss--> (B,)
+
+``score_fn(model, batch) -> (R,)`` is :func:`policy_scores` (summed response log-probs,
+``log π(y|x)``) for policies and :func:`reward_scores` (the scalar head at the last token) for the
+reward model. The loss is ``loss_type.fn`` with its hyper-parameters read from ``TrainingConfig``.
+Reference log-probs come precomputed with the groups: only the trained model is in memory.
+
+Data order (:func:`order_groups`). An epoch is a seeded shuffle of the groups, sorted by length
+(longest first) inside mega-batches of 50 optimizer steps, like HF's ``LengthGroupedSampler``: few
+pad tokens, and an out-of-memory error shows in the first step. The order depends only on
+(seed, epoch, S) with S = batch_size · grad_accum · num_processes, the prompts of one optimizer
+step; so every factorisation of S (batch 4 × accumulation 1, 1 × 4, 2 processes × 2) trains on
+the same steps.
+
+Averaging. The objective of a step is the mean over ALL its prompts of the per-prompt losses. A
+step's S prompts are split into grad_accum × num_processes micro-batch slots (as evenly as possible
+in the last, shorter step of an epoch; an empty slot runs one prompt with weight 0, so every rank
+does the same number of backward passes). Each micro-batch back-propagates
+``Σ_b losses_b · num_processes · grad_accum / N_step``; accelerate divides by grad_accum and DDP
+averages over processes, which leaves ``(1/N_step) Σ losses`` whatever B each micro-batch had.
+
+Checkpoints (``out_dir/checkpoints/step-000012/``): ``accelerator.save_state`` (model, optimizer,
+LR scheduler, every rank's RNG states) plus ``trainer_state.json`` (step, epoch, position in the
+ordered group list, S, seed, data fingerprint), written into ``.tmp-step-000012`` and renamed when
+whole: a folder named ``step-*`` is always complete. The last two are kept. ``final/`` holds
+``save_pretrained`` model + tokenizer. ``train(resume=True)`` restarts from the latest checkpoint
+and reproduces the uninterrupted run.
+
+A non-finite loss (checked per micro-batch, before its backward) or gradient norm (before the
+optimizer step) raises :class:`TrainingDiverged` naming the step, the micro-batch and its prompt ids;
+the last checkpoint is left as it was.
+
+Command line (one process, or under ``accelerate launch`` / :func:`vcb_lib.launch.launch_subprocess`)::
+
+    python -m vcb_lib.trainers --params params/smoke.yaml --method vcb \\
+        --candidates outputs/smoke/02_candidates/candidates.parquet --out outputs/smoke/03_train/vcb
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vcb_lib.config import TrainingConfig
+from vcb_lib.data import CandidateGroup, collate_groups
+from vcb_lib.io import atomic_write_text, write_json
+from vcb_lib.losses import LossType
+from vcb_lib.models import batch_logps
+
+log = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+ScoreFn = Callable[[torch.nn.Module, dict], Tensor]
+
+MEGA_BATCH_STEPS = 50  # length bucketing: sort by length inside this many optimizer steps
+STATE_FILE = "trainer_state.json"  # written last into a checkpoint, before its rename
+KEEP_CHECKPOINTS = 2
+SFT_STAMP = "vcb_hash.json"  # config hash, written last into 01_models/sft
+_CKPT_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm; nothing was stepped or saved with it."""
+
+    def __init__(self, message: str, *, step: int, micro_batch: int | None, prompt_ids: list[str]):
+        super().__init__(message)
+        self.step, self.micro_batch, self.prompt_ids = step, micro_batch, prompt_ids
+
+
+# --------------------------------------------------------------------------------------------
+# Score functions: (model, flat batch) -> (R,) one score per response, with grad
+# --------------------------------------------------------------------------------------------
+
+
+def policy_scores(model, batch: dict[str, Tensor]) -> Tensor:
+    """Summed response log-probs log π(y|x) of a causal LM: (R, T) batch -> (R,) float32."""
+    return batch_logps(model, batch)
+
+
+def reward_scores(model, batch: dict[str, Tensor]) -> Tensor:
+    """Scalar head of a sequence-classification model at each row's last real token -> (R,).
+
+    The position comes from ``attention_mask`` (rows are right-padded), not from comparing ids
+    with ``pad_token_id`` (which equals eos for SmolLM2, so a response ending in eos would be read
+    one token early). The per-token head output is captured with a forward hook on ``model.score``,
+    so the call still goes through the DDP/FSDP/DeepSpeed wrapper. Models without a ``score`` head
+    (e.g. DeBERTa) fall back to their own pooled ``logits``.
+    """
+    from accelerate.utils import extract_model_from_parallel
+
+    head = getattr(extract_model_from_parallel(model), "score", None)
+    captured: list[Tensor] = []
+    handle = head.register_forward_hook(lambda m, i, o: captured.append(o)) if head is not None else None
+    try:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if not captured:
+        return out.logits[:, 0].float()  # (R, 1) -> (R,)
+    per_token = captured[0][..., 0]  # (R, T, 1) -> (R, T)
+    last = batch["attention_mask"].sum(-1) - 1  # (R,)
+    return per_token[torch.arange(per_token.shape[0], device=per_token.device), last].float()  # (R,)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule and data order
+# --------------------------------------------------------------------------------------------
+
+
+def lr_lambda(i: int, *, warmup: int, total: int, schedule: str) -> float:
+    """LR multiplier of optimizer step s = i + 1 (LambdaLR passes i = steps taken so far).
+
+    1. warm-up, s <= warmup: s / warmup (step 1 uses lr / warmup, step ``warmup`` the full lr);
+    2. then "constant": 1, or "cosine": ½(1 + cos(π (s - warmup) / (total - warmup + 1))),
+       decaying towards 0 just after the last step.
+    """
+    s = i + 1
+    if s <= warmup:
+        return s / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = (s - warmup) / max(1, total - warmup + 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(f"unknown lr_schedule {schedule!r}; allowed: 'constant', 'cosine'")
+
+
+def group_lengths(tokenizer, groups: Sequence[CandidateGroup]) -> list[int]:
+    """Tokens each group puts into a batch: n · |prompt| + Σ |response| (BOS ignored)."""
+    prompt_ids = tokenizer([g.prompt for g in groups], add_special_tokens=False).input_ids
+    return [len(p) * len(g.response_ids) + sum(map(len, g.response_ids)) for p, g in zip(prompt_ids, groups)]
+
+
+def order_groups(lengths: Sequence[int], step_size: int, seed: int, epoch: int,
+                 mega_steps: int = MEGA_BATCH_STEPS) -> list[int]:
+    """Group indices of one epoch: seeded shuffle, then longest-first inside mega-batches of
+    ``mega_steps · step_size`` groups; the step holding the longest group is swapped to the front."""
+    g = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}/{epoch}".encode()).hexdigest()[:15], 16))
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    size = mega_steps * step_size
+    order = [j for i in range(0, len(perm), size) for j in sorted(perm[i:i + size], key=lambda j: -lengths[j])]
+    first = max(range(len(order)), key=lambda k: lengths[order[k]]) // step_size * step_size  # start of that step
+    head = order[first:first + step_size]
+    order[first:first + step_size] = order[:len(head)]
+    order[:len(head)] = head
+    return order
+
+
+def split_even(items: list[int], parts: int) -> list[list[int]]:
+    """``items`` -> ``parts`` consecutive slices whose sizes differ by at most one (some may be empty)."""
+    q, r = divmod(len(items), parts)
+    bounds = [k * q + min(k, r) for k in range(parts + 1)]
+    return [items[bounds[k]:bounds[k + 1]] for k in range(parts)]
+
+
+def data_fingerprint(groups: Sequence[CandidateGroup]) -> str:
+    return hashlib.sha256("\n".join(g.prompt_id for g in groups).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains ``model`` on ``groups`` with ``loss_type`` under ``accelerate``.
+
+    Args: ``model`` a causal LM (or a sequence classifier with ``score_fn=reward_scores``);
+    ``tokenizer``; ``groups`` the prompts with their candidates; ``loss_type`` a LossType or its
+    name; ``cfg`` TrainingConfig (batch_size = prompts per micro-batch and process); ``out_dir``
+    where log.jsonl, checkpoints/ and final/ go; ``seed``; ``score_fn`` (model, batch) -> (R,);
+    ``accelerator`` (created here if None: create the Trainer inside a launched function);
+    ``max_length`` truncation of prompt + response tokens (None = none).
+    """
+
+    def __init__(self, model, tokenizer, groups: Sequence[CandidateGroup], loss_type: LossType | str,
+                 cfg: TrainingConfig, out_dir: str | os.PathLike, *, seed: int = 0,
+                 score_fn: ScoreFn = policy_scores, accelerator=None, max_length: int | None = None):
+        from accelerate import Accelerator
+
+        if not groups:
+            raise ValueError("Trainer needs at least one group")
+        empty = [g.prompt_id for g in groups if not g.response_ids]
+        if empty:
+            raise ValueError(f"{len(empty)} group(s) have no response, first prompt_id {empty[0]!r}")
+        self.loss_type = LossType(loss_type)
+        self.hparams = {k: getattr(cfg, k) for k in self.loss_type.hparams}
+        self.cfg, self.seed, self.score_fn, self.max_length = cfg, seed, score_fn, max_length
+        self.groups, self.tokenizer = list(groups), tokenizer
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.log_path = self.out_dir / "log.jsonl"
+
+        self.accelerator = acc = accelerator or Accelerator()
+        acc.gradient_accumulation_steps = cfg.grad_accum  # DeepSpeed: keep it "auto" in the config
+        ds = getattr(acc.state, "deepspeed_plugin", None)
+        if ds is not None and ds.is_auto("train_micro_batch_size_per_gpu"):  # no dataloader to infer it from
+            ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.step_size = cfg.batch_size * cfg.grad_accum * self.world  # prompts per optimizer step
+        n_groups = len(self.groups)
+        self.steps_per_epoch = math.ceil(n_groups / self.step_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.lengths = group_lengths(tokenizer, self.groups)
+        self.fingerprint = data_fingerprint(self.groups)
+
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]  # nanoGPT: no decay
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # on biases/norms
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.learning_rate,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_lambda(
+            i, warmup=cfg.warmup_steps, total=self.total_steps, schedule=cfg.lr_schedule))
+        # The scheduler is not prepared: accelerate would step it once per process.
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(self.scheduler)
+
+    # ---------------------------------------------------------------- one optimizer step
+
+    def _micro_batch(self, step: int, m: int, idx: list[int], weight: float, scale: float) -> dict:
+        """Forward + backward of one micro-batch; returns its sums for the step's log."""
+        acc = self.accelerator
+        groups = [self.groups[j] for j in idx]
+        batch = {k: v.to(acc.device) for k, v in collate_groups(self.tokenizer, groups, max_length=self.max_length).items()}
+        mask = batch["mask"]  # (B, n)
+        with acc.accumulate(self.model):
+            with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                flat = self.score_fn(self.model, batch).float()  # (R,)
+            scores = flat.new_zeros(mask.shape)
+            scores[mask] = flat  # (R,) -> (B, n)
+            losses, metrics = self.loss_type.fn(scores, batch["ref_logps"], batch["rewards"], mask,
+                                                n_tokens=batch["n_tokens"], **self.hparams)  # (B,)
+            self._check_loss(losses, step, m, groups)
+            acc.backward(losses.sum() * (weight * scale))
+        n = weight * len(groups)
+        return {"loss": losses.detach().sum() * weight, "prompts": n, "tokens": weight * batch["attention_mask"].sum().item(),
+                **{k: v.detach().float() * n for k, v in metrics.items()}}
+
+    def _optimizer_step(self, step: int, chunk: list[int]) -> dict:
+        """Optimizer step ``step`` (1-based) over the prompts ``chunk`` (global, all ranks)."""
+        acc, cfg, gas = self.accelerator, self.cfg, self.cfg.grad_accum
+        slots = split_even(chunk, gas * self.world)  # slot m · world + rank = micro-batch m of rank
+        scale = self.world * gas / len(chunk)
+        sums: dict[str, Tensor | float] = {}
+        step_ids: list[list[str]] = []  # prompt ids of this rank's micro-batches
+        for m in range(gas):
+            idx = slots[m * self.world + self.rank]
+            weight = 1.0 if idx else 0.0  # an empty slot runs one prompt with weight 0
+            out = self._micro_batch(step, m, idx or chunk[:1], weight, scale)
+            step_ids.append([self.groups[j].prompt_id for j in idx])
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v
+        norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)  # None: DeepSpeed clips (and
+        norm = None if norm is None else float(norm)  # steps) inside backward, with its config's gradient_clipping
+        if self._any_rank(norm is not None and not math.isfinite(norm)):
+            raise TrainingDiverged(
+                f"training diverged at step {step}: gradient norm is {norm} (rank {self.rank}; micro-batch "
+                f"prompt_ids {step_ids}); the optimizer did not step; last checkpoint: "
+                f"{self.latest_checkpoint()}", step=step, micro_batch=None,
+                prompt_ids=[p for ids in step_ids for p in ids])
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        keys = sorted(sums)  # the same on every rank
+        totals = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=acc.device)
+        totals = dict(zip(keys, acc.reduce(totals, "sum").tolist()))  # (K,) summed over ranks
+        prompts = totals.pop("prompts")
+        row = {"loss": totals.pop("loss") / prompts, "lr": lr, "grad_norm": norm, "prompts": int(prompts),
+               "tokens": int(totals.pop("tokens"))}
+        return row | {k: v / prompts for k, v in totals.items()}
+
+    def _check_loss(self, losses: Tensor, step: int, m: int, groups: list[CandidateGroup]) -> None:
+        """Raise TrainingDiverged (on every rank) if any rank's micro-batch loss is not finite."""
+        finite = torch.isfinite(losses.detach())  # (B,)
+        bad = not bool(finite.all())
+        if not self._any_rank(bad):
+            return
+        from accelerate.utils import gather_object
+
+        mine = [(self.rank, [g.prompt_id for g, ok in zip(groups, finite.tolist()) if not ok], [g.prompt_id for g in groups])]
+        reports = [r for r in (gather_object(mine) if self.world > 1 else mine) if r[1]]
+        where = "; ".join(f"rank {r}: non-finite loss for prompt_ids {nan} (micro-batch prompt_ids {ids})"
+                          for r, nan, ids in reports)
+        raise TrainingDiverged(
+            f"training diverged at step {step}, micro-batch {m}: {where}. Nothing was stepped or saved with "
+            f"this batch; last checkpoint: {self.latest_checkpoint()}",
+            step=step, micro_batch=m, prompt_ids=[p for r in reports for p in r[1]])
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, "sum").item() > 0)
+
+    # ---------------------------------------------------------------- the loop
+
+    def train(self, resume: bool = False) -> dict:
+        """Train to ``total_steps``; ``resume=True`` continues from the latest checkpoint (or starts
+        fresh if there is none). Returns a summary dict (also written to ``out_dir/summary.json``)."""
+        from accelerate.utils import set_seed
+
+        acc, cfg = self.accelerator, self.cfg
+        start, elapsed0 = self._start(resume, set_seed)
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=start, desc=f"train {self.loss_type}", disable=not acc.is_main_process)
+        t0 = time.perf_counter() - elapsed0
+        order, order_epoch, row, tok_total, t_run = None, -1, {}, 0, time.perf_counter()
+        for step in range(start + 1, self.total_steps + 1):
+            epoch, i = divmod(step - 1, self.steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = order_groups(self.lengths, self.step_size, self.seed, epoch), epoch
+            t_step = time.perf_counter()
+            row = self._optimizer_step(step, order[i * self.step_size:(i + 1) * self.step_size])
+            now = time.perf_counter()
+            tok_total += row["tokens"]
+            row = {"step": step, "epoch": epoch + (i + 1) / self.steps_per_epoch} | row | {
+                "tokens/s": row["tokens"] / max(now - t_step, 1e-9), "elapsed": now - t0}
+            if acc.is_main_process:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.2e}")
+            if (cfg.save_every and step % cfg.save_every == 0) or step == self.total_steps:
+                self.save_checkpoint(step, elapsed=now - t0)
+        bar.close()
+        final = self.save_final()
+        summary = {"steps": self.total_steps, "steps_this_run": self.total_steps - start, "loss": row.get("loss"),
+                   "tokens/s": tok_total / max(time.perf_counter() - t_run, 1e-9), "elapsed": time.perf_counter() - t0,
+                   "final_dir": str(final), "log": str(self.log_path), "checkpoint": str(self.latest_checkpoint())}
+        if acc.is_main_process:
+            write_json(self.out_dir / "summary.json", summary)
+        return summary
+
+    def _start(self, resume: bool, set_seed) -> tuple[int, float]:
+        """Seed a fresh run, or load the latest checkpoint. Returns (steps done, elapsed seconds)."""
+        acc = self.accelerator
+        latest = self.latest_checkpoint()
+        if latest is None or not resume:
+            if latest is not None:
+                raise FileExistsError(f"{self.out_dir} holds checkpoints of an earlier run (latest {latest}); "
+                                      "pass resume=True to continue it, or use a fresh out_dir")
+            set_seed(self.seed)
+            if acc.is_main_process:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self.log_path.unlink(missing_ok=True)
+                write_json(self.out_dir / "training_config.json", dataclasses.asdict(self.cfg) | {
+                    "loss_type": str(self.loss_type), "seed": self.seed, "num_processes": self.world,
+                    "step_size": self.step_size, "total_steps": self.total_steps, "data": self.fingerprint})
+            acc.wait_for_everyone()
+            return 0, 0.0
+        state = json.loads((latest / STATE_FILE).read_text())
+        expect = {"step_size": self.step_size, "seed": self.seed, "data": self.fingerprint}
+        found = {k: state[k] for k in expect}
+        if found != expect:
+            raise ValueError(f"cannot resume exactly from {latest}: it was made with {found}, this run has "
+                             f"{expect} (step_size = batch_size · grad_accum · num_processes)")
+        acc.load_state(str(latest))  # model, optimizer, scheduler, RNG states
+        if acc.is_main_process and self.log_path.exists():  # drop log lines of steps that will be redone
+            keep = [ln for ln in self.log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= state["step"]]
+            atomic_write_text(self.log_path, "".join(ln + "\n" for ln in keep))
+        acc.wait_for_everyone()
+        log.info("resumed from %s (step %d)", latest, state["step"])
+        return state["step"], state["elapsed"]
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a ``step-*`` folder holding ``trainer_state.json``)."""
+        if not self.ckpt_dir.is_dir():
+            return []
+        found = [p for p in self.ckpt_dir.iterdir() if _CKPT_NAME.match(p.name) and (p / STATE_FILE).is_file()]
+        return sorted(found, key=lambda p: int(_CKPT_NAME.match(p.name).group(1)))
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save_checkpoint(self, step: int, *, elapsed: float = 0.0) -> Path:
+        """accelerate state + trainer_state.json into ``.tmp-step-N``, renamed to ``step-N`` when whole."""
+        acc = self.accelerator
+        final, tmp = self.ckpt_dir / f"step-{step:06d}", self.ckpt_dir / f".tmp-step-{step:06d}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # every rank: its RNG state (and its shards under FSDP/DeepSpeed)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            epoch, i = divmod(step, self.steps_per_epoch)
+            state = {"step": step, "epoch": epoch, "step_in_epoch": i, "position": i * self.step_size,
+                     "step_size": self.step_size, "seed": self.seed, "data": self.fingerprint,
+                     "num_processes": self.world, "loss_type": str(self.loss_type), "elapsed": elapsed}
+            atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
+            if final.exists():  # a checkpoint of the same step from an abandoned attempt
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in self.checkpoints()[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def save_final(self) -> Path:
+        """``out_dir/final``: save_pretrained model + tokenizer, through a temporary folder."""
+        acc = self.accelerator
+        target, tmp, old = self.out_dir / "final", self.out_dir / ".tmp-final", self.out_dir / ".old-final"
+        state_dict = acc.get_state_dict(self.model)  # collective under FSDP/DeepSpeed
+        if acc.is_main_process:
+            for p in (tmp, old):
+                shutil.rmtree(p, ignore_errors=True)
+            acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return target
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 01: the SFT model (Sec. 4.3 step 1) with the same Trainer and LossType.SFT
+# --------------------------------------------------------------------------------------------
+
+
+def sft_spec(cfg) -> str:
+    """Model spec of π_sft: this run's ``01_models/sft`` when ``models.sft`` is on, else ``models.policy``."""
+    if not cfg.models.sft:
+        return cfg.models.policy
+    folder = cfg.run_dir / "01_models" / "sft"
+    if not (folder / SFT_STAMP).is_file():
+        raise FileNotFoundError(f"models.sft is on but {folder} holds no finished SFT model: "
+                                "run notebook 01 (stage sft_and_reward) first")
+    return str(folder)
+
+
+def sft_groups(tokenizer, prompts: Sequence[str], targets: Sequence[str], ids: Sequence[str]) -> list[CandidateGroup]:
+    """One group per prompt: the chat-formatted prompt and its target (+ EOS, so π_sft learns to stop)."""
+    from vcb_lib.models import format_prompt
+
+    eos = tokenizer.eos_token_id
+    groups = []
+    for pid, prompt, target in zip(ids, prompts, targets):
+        response = list(tokenizer(target, add_special_tokens=False).input_ids)
+        if eos is not None and response[-1:] != [eos]:
+            response.append(eos)
+        groups.append(CandidateGroup(str(pid), format_prompt(tokenizer, prompt), [response], [0.0], [0.0]))
+    return groups
+
+
+def train_sft(cfg, pairs, *, log=print) -> Path | None:
+    """MLE of ``models.policy`` on the SFT targets (``LossType.SFT``), saved to ``01_models/sft``.
+
+    Targets: the dataset's references for the paper's tasks, else the chosen (gold-preferred)
+    response of each train pair in ``pairs`` (``rewards.preference_pairs``). Returns None when
+    ``models.sft`` is off (``models.policy`` is π_sft); skips training when a finished model for
+    the same config is there (``vcb_hash.json`` is written last).
+    """
+    from vcb_lib.data import PAPER_TASKS, task_prompts
+    from vcb_lib.io import read_json
+    from vcb_lib.models import load_policy, load_tokenizer
+
+    if not cfg.models.sft:
+        log(f"SFT: off (models.sft: false), π_sft = {cfg.models.policy}")
+        return None
+    folder = cfg.stage_dir("01_models") / "sft"
+    key = cfg.hash("run", "models", "sampling", "rewards", "training")
+    if (folder / SFT_STAMP).is_file() and read_json(folder / SFT_STAMP) == key:
+        log(f"SFT: up to date in {folder}")
+        return folder
+    (folder / SFT_STAMP).unlink(missing_ok=True)
+    work = folder / "training"  # checkpoints: an interrupted run of the same config resumes
+    if (work / SFT_STAMP).is_file() and read_json(work / SFT_STAMP) != key:
+        shutil.rmtree(work)  # left by another config
+    write_json(work / SFT_STAMP, key)
+    spec = cfg.models.policy
+    model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
+    tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
+    if cfg.rewards.task in PAPER_TASKS:
+        rows = task_prompts(cfg.rewards.task, "train", cfg.sampling.num_prompts)
+        groups = sft_groups(tok, [r["prompt"] for r in rows], [r["reference"] for r in rows], [r["prompt_id"] for r in rows])
+    else:
+        train = pairs[pairs.split == "train"]
+        groups = sft_groups(tok, list(train.prompt), list(train.chosen), list(train.prompt_id))
+    sft_cfg = dataclasses.replace(cfg.training, learning_rate=cfg.models.sft_learning_rate, epochs=cfg.models.sft_epochs,
+                                  max_steps=0, save_every=0)
+    trainer = Trainer(model.train(), tok, groups, LossType.SFT, sft_cfg, work, seed=cfg.run.seed,
+                      max_length=cfg.models.max_prompt_tokens + cfg.sampling.max_new_tokens)
+    summary = trainer.train(resume=True)
+    final = Path(summary["final_dir"])
+    for f in final.iterdir():  # the model folder itself is what sft_spec names
+        shutil.copy2(f, folder / f.name)
+    write_json(folder / SFT_STAMP, key)
+    log(f"SFT: {summary['steps']} steps on {len(groups)} targets, final loss {summary['loss']} -> {folder}")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: python -m vcb_lib.trainers (under accelerate launch for several processes)
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from accelerate import Accelerator
+
+    from vcb_lib.config import METHODS, load_params
+    from vcb_lib.models import load_policy, load_tokenizer
+
+    p = argparse.ArgumentParser(prog="python -m vcb_lib.trainers", description="Train a policy on a candidate table.")
+    p.add_argument("--params", default=None, help="params YAML (default: built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a parameter")
+    p.add_argument("--method", required=True, choices=METHODS, help="loss (LossType)")
+    p.add_argument("--candidates", required=True,
+                   help="candidate table (parquet): prompt_id, model_input, k, response_ids, reward, ref_logp")
+    p.add_argument("--out", required=True, help="output folder (log.jsonl, checkpoints/, final/)")
+    p.add_argument("--model", default=None, help="model spec to start from (default: π_sft, see sft_spec)")
+    p.add_argument("--max-length", type=int, default=None, help="truncate prompt + response to this many tokens")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    args = p.parse_args(argv)
+
+    import pandas as pd
+
+    from vcb_lib.data import candidate_groups
+
+    cfg = load_params(args.params, args.set)
+    accelerator = Accelerator(cpu=cfg.run.device == "cpu")  # before anything touches a device
+    spec = args.model or sft_spec(cfg)  # π starts from π_sft (Sec. 4.3)
+    model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
+    tokenizer = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
+    groups = candidate_groups(pd.read_parquet(args.candidates))
+    trainer = Trainer(model, tokenizer, groups, args.method, cfg.training, args.out, seed=cfg.run.seed,
+                      accelerator=accelerator, max_length=args.max_length)
+    summary = trainer.train(resume=args.resume)
+    if accelerator.is_main_process:
+        print(json.dumps(summary), flush=True)
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
