@@ -76,3 +76,17 @@ def test_candidate_stage(smoke):
     assert (table.n_tokens <= s.max_new_tokens).all()
     metrics = json.loads((smoke.run_dir / "02_candidates" / "metrics.json").read_text())
     assert metrics["candidates"] == len(table)
+
+
+def test_training_stage(smoke):
+    from vcb_lib.trainers import method_dir_name
+
+    metrics = json.loads((smoke.run_dir / "03_train" / "metrics.json").read_text())
+    assert sorted(metrics) == sorted(smoke.training.methods)
+    for method in smoke.training.methods:
+        folder = smoke.run_dir / "03_train" / method_dir_name(smoke, method)
+        rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, smoke.training.max_steps + 1))
+        assert all(np.isfinite(r["loss"]) for r in rows)
+        assert (folder / "final" / "model.safetensors").is_file()
+        assert metrics[method]["steps"] == smoke.training.max_steps and metrics[method]["peak_rss_mb"] > 0

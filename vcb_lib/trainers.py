@@ -352,7 +352,8 @@ class Trainer:
         final = self.save_final()
         summary = {"steps": self.total_steps, "steps_this_run": self.total_steps - start, "loss": row.get("loss"),
                    "tokens/s": tok_total / max(time.perf_counter() - t_run, 1e-9), "elapsed": time.perf_counter() - t0,
-                   "final_dir": str(final), "log": str(self.log_path), "checkpoint": str(self.latest_checkpoint())}
+                   "final_dir": str(final), "log": str(self.log_path), "checkpoint": str(self.latest_checkpoint()),
+                   **peak_memory()}
         if acc.is_main_process:
             write_json(self.out_dir / "summary.json", summary)
         return summary
@@ -518,6 +519,54 @@ def train_sft(cfg, pairs, *, log=print) -> Path | None:
     write_json(folder / SFT_STAMP, key)
     log(f"SFT: {summary['steps']} steps on {len(groups)} targets, final loss {summary['loss']} -> {folder}")
     return folder
+
+
+def peak_memory() -> dict:
+    """Peak resident memory of this process (MB) and, on CUDA, peak allocated GPU memory (MB)."""
+    import resource
+
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if torch.cuda.is_available():
+        peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def method_dir_name(cfg, method: str) -> str:
+    """Run folder of a method, named from what varies: ``vcb-gamma0.05-lam1.0-logsumexp-seed0``."""
+    lt = LossType(method)
+    return "-".join([lt.value] + [f"{k}{getattr(cfg.training, k)}".replace("reduction", "").replace("pairs", "pairs-")
+                                   for k in lt.hparams] + [f"seed{cfg.run.seed}"])
+
+
+def train_method(cfg, method: str, *, log=print) -> dict:
+    """Stage 03: train π_sft with one loss on this run's candidate table D_t.
+
+    Each method runs as its own process (``python -m vcb_lib.trainers`` through
+    ``launch.train_subprocess``: ``training.num_processes`` processes under
+    ``training.accelerate_config``), its log streaming into the caller, so peak memory is per
+    method and the notebook kernel never touches CUDA. Output: ``03_train/<method_dir_name>/``
+    (log.jsonl, checkpoints/, final/, summary.json). Skipped when finished for the same config; an
+    interrupted run resumes from its last checkpoint.
+    """
+    from vcb_lib.io import read_json
+    from vcb_lib.launch import train_subprocess
+
+    table = cfg.run_dir / "02_candidates" / "candidates.parquet"
+    if not table.is_file():
+        raise FileNotFoundError(f"no candidate table at {table}: run notebook 02 (stage generate) first")
+    out = cfg.stage_dir("03_train") / method_dir_name(cfg, method)
+    key = cfg.hash("run", "models", "sampling", "rewards", "training")
+    stamp = out / "vcb_hash.json"
+    if stamp.is_file() and read_json(stamp) == key and (out / "summary.json").is_file():
+        log(f"{method}: up to date in {out}")
+        return read_json(out / "summary.json")
+    if (out / "run_hash.json").is_file() and read_json(out / "run_hash.json") != key:
+        shutil.rmtree(out)  # checkpoints of another config; the same config resumes from them
+    write_json(out / "run_hash.json", key)
+    params = cfg.save(out / "params.yaml")  # the resolved config the subprocess reads
+    train_subprocess(params, method, table, out, resume=True, echo=log)
+    write_json(stamp, key)
+    return read_json(out / "summary.json")
 
 
 # --------------------------------------------------------------------------------------------
