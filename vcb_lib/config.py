@@ -201,7 +201,7 @@ class TrainingConfig:
     max_steps: int = 0  # stop after this many optimizer steps; 0 = no limit
     bf16: bool = False  # bf16 autocast (CPU and GPU)
     gradient_checkpointing: bool = False  # trade compute for activation memory
-    save_every: int = 0  # checkpoint every K optimizer steps; 0 = only at the end
+    save_every: int = 0  # resumable checkpoint (model, optimizer, RNG, data position) every K steps and at the end; 0 = none (final/ only)
     accelerate_config: str = "params/accelerate/single.yaml"  # accelerate launch config
     num_processes: int = 1  # processes for accelerate launch
 

@@ -346,7 +346,7 @@ class Trainer:
                     f.write(json.dumps(row) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.2e}")
-            if (cfg.save_every and step % cfg.save_every == 0) or step == self.total_steps:
+            if cfg.save_every and (step % cfg.save_every == 0 or step == self.total_steps):
                 self.save_checkpoint(step, elapsed=now - t0)
         bar.close()
         final = self.save_final()
