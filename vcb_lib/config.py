@@ -221,21 +221,25 @@ class TrainingConfig:
 
 @dataclass
 class EvaluationConfig:
-    """Notebooks 04-05: win rates, reward vs KL, misalignment, diversity, length."""
+    """Notebooks 04-05: win rates, reward vs KL, misalignment, diversity, length, OOD."""
 
     num_prompts: int = 0  # test prompts evaluated; 0 = all
-    samples_per_prompt: int = 1  # responses per prompt for win rates
-    misalignment_samples: int = 8  # samples per prompt for the misalignment check (A.5)
+    ood_prompts: int = 0  # out-of-distribution prompts evaluated (Table 5); 0 = all
+    samples_per_prompt: int = 2  # samples per prompt and policy (pairs for misalignment and Self-BLEU; A.5/A.8 use 8)
     temperature: float = 1.0  # evaluation sampling temperature
     max_new_tokens: int = 64  # evaluation generation length cap
     bootstrap: int = 1000  # bootstrap resamples for confidence intervals
     judge_url: str = ""  # OpenAI-compatible endpoint of an LLM judge (A.3); empty = off
+    judge_model: str = ""  # model name sent to the judge endpoint
 
     def __post_init__(self) -> None:
-        for key in ("samples_per_prompt", "misalignment_samples", "max_new_tokens", "bootstrap"):
+        for key in ("max_new_tokens", "bootstrap"):
             value = getattr(self, key)
             _require(value >= 1, f"evaluation.{key}", f"must be >= 1, got {value}")
-        _require(self.num_prompts >= 0, "evaluation.num_prompts", f"must be >= 0, got {self.num_prompts}")
+        _require(self.samples_per_prompt >= 2, "evaluation.samples_per_prompt", f"must be >= 2, got {self.samples_per_prompt}")
+        for key in ("num_prompts", "ood_prompts"):
+            value = getattr(self, key)
+            _require(value >= 0, f"evaluation.{key}", f"must be >= 0, got {value}")
         _require(self.temperature > 0, "evaluation.temperature", f"must be > 0, got {self.temperature}")
 
 

@@ -121,12 +121,13 @@ class VLLMSampler:
 
     name = "vllm"
     CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_USE_AOT_COMPILE": "0"}
+    QUIET_ENV = {"VLLM_LOGGING_LEVEL": "WARNING"}  # engine INFO lines would flood notebook cells
 
     def __init__(self, model_path: str | os.PathLike, *, dtype: str = "float32", seed: int = 0,
                  max_model_len: int = 2048, enforce_eager: bool = True):
-        if not torch.cuda.is_available():
-            for key, value in self.CPU_ENV.items():
-                os.environ.setdefault(key, value)
+        env = self.QUIET_ENV if torch.cuda.is_available() else {**self.CPU_ENV, **self.QUIET_ENV}
+        for key, value in env.items():
+            os.environ.setdefault(key, value)
         from vllm import LLM
 
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=seed,
