@@ -90,3 +90,22 @@ def test_training_stage(smoke):
         assert all(np.isfinite(r["loss"]) for r in rows)
         assert (folder / "final" / "model.safetensors").is_file()
         assert metrics[method]["steps"] == smoke.training.max_steps and metrics[method]["peak_rss_mb"] > 0
+
+
+def test_evaluation_and_report(smoke):
+    metrics = json.loads((smoke.run_dir / "04_eval" / "metrics.json").read_text())
+    for key in ("win_rate", "reward_kl", "misalignment_rate", "diversity", "length", "ood_win_rate", "rm_accuracy"):
+        assert key in metrics, key
+    baselines = {"sft"} | set(smoke.training.methods) - {"vcb"}
+    assert set(metrics["win_rate"]) == baselines and set(metrics["ood_win_rate"]) == baselines
+    policies = baselines | {"vcb"}
+    assert set(metrics["reward_kl"]) == set(metrics["diversity"]) == set(metrics["length"]) == policies
+    assert abs(metrics["reward_kl"]["sft"]["kl"]) < 1e-4  # π_sft against itself: log-ratios are 0
+    for m, w in metrics["win_rate"].items():
+        assert abs(w["win"] + w["tie"] + w["lose"] - 1) < 1e-9 and w["win_rate_ci"][0] <= w["win_rate"] <= w["win_rate_ci"][1]
+    samples = pd.read_parquet(smoke.run_dir / "04_eval" / "vcb" / "samples-test.parquet")
+    assert len(samples) == smoke.evaluation.num_prompts * smoke.evaluation.samples_per_prompt
+    report = (smoke.run_dir / "report.md").read_text()
+    assert "Scale, honestly" in report and "Table 2" in report
+    for png in ("table2_win_rates.png", "fig5_reward_vs_kl.png", "fig8_lengths.png"):
+        assert (smoke.run_dir / "figures" / png).stat().st_size > 0

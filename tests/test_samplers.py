@@ -77,6 +77,7 @@ if __name__ == "__main__":
     prompts = ["How do I boil an egg?", "Name three rivers."]
     out = sampler.generate(prompts, n=3, temperature=1.0, max_new_tokens=10, seed=0)
     again = sampler.generate(prompts[1:], n=3, temperature=1.0, max_new_tokens=10, seed=0, first_index=1)
+    sampler.close()  # the engine's worker processes stop here
     model, tok = load_policy("tiny-random"), load_tokenizer("tiny-random")
     flat = [c for cs in out for c in cs]
     ref = sequence_logps(model, tok, [p for p in prompts for _ in range(3)], [c.token_ids for c in flat])

@@ -512,6 +512,7 @@ def generate_candidates(cfg, *, log=print):
                              seed=cfg.run.seed, top_p=s.top_p, ref_model=model, tokenizer=tok,
                              format_prompt=lambda p: format_prompt(tok, p), ref_autocast_bf16=cfg.training.bf16,
                              manifest={"config": key, "model": spec, "sampler": sampler.name})
+    sampler.close()
     log(f"scoring {len(table)} candidates with the {cfg.rewards.reward_model} reward model")
     table["reward"] = load_reward_model(cfg).score(list(table.prompt), list(table.response))
     if cfg.rewards.task in TASKS:

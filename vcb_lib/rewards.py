@@ -621,6 +621,7 @@ def preference_pairs(cfg, *, log=print) -> pd.DataFrame:
         table = build_candidates(prompts, sampler, out / "rm_samples", n=2, temperature=cfg.sampling.temperature,
                                  max_new_tokens=cfg.sampling.max_new_tokens, seed=cfg.run.seed + 1, top_p=cfg.sampling.top_p,
                                  format_prompt=lambda p: format_prompt(tok, p), manifest={"config": key})
+        sampler.close()
         table["gold"] = gold_reward(task).score(list(table.prompt), list(table.response))
         wide = table.pivot(index="prompt_id", columns="k", values=["prompt", "response", "gold"])
         first_wins = wide[("gold", 0)] > wide[("gold", 1)]

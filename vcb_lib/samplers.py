@@ -10,6 +10,7 @@ from prompt k draws exactly what the uninterrupted run drew.
 """
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -63,6 +64,9 @@ class HFSampler:
     """``model.generate`` with left padding and ``num_return_sequences=n``, batched over prompts."""
 
     name = "hf"
+
+    def close(self) -> None:
+        """Nothing to free: the model belongs to the caller."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 8, autocast_bf16: bool = False):
         self.model, self.tokenizer, self.batch_size, self.autocast_bf16 = model, tokenizer, batch_size, autocast_bf16
@@ -133,6 +137,14 @@ class VLLMSampler:
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=seed,
                        max_model_len=max_model_len, enforce_eager=enforce_eager)
         self.tokenizer = self.llm.get_tokenizer()
+
+    def close(self) -> None:
+        """Stop the engine's worker processes (they hold the model and the KV cache, and poll)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
 
     def generate(self, prompts: Sequence[str], n: int, temperature: float, max_new_tokens: int, seed: int,
                  top_p: float = 1.0, *, first_index: int = 0) -> list[list[Completion]]:

@@ -1,0 +1,109 @@
+"""Seaborn figures of the paper's artefacts, one function per figure. Each takes the data it
+draws (``04_eval/metrics.json`` sections or the samples table), saves a PNG when ``path`` is
+given, and returns the matplotlib Figure (shown inline in a notebook)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "module://ipykernel")):
+    matplotlib.use("Agg")  # headless outside a kernel
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+
+def _save(fig, path: str | Path | None):
+    if path is not None:
+        fig.savefig(path, dpi=130, bbox_inches="tight")
+    return fig
+
+
+def win_rates(win_rate: dict, path=None, *, title: str = "VCB vs baselines under the gold reward (Table 2)"):
+    """Stacked win / tie / lose bars of VCB against each baseline, with the bootstrap CI of the
+    win rate (``metrics["win_rate"]``: ``{baseline: {win, tie, lose, win_rate, ci}}``)."""
+    df = pd.DataFrame(win_rate).T[["win", "tie", "lose"]].astype(float)
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(df) + 1.2))
+    left = pd.Series(0.0, index=df.index)
+    for col, color in zip(("win", "tie", "lose"), sns.color_palette("RdYlGn_r", 3)):
+        ax.barh([f"VCB vs {b}" for b in df.index], df[col], left=left, color=color, label=col)
+        left += df[col]
+    for i, b in enumerate(df.index):
+        lo, hi = win_rate[b]["win_rate_ci"]
+        ax.plot([lo, hi], [i, i], color="k", lw=1.5)
+    ax.axvline(0.5, color="k", ls=":", lw=0.8)
+    ax.set(xlim=(0, 1), xlabel="share of test prompts (black: 95% CI of the win rate)", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def reward_vs_kl(reward_kl: dict, path=None):
+    """Fig. 5: mean gold reward against KL(π‖π_sft), one point per method, ± one standard error."""
+    df = pd.DataFrame(reward_kl).T.reset_index(names="method")
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.errorbar(df.kl, df.reward, xerr=df.kl_se, yerr=df.reward_se, fmt="none", ecolor="grey", lw=0.8)
+    sns.scatterplot(data=df, x="kl", y="reward", hue="method", s=60, ax=ax)
+    ax.set(xlabel="KL(π ‖ π_sft) per sequence (nats)", ylabel="mean gold reward", title="Reward vs KL (Fig. 5)")
+    return _save(fig, path)
+
+
+def lengths(samples: pd.DataFrame, path=None):
+    """Fig. 8: response length distributions per method (tokens)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    sns.boxplot(data=samples, x="method", y="n_tokens", ax=ax)
+    ax.set(xlabel="", ylabel="response tokens", title="Output length (Fig. 8)")
+    return _save(fig, path)
+
+
+def metric_bars(values: dict, path=None, *, ylabel: str, title: str):
+    """One bar per method (misalignment rate of Table 6, Self-BLEU / EAD of Table 7, ...)."""
+    df = pd.Series(values, name=ylabel).rename_axis("method").reset_index()
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    sns.barplot(data=df, x="method", y=ylabel, ax=ax)
+    ax.set(xlabel="", title=title)
+    return _save(fig, path)
+
+
+def _table(rows: dict, columns: list[str], fmt: str = "{:.3f}") -> str:
+    head = "| method | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+    body = ""
+    for method, values in rows.items():
+        cells = [fmt.format(values[c]) if isinstance(values.get(c), (int, float)) else str(values.get(c, "")) for c in columns]
+        body += f"| {method} | " + " | ".join(cells) + " |\n"
+    return head + body
+
+
+def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
+    """``<run>/report.md``: the scale of the run, then Tables 2, 4, 5, 6, 7 and Figs. 5, 8 as this
+    run measured them (figures linked from ``fig_dir``)."""
+    from vcb_lib.io import atomic_write_text
+
+    s, rel = metrics["scale"], lambda name: Path(fig_dir.name) / name
+    wr = {f"VCB vs {m}": v | {"95% CI": f"[{v['win_rate_ci'][0]:.2f}, {v['win_rate_ci'][1]:.2f}]"}
+          for m, v in metrics["win_rate"].items()}
+    lines = [
+        f"# Run `{cfg.run.name}`: VCB and baselines\n",
+        f"**Scale, honestly:** policy `{s['policy']}` on task `{s['task']}`, {s['prompts']} test prompts × "
+        f"{s['samples_per_prompt']} samples per policy, seed {s['seed']}; evaluation reward: `{metrics['evaluation_reward']}`. "
+        "The paper uses Pythia-2.8B, thousands of prompts and GPT-4/human judges: compare directions and confidence "
+        "intervals, not magnitudes.\n",
+        "## Table 2 analogue: win rate of VCB (gold reward)\n", _table(wr, ["win", "tie", "lose", "win_rate", "95% CI"]),
+        f"![win rates]({rel('table2_win_rates.png')})\n",
+    ]
+    if metrics.get("ood_win_rate"):
+        ood = {f"VCB vs {m}": v for m, v in metrics["ood_win_rate"].items()}
+        lines += ["## Table 5 analogue: out-of-distribution prompts\n", _table(ood, ["win", "tie", "lose", "win_rate"])]
+    if metrics.get("rm_accuracy"):
+        lines += ["## Table 4 analogue: reward model accuracy (held-out pairs)\n",
+                  _table({"learned RM": metrics["rm_accuracy"]}, ["accuracy", "heldout_pairs", "spearman_gold"])]
+    lines += ["## Fig. 5: reward vs KL\n", _table(metrics["reward_kl"], ["reward", "reward_se", "kl", "kl_se"]),
+              f"![reward vs KL]({rel('fig5_reward_vs_kl.png')})\n",
+              "## Table 6: misalignment rate (A.5)\n",
+              _table({m: {"misalignment": v} for m, v in metrics["misalignment_rate"].items()}, ["misalignment"]),
+              "## Table 7: diversity (A.8)\n", _table(metrics["diversity"], ["ead", "self_bleu_2", "self_bleu_3"]),
+              "## Fig. 8: output length (A.7)\n", _table(metrics["length"], ["mean", "median", "q1", "q3"]),
+              f"![lengths]({rel('fig8_lengths.png')})\n"]
+    path = cfg.run_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
