@@ -7,7 +7,7 @@ VLLM_STAMP := $(VENV)/.vllm-installed
 PARAMS  ?= params/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test smoke lab vllm clean-outputs
+.PHONY: setup run test smoke lab vllm bench clean-outputs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,13 @@ test: setup vllm
 
 smoke: setup
 	$(BIN)/python -m vcb_lib run params/smoke.yaml
+
+# Benchmarks against peers (TRL DPOTrainer, HF generate); prints ratios. See bench/README.md.
+bench: setup vllm
+	$(BIN)/python -m pip install -qq -r bench/requirements.txt -c requirements.txt
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/logps.py
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/

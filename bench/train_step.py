@@ -1,0 +1,493 @@
+"""Calibration training speed and memory: our ``Trainer`` (vcb_loss, dpo_loss) vs TRL's ``DPOTrainer``.
+
+Every run is a fresh subprocess (so its peak RSS is its own), started back to back from this script
+on the same data, model, precision, thread count, sequences per optimizer step and number of steps::
+
+    .venv/bin/python bench/train_step.py                                 # SmolLM2-135M, fp32, CPU, ~5 min
+    .venv/bin/python bench/train_step.py --model tiny-random --steps 8   # seconds
+    .venv/bin/python bench/train_step.py --pairs all --data sampled --json out.json
+
+Runs (``--runs``): ``ours-vcb`` (Trainer + vcb_loss, n candidates per prompt), ``ours-dpo``
+(Trainer + dpo_loss on the same groups), ``trl-dpo`` (DPOTrainer with its reference model) and
+``trl-dpo-pre`` (DPOTrainer with ``precompute_ref_log_probs=True``: no reference model while training).
+
+Data. G prompts, each with n candidates: ``--data synthetic`` (default) uses real task prompts padded
+with filler words to exactly ``--prompt-tokens`` tokens and random response token ids of exactly
+``--response-tokens`` tokens (the last one EOS), so every sequence has the same length and every run
+puts exactly the same tokens through the policy per step; ``--data sampled`` samples the responses once
+with HF generate from the same model (lengths vary). Rewards are seeded Gaussian noise: this measures
+speed, not learning. DPO pairs (ours and TRL alike): ``--pairs best_worst`` (default: argmax vs argmin
+reward, one pair per prompt) or ``all`` (every pair with r_w > r_l, n(n-1)/2 per prompt). TRL gets those
+pairs as token ids (its ``_prepare_dataset`` is bypassed), identical to what our trainer tokenises.
+
+Equalised: model and weights, precision (fp32 on CPU; ``--bf16`` = bf16 autocast in both), threads
+(``torch.set_num_threads`` + OMP/MKL env in every child; default 1, see ``--threads``), sequences per optimizer step ``--seqs``
+(ours: seqs/n prompts x n candidates; TRL: seqs/2 pairs x 2), AdamW (``torch.optim.AdamW`` with its
+default foreach kernel in both: TRL's own default would be ``adamw_torch_fused``, ``--trl-optim``; lr,
+betas, no weight decay), constant LR without warm-up, grad clipping 1.0, no gradient checkpointing, no checkpoint
+writing (TRL ``save_strategy="no"``; our checkpoint/final saves are switched off by a subclass here),
+optimizer steps (``--steps``, the first ``--warmup`` not timed). Tokens counted: prompt + response
+tokens of every sequence that goes through the policy forward (padding excluded).
+
+Not equalised (structural): TRL's DPOTrainer keeps a live reference model and runs a reference forward
+every step unless ``precompute_ref_log_probs``; ours always reads reference log-probs stored with the
+candidates (their pass is timed once here as ``ref pass``, like TRL's precompute in ``init s``). TRL
+projects the LM head only on completion positions in tiles (its ``fused_lm_head``) and also computes
+entropy / top-1 metrics; ours materialises full (R, T, V) logits. One of our steps covers seqs/n prompts
+with all their candidates (VCB uses every pair of the n; DPO with ``--pairs all`` forms all pairs from n
+forwards), a TRL step covers seqs/2 pairs: ``epoch s`` is the time to consume every group (ours) or
+every pair built from the same groups (TRL) once.
+
+On a CUDA machine the same script runs bf16 autocast on the GPU and adds peak GPU memory and MFU
+(6 x params x tokens / step time, against a measured bf16 matmul peak); that path is not exercised on
+the CPU-only machine where the figures in bench/README.md come from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ("ours-vcb", "ours-dpo", "trl-dpo", "trl-dpo-pre")
+MODELS = {"smollm2": "packaged:smollm2-135m-instruct", "tiny-random": "tiny-random"}
+FILLER = (" please", " and", " thanks", " ok", " a")  # filler words that pad a prompt to an exact token count
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help=f"{' | '.join(MODELS)} or any model spec (default smollm2)")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    p.add_argument("--data", choices=("synthetic", "sampled"), default="synthetic")
+    p.add_argument("--pairs", choices=("best_worst", "all"), default="best_worst", help="DPO pairs from the n candidates")
+    p.add_argument("--n", type=int, default=4, help="candidates per prompt")
+    p.add_argument("--seqs", type=int, default=8, help="sequences through the policy per optimizer step")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--response-tokens", type=int, default=32, help="exact (synthetic) or max new (sampled) response tokens")
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=1, help="first steps left out of the timing")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch/OMP threads in every run (default 1: on a shared 2-core machine 2 threads are 3-4x "
+                        "slower whenever another process competes, and the ratio turns into noise)")
+    p.add_argument("--repeats", type=int, default=1, help="run the whole set of runs this many times, interleaved")
+    p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (default: off on CPU, on on CUDA)")
+    p.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
+    p.add_argument("--trl-optim", default="adamw_torch",
+                   help="TRL's optim (default adamw_torch = the foreach AdamW our Trainer uses; TRL's own default "
+                        "is adamw_torch_fused)")
+    p.add_argument("--gamma", type=float, default=0.05, help="γ of VCB / β of DPO")
+    p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="run each child under torch.profiler and write its op table to DIR/<run>.txt (slows the runs)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one benchmark
+    p.add_argument("--data-file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out-file", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.spec = MODELS.get(args.model, args.model)
+    args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    bad = [r for r in args.runs if r not in RUNS]
+    if bad:
+        p.error(f"unknown run(s) {bad}; allowed: {', '.join(RUNS)}")
+    if args.seqs % args.n or args.seqs % 2:
+        p.error(f"--seqs ({args.seqs}) must be a multiple of --n ({args.n}) and of 2")
+    if args.n < 2 or args.steps <= args.warmup:
+        p.error("need --n >= 2 and --steps > --warmup")
+    return args
+
+
+def use_cuda(args) -> bool:
+    import torch
+
+    return torch.cuda.is_available() and not args.cpu
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# --------------------------------------------------------------------------------------------
+# Data: built once in the parent, read by every child
+# --------------------------------------------------------------------------------------------
+
+
+def exact_length_prompt(tok, text: str, length: int) -> str:
+    """``format_prompt(text')`` whose token ids (as our trainer encodes them) number exactly ``length``."""
+    from vcb_lib.models import encode_pairs, format_prompt
+
+    def n_ids(user: str) -> int:
+        return len(encode_pairs(tok, [format_prompt(tok, user)], [[]])[0][0])
+
+    words = text.split()
+    while len(words) > 1 and n_ids(" ".join(words)) > length:
+        words.pop()
+    user = " ".join(words)
+    for _ in range(4 * length):
+        have = n_ids(user)
+        if have == length:
+            return format_prompt(tok, user)
+        if have > length:
+            break
+        user += FILLER[_ % len(FILLER)]
+    raise ValueError(f"cannot build a prompt of exactly {length} tokens from {text!r}; try another --prompt-tokens")
+
+
+def build_data(args, path: Path) -> dict:
+    """Groups (prompt text, prompt ids, response ids, rewards, ref log-probs) and the DPO pairs."""
+    import torch
+
+    from vcb_lib.data import task_prompts
+    from vcb_lib.models import encode_pairs, load_policy, load_tokenizer, sequence_logps
+    from vcb_lib.samplers import HFSampler
+
+    set_threads(args.threads)
+    per_step = args.seqs // args.n
+    G = math.ceil(args.steps * args.seqs // 2 / per_step) * per_step  # whole steps for ours and (best_worst) TRL
+    tok = load_tokenizer(args.spec)
+    model = load_policy(args.spec, device="cuda" if use_cuda(args) else "cpu")
+    rows = task_prompts("sentiment", "train", G)
+    g = torch.Generator().manual_seed(args.seed)
+    if args.data == "synthetic":
+        prompts = [exact_length_prompt(tok, r["prompt"], args.prompt_tokens) for r in rows]
+        V = model.config.vocab_size
+        responses = [[torch.randint(100, V, (args.response_tokens - 1,), generator=g).tolist() + [tok.eos_token_id]
+                      for _ in range(args.n)] for _ in prompts]
+    else:
+        from vcb_lib.models import format_prompt
+
+        prompts = [format_prompt(tok, r["prompt"]) for r in rows]
+        sampler = HFSampler(model, tok, batch_size=8)
+        out = sampler.generate(prompts, args.n, temperature=1.0, max_new_tokens=args.response_tokens, seed=args.seed)
+        responses = [[c.token_ids for c in cs] for cs in out]
+    prompt_ids = [p for p, _ in encode_pairs(tok, prompts, [[]] * len(prompts))]
+    rewards = torch.randn(G, args.n, generator=g).tolist()
+
+    flat_p = [p for p, rs in zip(prompts, responses) for _ in rs]
+    flat_r = [r for rs in responses for r in rs]
+    t0 = time.perf_counter()
+    ref = sequence_logps(model, tok, flat_p, flat_r, batch_size=args.seqs).view(G, args.n).tolist()
+    ref_s = time.perf_counter() - t0
+
+    pairs = []  # (group, w, l)
+    for b, r in enumerate(rewards):
+        if args.pairs == "best_worst":
+            w, l = max(range(args.n), key=lambda i: r[i]), min(range(args.n), key=lambda i: r[i])
+            if r[w] > r[l]:
+                pairs.append((b, w, l))
+        else:
+            pairs += [(b, w, l) for w in range(args.n) for l in range(args.n) if r[w] > r[l]]
+    data = {"prompts": prompts, "prompt_ids": prompt_ids, "responses": responses, "rewards": rewards,
+            "ref_logps": ref, "pairs": pairs, "ref_pass_s": ref_s,
+            "ref_pass_tokens": sum(len(p) + len(r) for p, rs in zip(prompt_ids, responses) for r in rs)}
+    path.write_text(json.dumps(data))
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Children: one run each
+# --------------------------------------------------------------------------------------------
+
+
+def child_ours(args, data: dict, device: str, bf16: bool) -> dict:
+    import dataclasses
+
+    from vcb_lib.config import load_params
+    from vcb_lib.data import CandidateGroup
+    from vcb_lib.models import load_policy, load_tokenizer
+    from vcb_lib.trainers import Trainer
+
+    class NoSaveTrainer(Trainer):
+        """Our Trainer without checkpoint/final writing (TRL runs with save_strategy="no")."""
+
+        def save_checkpoint(self, step, *, elapsed=0.0):
+            return None
+
+        def save_final(self):
+            return self.out_dir / "final"
+
+    base_rss = rss_mib()
+    groups = [CandidateGroup(f"p{b}", data["prompts"][b], data["responses"][b], data["rewards"][b], data["ref_logps"][b])
+              for b in range(len(data["prompts"]))]
+    per_step = args.seqs // args.n
+    cfg = dataclasses.replace(
+        load_params(None, []).training, batch_size=per_step, grad_accum=1, max_steps=args.steps,
+        epochs=math.ceil(args.steps * per_step / len(groups)), warmup_steps=0, lr_schedule="constant",
+        learning_rate=args.lr, weight_decay=0.0, max_grad_norm=1.0, gamma=args.gamma, pairs=args.pairs,
+        bf16=bf16, gradient_checkpointing=False, save_every=0)
+    loss = args.child.split("-", 1)[1]
+    tok = load_tokenizer(args.spec)
+    model = load_policy(args.spec, device=device).train()
+    loaded_rss = rss_mib()
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        trainer = NoSaveTrainer(model, tok, groups, loss, cfg, out, seed=args.seed)
+        init_s = time.perf_counter() - t0
+        trainer.train()
+        rows = [json.loads(ln) for ln in (Path(out) / "log.jsonl").read_text().splitlines() if ln]
+    return {"tokens": [r["tokens"] for r in rows], "step_s": [r["tokens"] / r["tokens/s"] for r in rows],
+            "loss": [r["loss"] for r in rows], "init_s": init_s, "base_rss": base_rss, "loaded_rss": loaded_rss,
+            "seqs_per_step": per_step * args.n, "epoch_steps": len(groups) / per_step,
+            "n_params": sum(p.numel() for p in model.parameters())}
+
+
+def child_trl(args, data: dict, device: str, bf16: bool) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from vcb_lib.models import load_policy, load_tokenizer
+
+    base_rss = rss_mib()
+
+    class BenchDPOTrainer(DPOTrainer):
+        """DPOTrainer fed token ids (identical to what our trainer encodes), counting policy tokens per step."""
+
+        bench_tokens: list[int] = []
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # already prompt_ids / chosen_ids / rejected_ids
+
+        def training_step(self, *a, **kw):
+            inputs = a[1] if len(a) > 1 else kw["inputs"]
+            self.bench_tokens.append(int(inputs["attention_mask"].sum()))
+            return super().training_step(*a, **kw)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.step_s, self.loss = [], []
+
+        def on_step_begin(self, targs, state, control, **kw):
+            if device == "cuda":
+                import torch
+
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, **kw):
+            if device == "cuda":
+                import torch
+
+                torch.cuda.synchronize()
+            self.step_s.append(time.perf_counter() - self.t)
+
+        def on_log(self, targs, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.loss.append(logs["loss"])
+
+    pre = args.child == "trl-dpo-pre"
+    P, R = data["prompt_ids"], data["responses"]
+    ds = Dataset.from_dict({"prompt_ids": [P[b] for b, _, _ in data["pairs"]],
+                            "chosen_ids": [R[b][w] for b, w, _ in data["pairs"]],
+                            "rejected_ids": [R[b][l] for b, _, l in data["pairs"]]})
+    tok = load_tokenizer(args.spec)
+    model = load_policy(args.spec, device=device).train()
+    ref_model = None if pre else load_policy(args.spec, device=device)  # what TRL loads itself from a hub id
+    loaded_rss = rss_mib()
+    with tempfile.TemporaryDirectory() as out:
+        ds.save_to_disk(f"{out}/ds")  # a dataset with cache files: TRL's precompute caches its log-probs there
+        from datasets import load_from_disk
+
+        ds = load_from_disk(f"{out}/ds")
+        cfg = DPOConfig(
+            output_dir=f"{out}/trl", per_device_train_batch_size=args.seqs // 2, gradient_accumulation_steps=1,
+            max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
+            weight_decay=0.0, max_grad_norm=1.0, optim=args.trl_optim, beta=args.gamma, loss_type=["sigmoid"],
+            max_length=None, precompute_ref_log_probs=pre, precompute_ref_batch_size=args.seqs // 2,
+            bf16=bf16, use_cpu=device == "cpu", report_to="none", save_strategy="no", logging_steps=1,
+            seed=args.seed, dataloader_num_workers=0, dataloader_drop_last=True, disable_tqdm=True,
+            gradient_checkpointing=False)
+        timer = StepTimer()
+        t0 = time.perf_counter()
+        trainer = BenchDPOTrainer(model=model, ref_model=ref_model, args=cfg, train_dataset=ds,
+                                  processing_class=tok, callbacks=[timer])
+        init_s = time.perf_counter() - t0
+        trainer.train()
+    return {"tokens": trainer.bench_tokens, "step_s": timer.step_s, "loss": timer.loss, "init_s": init_s,
+            "base_rss": base_rss, "loaded_rss": loaded_rss, "seqs_per_step": args.seqs,
+            "epoch_steps": len(data["pairs"]) // (args.seqs // 2), "n_params": sum(p.numel() for p in model.parameters())}
+
+
+def matmul_peak_tflops(n: int = 8192, reps: int = 20) -> float:
+    """Measured bf16 matmul throughput of the GPU (TFLOP/s), the denominator of MFU."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def run_child(args) -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    set_threads(args.threads)
+    import torch
+
+    device = "cuda" if use_cuda(args) else "cpu"
+    bf16 = args.bf16 if args.bf16 is not None else device == "cuda"
+    data = json.loads(Path(args.data_file).read_text())
+    fn = child_ours if args.child.startswith("ours") else child_trl
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities, profile_memory=True) as prof:
+            res = fn(args, data, device, bf16)
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        table += "\n" + prof.key_averages(group_by_input_shape=False).table(sort_by="self_cpu_memory_usage", row_limit=15)
+        (Path(args.profile) / f"{args.child}.txt").write_text(table)
+    else:
+        res = fn(args, data, device, bf16)
+    res |= {"run": args.child, "peak_rss": peak_rss_mib(), "device": device, "bf16": bf16, "load_avg": os.getloadavg()[0],
+            "threads": torch.get_num_threads()}
+    if device == "cuda":
+        res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        res["matmul_tflops"] = matmul_peak_tflops()
+    Path(args.out_file).write_text(json.dumps(res))
+
+
+# --------------------------------------------------------------------------------------------
+# Parent: data once, children back to back, table
+# --------------------------------------------------------------------------------------------
+
+
+def summarise(reps: list[dict], warmup: int) -> dict:
+    """One run's repeats -> one row: s/step is the median of the timed steps of all repeats
+    (robust to a competing process stealing a core for a while); peak memory is the largest."""
+    res = reps[0]
+    step_s = [t for r in reps for t in r["step_s"][warmup:]]
+    tokens = [n for r in reps for n in r["tokens"][warmup:]]
+    s_step = statistics.median(step_s)
+    s = {"run": res["run"], "seqs/step": res["seqs_per_step"], "tokens/step": statistics.mean(tokens),
+         "s/step": s_step, "tokens/s": statistics.mean(tokens) / s_step,
+         "peak RSS MiB": max(r["peak_rss"] for r in reps),
+         "RSS over base MiB": max(r["peak_rss"] - r["base_rss"] for r in reps),
+         "init s": statistics.median(r["init_s"] for r in reps), "epoch s": res["epoch_steps"] * s_step,
+         "load avg": max(r["load_avg"] for r in reps)}
+    if "peak_gpu_mib" in res:
+        s["peak GPU MiB"] = max(r["peak_gpu_mib"] for r in reps)
+        s["MFU %"] = 100 * 6 * res["n_params"] * s["tokens/s"] / (res["matmul_tflops"] * 1e12)
+    return s
+
+
+INT_COLS = ("tokens/step", "tokens/s", "peak RSS MiB", "RSS over base MiB", "peak GPU MiB")
+
+
+def print_table(rows: list[dict], int_cols=INT_COLS) -> None:
+    cols = list(rows[0])
+    fmt = {c: (lambda v: f"{v:,.0f}") if c in int_cols
+           else (lambda v: f"{v:.2f}") if isinstance(rows[0][c], float) else str for c in cols}
+    cells = [[fmt[c](r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for x in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(x, widths)))
+
+
+def _without_json(argv: list[str]) -> list[str]:
+    """The parent's arguments for its children, less ``--json PATH`` / ``--json=PATH``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--json":
+            skip = True
+        elif not a.startswith("--json="):
+            out.append(a)
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.child:
+        run_child(args)
+        return {}
+    import platform
+
+    import torch
+
+    device = "cuda" if use_cuda(args) else "cpu"
+    bf16 = args.bf16 if args.bf16 is not None else device == "cuda"
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+                        "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    results, summaries = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        data = build_data(args, Path(tmp) / "data.json")
+        print(f"data: {len(data['prompts'])} prompts x {args.n} candidates ({args.data}), {len(data['pairs'])} DPO pairs "
+              f"({args.pairs}); built in {time.perf_counter() - t0:.1f} s; ref pass over the candidates "
+              f"{data['ref_pass_s']:.2f} s ({data['ref_pass_tokens'] / data['ref_pass_s']:,.0f} tokens/s)", flush=True)
+        passthrough = _without_json(list(argv if argv is not None else sys.argv[1:]))
+        for rep in range(args.repeats):
+            for run in args.runs:
+                out = Path(tmp) / f"{run}.json"
+                cmd = [sys.executable, __file__, *passthrough, "--child", run, "--data-file", str(Path(tmp) / "data.json"),
+                       "--out-file", str(out)]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+                if proc.returncode:
+                    print(f"{run}: FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
+                    continue
+                results.setdefault(run, []).append(json.loads(out.read_text()))
+                r = results[run][-1]
+                print(f"[{rep + 1}/{args.repeats}] {run}: {time.perf_counter() - t0:.1f} s; timed steps "
+                      f"{' '.join(f'{t:.2f}' for t in r['step_s'][args.warmup:])} s; load avg {r['load_avg']:.1f}",
+                      flush=True)
+    summaries = [summarise(results[run], args.warmup) for run in args.runs if run in results]
+    print(f"\nmodel {args.spec}; device {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores); "
+          f"threads {args.threads}; {'bf16 autocast' if bf16 else 'fp32'}; {args.steps} steps, first {args.warmup} untimed, "
+          f"x{args.repeats} repeats (s/step = median); "
+          f"{args.seqs} sequences/step of {args.prompt_tokens}+{args.response_tokens} tokens; torch {torch.__version__}")
+    if summaries:
+        print_table(summaries)
+    by = {s["run"]: s for s in summaries}
+    ratios = []
+    for ours in ("ours-vcb", "ours-dpo"):
+        for peer in ("trl-dpo", "trl-dpo-pre"):
+            if ours in by and peer in by:
+                a, b = by[ours], by[peer]
+                ratios.append({"ours / TRL": f"{ours} / {peer}", "tokens/s": a["tokens/s"] / b["tokens/s"],
+                               "s/step": a["s/step"] / b["s/step"], "peak RSS": a["peak RSS MiB"] / b["peak RSS MiB"],
+                               "RSS over base": a["RSS over base MiB"] / b["RSS over base MiB"],
+                               "epoch s": a["epoch s"] / b["epoch s"]}
+                              | ({"peak GPU": a["peak GPU MiB"] / b["peak GPU MiB"]} if "peak GPU MiB" in a else {}))
+    if ratios:
+        print("\nratios (goal, not asserted: tokens/s >= 1.5, peak memory <= 0.6)")
+        print_table(ratios, int_cols=())
+    report = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "data_file", "out_file")},
+              "device": device, "bf16": bf16, "summary": summaries, "ratios": ratios, "raw": results,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.node()} {os.cpu_count()} cores"}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
