@@ -9,6 +9,8 @@ import threading
 import time
 
 import pytest
+
+from vcb_lib.config import PROJECT_ROOT
 import torch
 
 from vcb_lib import models as M
@@ -261,11 +263,11 @@ def test_tokenizer_has_pad_and_chat_template(tok):
 
 def test_cache_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.delenv("VCB_CACHE", raising=False)
-    assert M.resolve_cache_dir() == M.project_root() / ".cache" / "models"
+    assert M.resolve_cache_dir() == PROJECT_ROOT / ".cache" / "models"
     monkeypatch.setenv("VCB_CACHE", str(tmp_path / "env"))
     assert M.resolve_cache_dir() == tmp_path / "env"
     assert M.resolve_cache_dir(tmp_path / "arg") == tmp_path / "arg"
-    assert M.resolve_cache_dir("rel/dir") == M.project_root() / "rel" / "dir"
+    assert M.resolve_cache_dir("rel/dir") == PROJECT_ROOT / "rel" / "dir"
 
 
 def test_packaged_gguf_is_found():

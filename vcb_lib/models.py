@@ -123,20 +123,14 @@ def parse_spec(spec: str | os.PathLike) -> tuple[str, str]:
     )
 
 
-def project_root() -> Path:
-    import vcb_lib
-
-    return Path(vcb_lib.__file__).resolve().parents[1]
-
-
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """cache_dir argument, else $VCB_CACHE, else <project root>/.cache/models.
 
     A relative path is taken relative to the project root (as ``ModelsConfig.cache_dir`` says).
     """
-    raw = cache_dir if cache_dir not in (None, "") else os.environ.get("VCB_CACHE") or ".cache/models"
-    path = Path(raw).expanduser()
-    return path if path.is_absolute() else project_root() / path
+    from vcb_lib.config import resolve_path
+
+    return resolve_path(cache_dir if cache_dir not in (None, "") else os.environ.get("VCB_CACHE") or ".cache/models")
 
 
 def packaged_gguf_path(name: str) -> Path:
