@@ -9,11 +9,10 @@ import threading
 import time
 
 import pytest
-
-from vcb_lib.config import PROJECT_ROOT
 import torch
 
 from vcb_lib import models as M
+from vcb_lib.config import PROJECT_ROOT
 
 
 @pytest.fixture(scope="module")
