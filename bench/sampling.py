@@ -13,7 +13,9 @@ Backends (``--backends``): ``hf-fp32`` (``HFSampler``, fp32 weights), ``hf-bf16`
 
 Measured: generated tokens (every token of every completion, EOS included; completions stop at EOS
 or ``--max-new-tokens``), seconds of the timed ``generate`` call, tokens/s and its ratio to hf-fp32;
-load / engine start-up time and peak RSS of the process are reported apart. Each backend first runs
+load / engine start-up time and memory are reported apart: ``peak_rss_mib`` is the peak of the
+benchmark process itself (for vLLM that excludes its engine and worker processes), ``tree_rss_mib`` the
+RSS of the process and all its children right after ``generate`` (current, not peak). Each backend first runs
 one untimed warm-up request (1 prompt, n=1, 8 tokens).
 
 Equalised: prompts, n, temperature, top-p (1.0), max new tokens, seed, threads (torch + OMP env;
@@ -101,9 +103,13 @@ def run_child(args) -> dict:
     gen_s = time.perf_counter() - t0
     completions = [c for cs in out for c in cs]
     tokens = sum(len(c.token_ids) for c in completions)
+    import psutil
+
+    me = psutil.Process()
+    tree_rss = sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]) / 2**20
     return {"backend": args.child, "load_s": load_s, "gen_s": gen_s, "tokens": tokens,
             "completions": len(completions), "stopped": sum(c.finish_reason == "stop" for c in completions),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tree_rss_mib": tree_rss,
             "torch_threads": torch.get_num_threads()}
 
 
@@ -140,8 +146,9 @@ def main(argv=None) -> dict:
           f"T={args.temperature}; threads {args.threads} (vLLM bind {env['VLLM_CPU_OMP_THREADS_BIND']}); "
           f"{platform.machine()} {os.cpu_count()} cores; "
           f"torch {torch.__version__}")
-    cols = ["backend", "tokens", "stopped", "gen_s", "tokens/s", "vs hf-fp32", "load_s", "peak_rss_mib"]
-    fmt = {"tokens/s": "{:,.0f}", "gen_s": "{:.2f}", "vs hf-fp32": "{:.2f}", "load_s": "{:.1f}", "peak_rss_mib": "{:,.0f}"}
+    cols = ["backend", "tokens", "stopped", "gen_s", "tokens/s", "vs hf-fp32", "load_s", "peak_rss_mib", "tree_rss_mib"]
+    fmt = {"tokens/s": "{:,.0f}", "gen_s": "{:.2f}", "vs hf-fp32": "{:.2f}", "load_s": "{:.1f}", "peak_rss_mib": "{:,.0f}",
+           "tree_rss_mib": "{:,.0f}"}
     cells = [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(x[i]) for x in cells]) for i, c in enumerate(cols)]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
