@@ -2,6 +2,7 @@
 sees, two CPU processes really run, and the accelerate configs load."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -81,6 +82,19 @@ def test_command_line_for_cpu_processes():
     single = launch_command(["train.py"], 2, config_file=ACCELERATE / "single.yaml")
     assert "--multi_gpu" in single  # single.yaml says NO: 2 processes need --multi_gpu
     assert "--multi_gpu" not in launch_command(["train.py"], 1, config_file=ACCELERATE / "single.yaml")
+
+
+def test_each_rank_gets_its_share_of_the_cores(monkeypatch):
+    """accelerate would export OMP_NUM_THREADS=1 (half the speed on 2 cores); a user's setting wins."""
+    def threads(cmd):
+        return cmd[cmd.index("--num_cpu_threads_per_process") + 1]
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert threads(launch_command(["t.py"], 1, cpu=True)) == "8" and threads(launch_command(["t.py"], 2, cpu=True)) == "4"
+    assert threads(launch_command(["t.py"], 16, cpu=True)) == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads(launch_command(["t.py"], 2, cpu=True)) == "3"
 
 
 def test_worker_records_exceptions_and_exit_codes(tmp_path, monkeypatch):

@@ -109,3 +109,53 @@ def test_evaluation_and_report(smoke):
     assert "Scale, honestly" in report and "Table 2" in report
     for png in ("table2_win_rates.png", "fig5_reward_vs_kl.png", "fig8_lengths.png"):
         assert (smoke.run_dir / "figures" / png).stat().st_size > 0
+
+
+def test_ablation_sweep_shares_the_run_upstream(smoke):
+    """Notebook 06 ran params/sweeps/smoke.yaml: one row per point, each point trained only VCB on
+    this run's D_t (no upstream of its own), and the figure and report section exist."""
+    root = smoke.run_dir.parent / "sweep-smoke"
+    results = pd.read_csv(root / "results.csv")
+    assert list(results.label) == ["0.5", "w/o"] and set(results.method) == {"vcb"}
+    assert list(results["training.gamma"].astype(float)) == [0.5, smoke.training.gamma]
+    assert list(results["training.reduction"]) == ["logsumexp", "mean"]
+    for r in results.itertuples():
+        assert abs(r.win + r.tie + r.lose - 1) < 1e-9 and r.win_rate_lo <= r.win_rate <= r.win_rate_hi
+        point = json.loads((root / r.point / "point.json").read_text())
+        assert point["win_rate"] == pytest.approx(r.win_rate)
+        assert not (root / r.point / "02_candidates").exists()  # read from the run's own upstream
+        assert (root / r.point / "notebooks" / "03_train.ipynb").is_file()
+    assert not list(root.glob("upstream-*"))
+    metrics = json.loads((smoke.run_dir / "06_ablations" / "metrics.json").read_text())
+    assert [row["label"] for row in metrics["gamma, reduction"]] == ["0.5", "w/o"]
+    assert (smoke.run_dir / "figures" / "fig6_fig7_ablations.png").stat().st_size > 0
+    assert "Figs. 6-7 analogues" in (smoke.run_dir / "report.md").read_text()
+
+
+def test_panel_runs_a_point_headless(smoke):
+    """The notebook-06 panel driven without a browser: set the widgets, click Run, wait; the point
+    is recorded (config, point.json, plot data, PNG) and a second click on the same settings reads
+    it back instead of training again."""
+    from vcb_lib.widgets import AblationPanel
+
+    params = PROJECT_ROOT / "params" / "smoke.yaml"
+    panel = AblationPanel(params, [f"run.output_root={smoke.run.output_root}"])
+    panel.gamma.value, panel.method.value = 0.2, "dpo"
+    panel.run_button.click()
+    panel.wait(timeout=600)
+    table = panel.plot_data()
+    assert len(table) == 1 and table.method[0] == "dpo"
+    row = table.iloc[0]
+    assert row["training.gamma"] == pytest.approx(0.2, rel=1e-3) and row["training.methods"] == ["dpo"]
+    assert 0 <= row.win_rate_lo <= row.win_rate <= row.win_rate_hi <= 1 and np.isfinite(row.kl)
+    folder = smoke.run_dir.parent / "panel" / row.point
+    assert json.loads((folder / "point.json").read_text())["win_rate"] == pytest.approx(row.win_rate)
+    assert (folder / "03_train").is_dir() and not (folder / "02_candidates").exists()  # shares the run's D_t
+    assert panel.image.value[:8] == b"\x89PNG\r\n\x1a\n" and "dpo" in panel.table.value
+    assert panel.progress.value == panel.progress.max and not panel.run_button.disabled
+    mtime = (folder / "point.json").stat().st_mtime
+    panel.run_button.click()
+    panel.wait(timeout=60)
+    assert len(panel.plot_data()) == 1 and (folder / "point.json").stat().st_mtime == mtime
+    saved = pd.read_csv(panel.save())
+    assert list(saved.point) == [row.point]

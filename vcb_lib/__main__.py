@@ -1,4 +1,4 @@
-"""Command line: ``python -m vcb_lib run|list-params``."""
+"""Command line: ``python -m vcb_lib run|sweep|list-params``."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--only", nargs="+", metavar="STAGE", help="run only these notebooks (e.g. 00_theory or theory)")
     group.add_argument("--from", dest="start", metavar="STAGE", help="run this notebook and every later one")
 
+    p_sweep = sub.add_parser("sweep", help="run every unfinished point of a sweep file into outputs/<sweep>/<point>/")
+    p_sweep.add_argument("sweep", help="sweep file, e.g. params/sweeps/gamma.yaml")
+
     p_list = sub.add_parser("list-params", help="print the resolved parameters with their documentation")
     p_list.add_argument("params", help="parameter file")
     p_list.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -30,6 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list-params":
             print(describe(load_params(args.params, args.overrides)))
+        elif args.command == "sweep":
+            from vcb_lib.sweep import load_sweep, run_sweep, write_figure
+
+            table = run_sweep(args.sweep, log=lambda m: print(m, flush=True))
+            root = load_sweep(args.sweep).root()
+            write_figure(args.sweep)
+            print(table.drop(columns=["point"]).to_string(index=False))
+            print(f"results: {root / 'results.csv'}; figure: {root / 'win_rate.png'}")
         else:
             run(args.params, args.overrides, only=args.only, start=args.start, notebooks_dir=args.notebooks,
                 log=lambda m: print(m, flush=True))

@@ -61,6 +61,14 @@ def _require(ok: bool, key: str, message: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+UPSTREAM_STAGES = ("01_models", "02_candidates")  # what run.upstream shares between runs
+RUN_LOCATION_KEYS = ("name", "output_root", "stages", "upstream")  # run.* keys left out of config hashes
+# training.* keys that the upstream stages use (SFT and reward-model training, bf16 reference pass);
+# the loss hyper-parameters are not among them, so sweeping them reuses one upstream.
+UPSTREAM_TRAINING_KEYS = ("batch_size", "grad_accum", "warmup_steps", "lr_schedule", "max_grad_norm", "weight_decay",
+                          "bf16", "accelerate_config", "num_processes")
+
+
 @dataclass
 class RunConfig:
     """Where a run writes and how it is seeded."""
@@ -70,11 +78,13 @@ class RunConfig:
     seed: int = 0  # seed for torch, numpy, random and the samplers
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto picks cuda when available
     stages: list[str] = field(default_factory=list)  # notebooks to run (stem or name, e.g. "00_theory" or "theory"); empty = all
+    upstream: str = ""  # run folder (relative to output_root) whose 01_models/, 02_candidates/ this run reads; empty = its own
 
     def __post_init__(self) -> None:
         _require(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)), "run.name",
                  f"{self.name!r} must be a folder name made of letters, digits, '.', '_' or '-'")
         _require(self.seed >= 0, "run.seed", f"must be >= 0, got {self.seed}")
+        _require(self.upstream != self.name, "run.upstream", f"must be empty or another run's folder, not this run ({self.name!r})")
 
 
 @dataclass
@@ -248,10 +258,11 @@ class AblationConfig:
     """Notebook 06: the widget panel and the sweep read-back."""
 
     interactive: bool = True  # show the ipywidgets panel (the runner turns it off)
-    sweep: str = ""  # sweep file whose results notebook 06 reads
+    sweeps: list[str] = field(default_factory=list)  # sweep files (params/sweeps/*.yaml) notebook 06 runs (finished points skipped) and plots
 
     def __post_init__(self) -> None:
-        pass
+        missing = [s for s in self.sweeps if not resolve_path(s).is_file()]
+        _require(not missing, "ablation.sweeps", f"sweep file(s) not found: {missing} (paths are relative to the project root)")
 
 
 @dataclass
@@ -272,10 +283,15 @@ class Config:
     def run_dir(self) -> Path:
         return resolve_path(self.run.output_root) / self.run.name
 
-    def stage_dir(self, stage: str) -> Path:
-        """``<run_dir>/<stage>``, created if missing."""
-        path = self.run_dir / stage
-        path.mkdir(parents=True, exist_ok=True)
+    def stage_dir(self, stage: str, *, create: bool = True) -> Path:
+        """``<run_dir>/<stage>``, created if missing. With ``run.upstream`` set, the upstream
+        stages (``01_models``, ``02_candidates``) are the upstream run's."""
+        root = self.run_dir
+        if self.run.upstream and stage in UPSTREAM_STAGES:
+            root = resolve_path(self.run.output_root) / self.run.upstream
+        path = root / stage
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     def to_dict(self) -> dict[str, Any]:
@@ -289,7 +305,17 @@ class Config:
         if unknown:
             raise KeyError(f"unknown config section(s) {unknown}; allowed: {list(data)}")
         picked = {s: data[s] for s in (sections or data)}
+        if "run" in picked:  # where a run writes does not change what it computes
+            picked["run"] = {k: v for k, v in picked["run"].items() if k not in RUN_LOCATION_KEYS}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+
+    def upstream_hash(self) -> str:
+        """Hash of what the upstream stages (π_sft, the reward model, D_t) depend on: the run,
+        models, sampling and rewards sections and ``UPSTREAM_TRAINING_KEYS``. Runs with equal
+        upstream hashes can share one upstream folder (``run.upstream``)."""
+        training = {k: getattr(self.training, k) for k in UPSTREAM_TRAINING_KEYS}
+        return self.hash("run", "models", "sampling", "rewards") + "-" + \
+            hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest()[:8]
 
     def save(self, path: Path | None = None) -> Path:
         """Write the resolved config (with its hash) to ``<run_dir>/config.yaml`` atomically."""

@@ -498,7 +498,7 @@ def generate_candidates(cfg, *, log=print):
 
     out = cfg.stage_dir("02_candidates")
     path, stamp = out / "candidates.parquet", out / "candidates.hash"
-    key = cfg.hash("run", "models", "sampling", "rewards")
+    key = cfg.upstream_hash()
     if path.is_file() and stamp.is_file() and read_json(stamp) == key:
         log(f"candidates: up to date in {path}")
         return pd.read_parquet(path)

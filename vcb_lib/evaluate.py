@@ -671,7 +671,7 @@ def _grid(table, column: str) -> np.ndarray:
     return wide.loc[table.prompt_id.unique()].to_numpy(dtype=np.float64)
 
 
-def summarise(cfg, samples, ood_samples=None, *, reference: str = "vcb") -> dict:
+def summarise(cfg, samples, ood_samples=None, *, reference: str | None = None) -> dict:
     """``04_eval/metrics.json``: stable keys, each per method.
 
     ``win_rate`` (Table 2: ``reference`` vs every other policy under the evaluation reward: the
@@ -682,6 +682,8 @@ def summarise(cfg, samples, ood_samples=None, *, reference: str = "vcb") -> dict
     from vcb_lib.models import load_tokenizer
 
     e = cfg.evaluation
+    if reference is None:  # VCB when trained, else the first trained method
+        reference = "vcb" if "vcb" in cfg.training.methods else cfg.training.methods[0]
     judge_col = "gold" if "gold" in samples else "reward"
     by = {m: t for m, t in samples.groupby("method", sort=False)}
     vocab = len(load_tokenizer(policy_specs(cfg)["sft"], cache_dir=cfg.models.cache_dir))
@@ -708,6 +710,6 @@ def summarise(cfg, samples, ood_samples=None, *, reference: str = "vcb") -> dict
     metrics["length"] = {m: length_stats(t.n_tokens.to_numpy()) for m, t in by.items()}
     if ood_samples is not None and len(ood_samples):
         metrics["ood_win_rate"] = wins({m: t for m, t in ood_samples.groupby("method", sort=False)})
-    accuracy = cfg.run_dir / "01_models" / "reward_model" / "accuracy.json"
+    accuracy = cfg.stage_dir("01_models", create=False) / "reward_model" / "accuracy.json"
     metrics["rm_accuracy"] = read_json(accuracy) if accuracy.is_file() else None
     return metrics

@@ -496,21 +496,32 @@ def _pad_id(tokenizer) -> int:
 def logps_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Sum of log p(token_t | tokens_<t) over response positions.
 
-    logits (B, T, V), input_ids (B, T), response_mask (B, T) -> (B,) float32.
+    logits (B, K, V) of the last K positions (K = T: all of them; K >= 2), input_ids (B, T),
+    response_mask (B, T) -> (B,) float32. Response tokens must lie in the last K - 1 positions.
     """
-    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-    targets = input_ids[:, 1:]  # (B, T-1)
-    mask = response_mask[:, 1:].to(logits.dtype)  # (B, T-1); response tokens are never at position 0
-    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    K = logits.shape[1]
+    logits = logits[:, :-1].float()  # (B, K-1, V): position t predicts token t+1
+    targets = input_ids[:, -(K - 1):]  # (B, K-1)
+    mask = response_mask[:, -(K - 1):].to(logits.dtype)  # (B, K-1)
+    # log_softmax(x)[y] = x[y] - logsumexp(x), without materialising the (B, K-1, V) log-softmax
+    token_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (B, K-1)
     return (token_logps * mask).sum(-1)  # (B,)
 
 
 def batch_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed response log-probs (B,) for a ``tokenize_pairs`` batch, keeping the graph (training)."""
+    """Summed response log-probs (B,) for a ``tokenize_pairs`` batch, keeping the graph (training).
+
+    Only the positions from the batch's first response token on go through the LM head
+    (``logits_to_keep``): the (B, T, V) logits of the prompts are never built."""
     device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False)
-    return logps_from_logits(out.logits, input_ids, batch["response_mask"].to(device))  # (B, T, V) -> (B,)
+    input_ids, response_mask = batch["input_ids"].to(device), batch["response_mask"].to(device)
+    T = input_ids.shape[1]
+    has_response = response_mask.any(0)  # (T,)
+    first = int(has_response.float().argmax()) if bool(has_response.any()) else T - 1
+    keep = T - max(first, 1) + 1  # positions first-1 .. T-1 (first-1 predicts the first response token)
+    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False,
+                logits_to_keep=keep)
+    return logps_from_logits(out.logits, input_ids, response_mask)  # (B, keep, V) -> (B,)
 
 
 def sequence_logps(

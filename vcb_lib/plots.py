@@ -65,6 +65,42 @@ def metric_bars(values: dict, path=None, *, ylabel: str, title: str):
     return _save(fig, path)
 
 
+def _win_rate_axis(ax, table: pd.DataFrame, title: str) -> None:
+    x = list(range(len(table)))
+    err = [table.win_rate - table.win_rate_lo, table.win_rate_hi - table.win_rate]
+    ax.errorbar(x, table.win_rate, yerr=err, fmt="o-", capsize=3, color=sns.color_palette()[0])
+    ax.axhline(0.5, color="grey", ls="--", lw=0.8)
+    ax.set(xticks=x, ylim=(0, 1), ylabel="win rate over π_sft (95% CI)", title=title)
+    ax.set_xticklabels(table.label, rotation=30 if len(x) > 4 else 0, ha="right" if len(x) > 4 else "center")
+
+
+def sweep_win_rates(tables: dict[str, pd.DataFrame], path=None):
+    """Figs. 6-7 (A.6): win rate over π_sft of each sweep point (``sweep.run_sweep`` tables:
+    ``label``, ``win_rate``, ``win_rate_lo``, ``win_rate_hi``), one panel per sweep."""
+    fig, axes = plt.subplots(1, len(tables), figsize=(3.8 * len(tables), 3.4), squeeze=False)
+    for ax, (title, table) in zip(axes[0], tables.items()):
+        _win_rate_axis(ax, table, title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def ablation_points(table: pd.DataFrame):
+    """The widget panel's live plot: win rate over π_sft per finished point, and reward vs KL with
+    π_sft at KL 0. Built on a bare ``Figure`` (no pyplot state), so a worker thread may draw it."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.5, 3.4))
+    a, b = fig.subplots(1, 2)
+    _win_rate_axis(a, table, "win rate per point")
+    b.errorbar(table.kl, table.reward, xerr=table.kl_se, yerr=table.reward_se, fmt="none", ecolor="grey", lw=0.8)
+    sns.scatterplot(data=table, x="kl", y="reward", hue="label", s=50, ax=b)
+    b.scatter([0.0], [table.sft_reward.mean()], marker="*", s=120, color="k", label="π_sft")
+    b.set(xlabel="KL(π ‖ π_sft) per sequence (nats)", ylabel="mean evaluation reward", title="reward vs KL")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def _table(rows: dict, columns: list[str], fmt: str = "{:.3f}") -> str:
     head = "| method | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
     body = ""
@@ -106,4 +142,26 @@ def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
               f"![lengths]({rel('fig8_lengths.png')})\n"]
     path = cfg.run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+ABLATION_HEADING = "## Figs. 6-7 analogues: hyper-parameter ablations (A.6)"
+
+
+def add_ablations_to_report(cfg, tables: dict[str, pd.DataFrame], fig_path: Path) -> Path:
+    """Append (or replace) the ablation section of ``<run>/report.md``: one table per sweep and
+    the figure. Notebook 05 writes the rest of the report."""
+    from vcb_lib.io import atomic_write_text
+
+    path = cfg.run_dir / "report.md"
+    text = path.read_text() if path.is_file() else f"# Run `{cfg.run.name}`\n"
+    text = text.split("\n" + ABLATION_HEADING)[0].rstrip("\n") + "\n"
+    lines = ["", ABLATION_HEADING, "",
+             "Win rate of the swept method over π_sft on the test prompts (gold reward), 95% bootstrap interval.\n"]
+    for title, table in tables.items():
+        rows = {str(r["label"]): r | {"95% CI": f"[{r['win_rate_lo']:.2f}, {r['win_rate_hi']:.2f}]"}
+                for r in table.to_dict(orient="records")}
+        lines += [f"### {title}\n", _table(rows, ["win", "tie", "lose", "win_rate", "95% CI", "reward", "kl"])]
+    lines.append(f"![ablations]({Path(fig_path).parent.name}/{Path(fig_path).name})\n")
+    atomic_write_text(path, text + "\n".join(lines))
     return path

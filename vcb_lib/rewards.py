@@ -653,7 +653,7 @@ def train_reward_model(cfg, pairs: pd.DataFrame, *, log=print) -> "LearnedReward
     from vcb_lib.trainers import Trainer, reward_scores
 
     folder = cfg.stage_dir("01_models") / "reward_model"
-    key = cfg.hash("run", "models", "sampling", "rewards", "training")
+    key = cfg.upstream_hash()
     stamp, work = folder / "vcb_hash.json", folder / "training"
     if (folder / "config.json").is_file() and stamp.is_file() and read_json(stamp) == key:
         log(f"reward model: up to date in {folder}")
@@ -709,7 +709,7 @@ def load_reward_model(cfg) -> RewardModel:
     if choice == "gold":
         return gold_reward(cfg.rewards.task)
     if choice == "learned":
-        folder = cfg.run_dir / "01_models" / "reward_model"
+        folder = cfg.stage_dir("01_models", create=False) / "reward_model"
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"no learned reward model in {folder}: run notebook 01 (stage sft_and_reward) first")
         return LearnedRewardModel.load(folder)

@@ -103,8 +103,10 @@ class HFSampler:
                 output_logits=True, return_dict_in_generate=True,
             )
         new = out.sequences[:, P:].cpu()  # (B*n, L) generated tokens, padded with pad after EOS
-        logits = torch.stack(out.logits, dim=1).float()  # (B*n, L, V) raw, before temperature/top-p
-        token_logps = logits.log_softmax(-1).gather(2, new.unsqueeze(-1).to(logits.device)).squeeze(-1).cpu()
+        # out.logits: L steps of (B*n, V), raw (before temperature/top-p); one step at a time, so no
+        # (B*n, L, V) stack and log-softmax copies: log p(y) = logit[y] - logsumexp(logits)
+        token_logps = torch.stack([step.float().gather(1, new[:, t:t + 1].to(step.device)).squeeze(1)
+                                   - step.float().logsumexp(-1) for t, step in enumerate(out.logits)], dim=1).cpu()
         completions = []
         for row in range(new.shape[0]):
             ids = new[row].tolist()

@@ -1,0 +1,142 @@
+"""Sweep files (App. A.6 ablations): validation before anything runs, grid expansion, upstream
+sharing, and a sweep that survives being killed between points."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from vcb_lib.config import PROJECT_ROOT, ConfigError, load_params
+from vcb_lib.sweep import load_sweep, run_sweep
+
+SMOKE = PROJECT_ROOT / "params" / "smoke.yaml"
+
+
+def write(tmp_path, text: str, name: str = "s.yaml"):
+    path = tmp_path / name
+    path.write_text(text.replace("BASE", str(SMOKE)))
+    return path
+
+
+def test_grid_is_a_cartesian_product_plus_extra_points(tmp_path):
+    path = write(tmp_path, """
+name: abl
+base: BASE
+set: {training.methods: [vcb]}
+grid: {training.gamma: [0.1, 0.5], sampling.temperature: [0.7, 1.0]}
+points: [{label: w/o, set: {training.reduction: mean}}]
+""")
+    sweep = load_sweep(path)
+    assert [p.name for p in sweep.points] == ["gamma-0.1_temperature-0.7", "gamma-0.1_temperature-1.0",
+                                              "gamma-0.5_temperature-0.7", "gamma-0.5_temperature-1.0", "w-o"]
+    assert [p.label for p in sweep.points][-1] == "w/o" and sweep.points[0].label == "0.1, 0.7"
+    assert sweep.keys == ["training.gamma", "sampling.temperature", "training.reduction"]
+    cfg = sweep.config(sweep.points[2], name="x")
+    assert (cfg.training.gamma, cfg.sampling.temperature, cfg.training.methods) == (0.5, 0.7, ["vcb"])
+    assert sweep.config(sweep.points[4], name="x").training.reduction == "mean"
+    # the caller's overrides sit under the sweep's own keys
+    sweep = load_sweep(path, ["training.gamma=9.0", "training.lam=3.0", "run.seed=4"])
+    cfg = sweep.config(sweep.points[4], name="x")
+    assert (cfg.training.gamma, cfg.training.lam, cfg.run.seed) == (9.0, 3.0, 4)
+    assert sweep.config(sweep.points[0], name="x").training.gamma == 0.1
+
+
+def test_points_share_an_upstream_unless_they_change_it(tmp_path):
+    sweep = load_sweep(write(tmp_path, """
+name: abl
+base: BASE
+grid: {training.gamma: [0.1, 0.5], training.lam: [1.0, 2.0]}
+points: [{label: w/o, set: {training.reduction: mean}}, {label: t, set: {sampling.temperature: 0.5}},
+         {label: bf16, set: {training.bf16: true}}]
+"""))
+    keys = {p.label: sweep.config(p, name=p.name).upstream_hash() for p in sweep.points}
+    assert len({keys[p.label] for p in sweep.points[:5]}) == 1  # loss hyper-parameters: one upstream
+    assert keys["t"] != keys["w/o"] and keys["bf16"] != keys["w/o"]  # D_t sampled / scored differently
+
+
+def test_config_hash_ignores_where_a_run_writes_but_not_what_it_computes():
+    a = load_params(SMOKE)
+    b = load_params(SMOKE, ["run.name=other", "run.output_root=/tmp/x", "run.upstream=../smoke"])
+    assert a.hash() == b.hash() and a.upstream_hash() == b.upstream_hash()
+    assert a.hash() != load_params(SMOKE, ["run.seed=1"]).hash()
+    assert a.upstream_hash() != load_params(SMOKE, ["run.seed=1"]).upstream_hash()
+    assert a.upstream_hash() == load_params(SMOKE, ["training.gamma=0.3", "training.methods=[dpo]"]).upstream_hash()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: a\nbase: BASE\ngrid: {training.gamma: [0.1]}\ncolour: red\n", "unknown key(s) ['colour']; allowed: ['name', 'base'"),
+    ("name: a\nbase: BASE\ngrid: {training.gama: [0.1]}\n", "Did you mean 'training.gamma'?"),
+    ("name: a\nbase: BASE\ngrid: {training.gamma: [-1.0]}\n", "training.gamma: must be > 0"),
+    ("name: a\nbase: BASE\ngrid: {training.gamma: 0.1}\n", "grid key 'training.gamma' must list at least one value"),
+    ("name: a\nbase: nowhere.yaml\ngrid: {training.gamma: [0.1]}\n", "base params file not found"),
+    ("name: a b\nbase: BASE\ngrid: {training.gamma: [0.1]}\n", "must be a folder name"),
+    ("name: a\nbase: BASE\n", "no points"),
+    ("name: a\nbase: BASE\npoints: [{label: x, set: {training.lam: 2.0}}, {label: x, set: {training.lam: 3.0}}]\n",
+     "two points share a folder name: ['x', 'x']"),
+    ("name: a\nbase: BASE\npoints: [{set: 3}]\n", "points[0] must be {label: text, set: {section.key: value}}"),
+])
+def test_bad_sweep_files_fail_before_running(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        load_sweep(write(tmp_path, text))
+    assert message in str(err.value)
+
+
+def test_bad_point_names_the_point(tmp_path):
+    with pytest.raises(ConfigError, match=r"point 'bad'.*sampling.temperature: must be > 0"):
+        load_sweep(write(tmp_path, "name: a\nbase: BASE\npoints: [{label: bad, set: {sampling.temperature: 0.0}}]\n"))
+
+
+def test_command_line_reports_a_bad_sweep(tmp_path):
+    path = write(tmp_path, "name: a\nbase: BASE\ngrid: {training.gama: [0.1]}\n")
+    proc = subprocess.run([sys.executable, "-m", "vcb_lib", "sweep", str(path)], capture_output=True, text=True,
+                          cwd=PROJECT_ROOT)
+    assert proc.returncode == 2 and "Did you mean 'training.gamma'?" in proc.stderr
+
+
+@pytest.mark.notebook
+def test_killed_sweep_resumes_without_redoing_finished_points(tmp_path):
+    """``python -m vcb_lib sweep`` killed (SIGKILL) after its first point: a second run keeps that
+    point, builds the shared upstream only once, finishes the rest and aggregates every point."""
+    out = tmp_path / "outputs"
+    path = write(tmp_path, f"""
+name: abl
+base: BASE
+set: {{training.methods: [vcb], run.output_root: {out}}}
+grid: {{training.gamma: [0.1, 1.0]}}
+""")
+    root = out / "abl"
+    first = root / "gamma-0.1" / "point.json"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "vcb_lib", "sweep", str(path)], cwd=PROJECT_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while not first.is_file():
+            assert proc.poll() is None, f"the sweep ended (rc {proc.returncode}) before its first point finished"
+            assert time.monotonic() < deadline, "first point did not finish in 15 min"
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (root / "results.csv").exists()
+    stamp = first.stat().st_mtime
+    upstream = list(root.glob("upstream-*"))
+    assert len(upstream) == 1 and (upstream[0] / "02_candidates" / "candidates.parquet").is_file()
+    cand = (upstream[0] / "02_candidates" / "candidates.parquet").stat().st_mtime
+
+    lines = []
+    table = run_sweep(path, log=lines.append)
+    assert list(table.point) == ["gamma-0.1", "gamma-1.0"] and first.stat().st_mtime == stamp
+    assert [line for line in lines if "point gamma-" in line] == ["[abl] point gamma-1.0: {'training.gamma': 1.0}"]
+    assert not [line for line in lines if "upstream" in line and "stages 01-02" in line]
+    assert (upstream[0] / "02_candidates" / "candidates.parquet").stat().st_mtime == cand
+    assert list(root.glob("upstream-*")) == upstream
+    saved = pd.read_csv(root / "results.csv")
+    assert list(saved["training.gamma"]) == [0.1, 1.0] and saved.win_rate.between(0, 1).all()
+    for r in saved.itertuples():
+        assert sorted(p.name for p in (root / r.point / "04_eval").iterdir() if p.is_dir()) == ["sft", "vcb"]
+        assert json.loads((root / r.point / "point.json").read_text())["win_rate"] == pytest.approx(r.win_rate)

@@ -1,0 +1,276 @@
+"""Hyper-parameter sweeps (App. A.6): ``python -m vcb_lib sweep params/sweeps/gamma.yaml``.
+
+A sweep file declares a base params file, overrides shared by every point, a grid over any
+config keys (their cartesian product) and optional extra points::
+
+    name: gamma                      # outputs/<name>/ (under the base file's run.output_root)
+    base: ../default.yaml            # params file of every point, relative to this sweep file
+    set: {training.methods: [vcb]}   # overrides of every point
+    grid: {training.gamma: [0.01, 0.05, 0.1, 0.5]}
+    points: [{label: w/o, set: {training.reduction: mean}}]   # optional, beside the grid
+
+Each point runs notebooks 03 (train) and 04 (evaluate) through the runner into
+``outputs/<sweep>/<point>/``. Points whose upstream (π_sft, reward model, D_t: see
+``Config.upstream_hash``) is the same share it: the base run's folder when it is current, else one
+``<sweep>/upstream-<hash>/`` built once by notebooks 01-02. A finished point (its ``point.json``
+matches the point's config) is skipped, so a killed sweep resumes where it stopped; within a point,
+training resumes from its checkpoints when ``training.save_every`` > 0 and sampling from its shards.
+``results.csv`` holds one row per point: VCB's (or the first method's) win rate over π_sft under
+the evaluation reward, with its bootstrap interval, and reward / KL(π‖π_sft).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from vcb_lib.config import Config, ConfigError, load_params, parse_override, resolve_path
+
+SWEEP_KEYS = ("name", "base", "set", "grid", "points")
+POINT_STAGES = ["03", "04"]  # train, evaluate
+UPSTREAM_STAGES = ["01", "02"]  # π_sft + reward model, D_t
+
+
+@dataclass
+class Point:
+    name: str  # folder name
+    label: str  # x-axis label in the figures
+    overrides: dict[str, Any] = field(default_factory=dict)  # this point's keys on top of the sweep's `set`
+
+
+@dataclass
+class Sweep:
+    name: str
+    base: Path
+    set: dict[str, Any]
+    grid: dict[str, list]
+    points: list[Point]
+    source: Path
+    extra: dict[str, Any] = field(default_factory=dict)  # the caller's overrides (e.g. a run's --set), under `set`
+
+    @property
+    def keys(self) -> list[str]:
+        """The swept keys, grid first."""
+        return list(dict.fromkeys([*self.grid, *(k for p in self.points for k in p.overrides)]))
+
+    def overrides(self, point: Point | None = None, **run: Any) -> dict[str, Any]:
+        """Base file < the caller's overrides < the sweep's ``set`` < the point's keys < ``run.*``."""
+        return {**self.extra, **self.set, **(point.overrides if point else {}), **{f"run.{k}": v for k, v in run.items()}}
+
+    def config(self, point: Point, **run: Any) -> Config:
+        """The point's resolved config; ``run`` sets run.* keys (name, upstream, ...)."""
+        overrides = self.overrides(point, **run)
+        try:
+            return load_params(self.base, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"{self.source}, point {point.name!r}: {err}") from None
+
+    def root(self) -> Path:
+        return resolve_path(load_params(self.base, self.overrides()).run.output_root) / self.name
+
+
+def _folder(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "point"
+
+
+def _short(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+    """Read and validate a sweep file; every point's config is checked before anything runs.
+    ``overrides`` (``section.key=value``) apply to every point, under the sweep's own keys."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping with keys {list(SWEEP_KEYS)}")
+    unknown = sorted(set(raw) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {list(SWEEP_KEYS)}")
+    for key in ("name", "base"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ConfigError(f"{path}: '{key}' must be a non-empty string")
+    if _folder(raw["name"]) != raw["name"]:
+        raise ConfigError(f"{path}: name {raw['name']!r} must be a folder name (letters, digits, '.', '_', '-')")
+    base = (path.parent / raw["base"]).resolve()
+    if not base.is_file():
+        raise ConfigError(f"{path}: base params file not found: {base}")
+    common, grid = raw.get("set") or {}, raw.get("grid") or {}
+    if not isinstance(common, dict) or not isinstance(grid, dict):
+        raise ConfigError(f"{path}: 'set' and 'grid' must be mappings of section.key to a value / a list of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: grid key {key!r} must list at least one value, got {values!r}")
+    points = []
+    for combo in product(*grid.values()) if grid else []:
+        keys = dict(zip(grid, combo))
+        label = ", ".join(_short(v) for v in combo)
+        points.append(Point(_folder("_".join(f"{k.rsplit('.', 1)[-1]}-{_short(v)}" for k, v in keys.items())), label, keys))
+    for i, extra in enumerate(raw.get("points") or []):
+        if not isinstance(extra, dict) or set(extra) - {"label", "set"} or not isinstance(extra.get("set"), dict):
+            raise ConfigError(f"{path}: points[{i}] must be {{label: text, set: {{section.key: value}}}}, got {extra!r}")
+        label = str(extra.get("label") or ", ".join(f"{k}={_short(v)}" for k, v in extra["set"].items()))
+        points.append(Point(_folder(label), label, dict(extra["set"])))
+    if not points:
+        raise ConfigError(f"{path}: no points: give a 'grid' or 'points'")
+    names = [p.name for p in points]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: two points share a folder name: {sorted(n for n in names if names.count(n) > 1)}")
+    sweep = Sweep(raw["name"], base, common, grid, points, path, dict(parse_override(o) for o in overrides or []))
+    for point in points:
+        sweep.config(point, name=point.name)  # unknown keys / bad values fail here, before any run
+    return sweep
+
+
+def _upstream_current(run_dir: Path, key: str) -> bool:
+    stamp = run_dir / "02_candidates" / "candidates.hash"
+    return stamp.is_file() and json.loads(stamp.read_text()) == key
+
+
+def shared_upstream(base_cfg: Config, cfg: Config) -> str:
+    """``run.upstream`` for a point (relative to its output root): the base run's folder when it
+    holds this point's upstream, else ``upstream-<hash>`` (to be built once, then shared)."""
+    key = cfg.upstream_hash()
+    if _upstream_current(base_cfg.run_dir, key):
+        return os.path.relpath(base_cfg.run_dir, resolve_path(cfg.run.output_root))
+    return f"upstream-{key}"
+
+
+def _point_key(cfg: Config) -> str:
+    return cfg.hash("run", "models", "sampling", "rewards", "training", "evaluation")
+
+
+def point_metrics(cfg: Config) -> dict | None:
+    """The point's row when it finished for this config, else None."""
+    done = cfg.run_dir / "point.json"
+    if not done.is_file():
+        return None
+    record = json.loads(done.read_text())
+    return record if record.get("config") == _point_key(cfg) else None
+
+
+def summarise_point(cfg: Config, metrics: dict) -> dict:
+    """One row: the reference method's win rate over π_sft (± interval) and its reward / KL."""
+    method = metrics["reference"]
+    win = metrics["win_rate"].get("sft", {})
+    ci = win.get("win_rate_ci") or [None, None]
+    rk = metrics["reward_kl"].get(method, {})
+    return {"method": method, "win": win.get("win"), "tie": win.get("tie"), "lose": win.get("lose"),
+            "win_rate": win.get("win_rate"), "win_rate_lo": ci[0], "win_rate_hi": ci[1],
+            "reward": rk.get("reward"), "reward_se": rk.get("reward_se"), "kl": rk.get("kl"), "kl_se": rk.get("kl_se"),
+            "sft_reward": metrics["reward_kl"].get("sft", {}).get("reward")}
+
+
+def run_sweep(path: str | Path, overrides: list[str] | None = None, *,
+              log: Callable[[str], None] = print) -> "pd.DataFrame":
+    """Run every unfinished point; return (and write ``<sweep>/results.csv``) one row per point.
+    ``overrides`` apply to every point (notebook 06 passes its run's, so a sweep follows the run's
+    ``run.output_root`` and shares the run's upstream)."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from vcb_lib.io import atomic_write_text, write_json
+    from vcb_lib.runner import run
+
+    sweep = load_sweep(path, overrides)
+    root = sweep.root()
+    root.mkdir(parents=True, exist_ok=True)
+    output_root = str(root.relative_to(resolve_path(".")) if root.is_relative_to(resolve_path(".")) else root)
+    base_cfg = load_params(sweep.base, sweep.extra)  # the caller's run: its upstream may be shared
+    rows = []
+    bar = tqdm(sweep.points, desc=f"sweep {sweep.name}", unit="point")
+    for point in bar:
+        bar.set_postfix_str(point.name)
+        cfg = sweep.config(point, name=point.name, output_root=output_root)
+        record = point_metrics(cfg)
+        if record is None:
+            upstream = shared_upstream(base_cfg, cfg)
+            if not _upstream_current(root / upstream, cfg.upstream_hash()):
+                log(f"[{sweep.name}] upstream {upstream} (stages 01-02)")
+                run(sweep.base, _strings(sweep.overrides(point, name=upstream, output_root=output_root)),
+                    only=UPSTREAM_STAGES, log=log)
+            cfg = sweep.config(point, name=point.name, output_root=output_root, upstream=upstream)
+            log(f"[{sweep.name}] point {point.name}: {point.overrides}")
+            run(sweep.base, _strings(sweep.overrides(point, name=point.name, output_root=output_root, upstream=upstream)),
+                only=POINT_STAGES, log=log)
+            metrics = json.loads((cfg.run_dir / "04_eval" / "metrics.json").read_text())
+            record = {"config": _point_key(cfg), "point": point.name, "label": point.label,
+                      "overrides": point.overrides, **summarise_point(cfg, metrics)}
+            write_json(cfg.run_dir / "point.json", record)
+        rows.append({k: v for k, v in record.items() if k not in ("config", "overrides")} |
+                    {k: _short(cfg_value(cfg, k)) for k in sweep.keys})
+    table = pd.DataFrame(rows)
+    atomic_write_text(root / "results.csv", table.to_csv(index=False))
+    return table
+
+
+def cfg_value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
+
+
+def _strings(overrides: dict[str, Any]) -> list[str]:
+    """``{"training.gamma": 0.1}`` -> ``["training.gamma=0.1"]`` (JSON is YAML, so values round-trip)."""
+    return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+
+
+# --------------------------------------------------------------------------------------------
+# The same stages as library calls (the widget panel runs points in a thread, without papermill)
+# --------------------------------------------------------------------------------------------
+
+
+def build_upstream(cfg: Config, *, log: Callable[[str], None] = print) -> None:
+    """Notebooks 01-02 for ``cfg``'s upstream folder: π_sft, the reward model, D_t."""
+    import dataclasses
+
+    from vcb_lib import data, rewards, trainers
+
+    up = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=Path(cfg.run.upstream).name, upstream="",
+                                                          output_root=str(resolve_path(cfg.run.output_root) /
+                                                                          Path(cfg.run.upstream).parent)))
+    pairs = rewards.preference_pairs(up)
+    trainers.train_sft(up, pairs, log=log)
+    if up.rewards.reward_model == "learned":
+        rewards.evaluate_reward_model(up, rewards.train_reward_model(up, pairs, log=log), pairs)
+    data.generate_candidates(up, log=log)
+
+
+def run_point_inline(cfg: Config, *, log: Callable[[str], None] = print,
+                     step: Callable[[str], None] = lambda stage: None) -> dict:
+    """Notebooks 03-04 for one point as library calls: train ``training.methods``, sample them and
+    π_sft on the test prompts, summarise. ``step`` is called before each stage (progress)."""
+    from vcb_lib import evaluate, trainers
+    from vcb_lib.io import write_json
+
+    for method in cfg.training.methods:
+        step(f"train {method}")
+        trainers.train_method(cfg, method, log=lambda line: None)
+    step("evaluate")
+    metrics = evaluate.summarise(cfg, evaluate.sample_policies(cfg, "test", log=log))
+    write_json(cfg.stage_dir("04_eval") / "metrics.json", metrics)
+    return metrics
+
+
+def sweep_title(sweep: Sweep) -> str:
+    """Panel title: the swept key names (``gamma``, ``lam, reduction``)."""
+    return ", ".join(k.rsplit(".", 1)[-1] for k in sweep.keys)
+
+
+def write_figure(path: str | Path, overrides: list[str] | None = None) -> Path:
+    """``<sweep>/win_rate.png`` from ``results.csv`` (one panel)."""
+    import pandas as pd
+
+    from vcb_lib.plots import sweep_win_rates
+
+    sweep = load_sweep(path, overrides)
+    out = sweep.root() / "win_rate.png"
+    sweep_win_rates({sweep_title(sweep): pd.read_csv(sweep.root() / "results.csv")}, out)
+    return out
