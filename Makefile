@@ -7,7 +7,7 @@ VLLM_STAMP := $(VENV)/.vllm-installed
 PARAMS  ?= params/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test smoke lab vllm bench clean-outputs
+.PHONY: setup run ablations test smoke lab vllm bench clean-outputs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,12 @@ vllm: $(VLLM_STAMP)
 
 run: setup
 	$(BIN)/python -m vcb_lib run $(PARAMS)
+
+# Figs. 6-7 (App. A.6) on top of a finished `make run`: notebook 06 runs the three sweeps (their
+# points share the run's reward model and D_t, except temperature) and adds them to report.md.
+SWEEPS ?= [params/sweeps/gamma.yaml,params/sweeps/lambda.yaml,params/sweeps/temperature.yaml]
+ablations: setup
+	$(BIN)/python -m vcb_lib run $(PARAMS) --only 06 --set 'ablation.sweeps=$(SWEEPS)'
 
 test: setup vllm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -190,7 +190,8 @@ def test_notebook_06_panel_in_jupyterlab(tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
              "--port-retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-             "--LabApp.expose_app_in_browser=True", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+             "--LabApp.expose_app_in_browser=True", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+             *(["--allow-root"] if os.geteuid() == 0 else [])],
             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_server(proc, f"{base}/api/status?token={token}", server_log)

@@ -418,3 +418,36 @@ def test_train_sft_stage(base, tmp_path):
     assert train_sft(cfg, pairs, log=messages.append) == folder and "up to date" in messages[-1]
     off = load_params(smoke, {**over, "models.sft": False})
     assert train_sft(off, pairs, log=messages.append) is None and sft_spec(off) == "tiny-random"
+
+
+def test_curve_steps():
+    from vcb_lib.trainers import curve_steps
+
+    assert curve_steps(8, 1) == [4] and curve_steps(9, 2) == [3, 6] and curve_steps(100, 4) == [20, 40, 60, 80]
+    assert curve_steps(8, 0) == [] and curve_steps(2, 5) == [1] and curve_steps(1, 3) == []  # ends are not snapshots
+
+
+def test_curve_sampler_records_snapshots_without_changing_training(tok, base, groups, tmp_path):
+    """Fig. 5 snapshots: the policy is sampled at the curve steps with its raw log π, and training
+    ends with the same weights as without the hook (sampling runs under fork_rng, in eval mode)."""
+    from vcb_lib.trainers import CurveSampler
+
+    cfg = load_params(None, {"rewards.task": "sentiment", "evaluation.curve_points": 2, "evaluation.curve_prompts": 3,
+                             "evaluation.max_new_tokens": 5, "evaluation.samples_per_prompt": 2})
+    train_cfg = cfg_(batch_size=2, learning_rate=1e-3)
+    plain = Trainer(copy.deepcopy(base), tok, groups[:6], "vcb", train_cfg, tmp_path / "plain")
+    plain.train()
+    hooked = Trainer(copy.deepcopy(base), tok, groups[:6], "vcb", train_cfg, tmp_path / "hooked",
+                     on_step=CurveSampler(cfg, tok, tmp_path / "hooked"))
+    hooked.train()
+    assert max_diff(params(hooked), params(plain)) == 0.0
+    files = sorted(p.name for p in (tmp_path / "hooked" / "curve").iterdir())
+    assert files == ["step-00001.parquet", "step-00002.parquet"]  # 3 steps, 2 points between 0 and 3
+    snap = pd.read_parquet(tmp_path / "hooked" / "curve" / "step-00001.parquet")
+    assert len(snap) == 3 * 2 and set(snap.k) == {0, 1} and (snap.step == 1).all()
+    # the recorded log π is that of the policy after step 1: recompute it from a replayed step
+    replay = Trainer(copy.deepcopy(base), tok, groups[:6], "vcb", cfg_(batch_size=2, learning_rate=1e-3, max_steps=1),
+                     tmp_path / "replay")
+    replay.train()
+    again = sequence_logps(replay.model, tok, list(snap.model_input), [list(map(int, r)) for r in snap.response_ids])
+    assert torch.allclose(again, torch.tensor(snap.policy_logp.to_numpy(), dtype=torch.float32), atol=1e-3)

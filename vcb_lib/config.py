@@ -239,6 +239,8 @@ class EvaluationConfig:
     temperature: float = 1.0  # evaluation sampling temperature
     max_new_tokens: int = 64  # evaluation generation length cap
     bootstrap: int = 1000  # bootstrap resamples for confidence intervals
+    curve_points: int = 0  # Fig. 5: snapshots sampled during training (evenly spaced steps; π_sft and the final model come from the evaluation); 0 = none
+    curve_prompts: int = 8  # Fig. 5: test prompts sampled at each snapshot (the first ones)
     judge_url: str = ""  # OpenAI-compatible endpoint of an LLM judge (A.3); empty = off
     judge_model: str = ""  # model name sent to the judge endpoint
 
@@ -247,9 +249,10 @@ class EvaluationConfig:
             value = getattr(self, key)
             _require(value >= 1, f"evaluation.{key}", f"must be >= 1, got {value}")
         _require(self.samples_per_prompt >= 2, "evaluation.samples_per_prompt", f"must be >= 2, got {self.samples_per_prompt}")
-        for key in ("num_prompts", "ood_prompts"):
+        for key in ("num_prompts", "ood_prompts", "curve_points"):
             value = getattr(self, key)
             _require(value >= 0, f"evaluation.{key}", f"must be >= 0, got {value}")
+        _require(self.curve_prompts >= 1, "evaluation.curve_prompts", f"must be >= 1, got {self.curve_prompts}")
         _require(self.temperature > 0, "evaluation.temperature", f"must be > 0, got {self.temperature}")
 
 

@@ -665,6 +665,89 @@ def sample_policies(cfg, split: str, *, log=print):
     return pd.concat(tables, ignore_index=True)
 
 
+def reward_kl_curve(cfg, samples, *, log=print) -> dict[str, list[dict]]:
+    """Fig. 5 along training, per method, on the first ``evaluation.curve_prompts`` test prompts:
+    step 0 (π_sft) and the final step from the evaluation ``samples`` (``sample_policies``), the
+    steps between from the snapshots ``trainers.CurveSampler`` sampled during training
+    (``03_train/<method>/curve/step-*.parquet``; log π_sft and the reward are computed here). Each
+    point: mean evaluation reward (gold on embedded tasks, else the reward model) and KL(π‖π_sft),
+    both with SEs over prompts. ``{}`` when ``evaluation.curve_points`` is 0. Writes the scored
+    snapshot samples to ``04_eval/curve.parquet``."""
+    import pandas as pd
+
+    from vcb_lib.data import TASKS
+    from vcb_lib.io import atomic_write_bytes, read_json
+    from vcb_lib.models import load_policy, load_tokenizer, sequence_logps
+    from vcb_lib.rewards import gold_reward, load_reward_model
+    from vcb_lib.trainers import method_dir_name, sft_spec
+
+    if not cfg.evaluation.curve_points:
+        return {}
+    judge_col = "gold" if "gold" in samples else "reward"
+    frames = []
+    for method in cfg.training.methods:
+        folder = cfg.run_dir / "03_train" / method_dir_name(cfg, method)
+        frames += [pd.read_parquet(f).assign(method=method) for f in sorted((folder / "curve").glob("step-*.parquet"))]
+    snapshots = pd.concat(frames, ignore_index=True) if frames else None
+    if snapshots is not None:
+        spec = sft_spec(cfg)
+        ref, tok = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir), load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
+        snapshots["ref_logp"] = sequence_logps(ref, tok, list(snapshots.model_input),  # the sampler encoded the same text
+                                               [list(map(int, ids)) for ids in snapshots.response_ids], batch_size=16).numpy()
+        judge = gold_reward(cfg.rewards.task) if judge_col == "gold" else load_reward_model(cfg)
+        snapshots[judge_col] = judge.score(list(snapshots.prompt), list(snapshots.response))
+        atomic_write_bytes(cfg.stage_dir("04_eval") / "curve.parquet", snapshots.to_parquet(index=False))
+    ids = set(samples[samples.method == "sft"].prompt_id.unique()[:cfg.evaluation.curve_prompts])
+
+    def point(t, step: int) -> dict:
+        p = reward_kl_point(_grid(t, judge_col), _grid(t, "policy_logp"), _grid(t, "ref_logp"))
+        return {"step": step, "reward": p["mean_reward"], "reward_se": p["reward_se"], "kl": p["kl"], "kl_se": p["kl_se"]}
+
+    curve = {}
+    for method in cfg.training.methods:
+        total = read_json(cfg.run_dir / "03_train" / method_dir_name(cfg, method) / "summary.json")["steps"]
+        final = samples[(samples.method == method) & samples.prompt_id.isin(ids)]
+        steps = snapshots[snapshots.method == method] if snapshots is not None else final.iloc[:0]
+        curve[method] = [point(samples[(samples.method == "sft") & samples.prompt_id.isin(ids)], 0),
+                         *(point(t, int(s)) for s, t in steps.groupby("step", sort=True)), point(final, total)]
+    log(f"Fig. 5 curve: {sum(map(len, curve.values()))} points over {len(curve)} methods")
+    return curve
+
+
+def judge_win_rates(cfg, samples, *, reference: str | None = None, client: JudgeClient | None = None,
+                    log=print) -> dict[str, dict]:
+    """Fig. 4 analogue: the LLM judge (A.3 prompts, both orders) on ``reference``'s first sample
+    per test prompt against every other policy's, on the same prompts. Off (``{}``) unless
+    ``evaluation.judge_url`` is set; the key comes from ``$VCB_JUDGE_API_KEY`` (or
+    ``$OPENAI_API_KEY``). Summaries (TL;DR) get the summary prompt, everything else the dialogue
+    one. Unparseable replies count as ties (reported as ``n_malformed``)."""
+    import os
+
+    e = cfg.evaluation
+    if client is None:
+        if not e.judge_url:
+            return {}
+        if not e.judge_model:
+            raise ValueError("evaluation.judge_url is set but evaluation.judge_model is empty: name the judge's model")
+        client = JudgeClient(e.judge_url, e.judge_model, api_key=os.environ.get("VCB_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    reference = reference or ("vcb" if "vcb" in cfg.training.methods else cfg.training.methods[0])
+    kind = "summary" if cfg.rewards.task == "tldr" else "dialogue"
+    first = samples[samples.k == 0]
+    by = {m: t.set_index("prompt_id") for m, t in first.groupby("method", sort=False)}
+    ref = by[reference]
+    out = {}
+    for method, t in by.items():
+        if method == reference:
+            continue
+        ids = [i for i in ref.index if i in t.index]
+        out[method] = judge_win_rate(client, list(ref.loc[ids, "prompt"]), list(ref.loc[ids, "response"]),
+                                     list(t.loc[ids, "response"]), kind, on_malformed="tie",
+                                     bootstrap=e.bootstrap, seed=cfg.run.seed)
+        log(f"judge: {reference} vs {method}: win {out[method]['win']:.2f} tie {out[method]['tie']:.2f} "
+            f"lose {out[method]['lose']:.2f} ({len(ids)} prompts)")
+    return out
+
+
 def _grid(table, column: str) -> np.ndarray:
     """(N·k,) rows of one policy -> (N, k) by prompt (prompt order of first appearance) and k."""
     wide = table.pivot(index="prompt_id", columns="k", values=column)

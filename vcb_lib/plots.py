@@ -38,13 +38,21 @@ def win_rates(win_rate: dict, path=None, *, title: str = "VCB vs baselines under
     return _save(fig, path)
 
 
-def reward_vs_kl(reward_kl: dict, path=None):
-    """Fig. 5: mean gold reward against KL(π‖π_sft), one point per method, ± one standard error."""
+def reward_vs_kl(reward_kl: dict, path=None, *, curve: dict | None = None):
+    """Fig. 5: mean reward against KL(π‖π_sft), ± one standard error. Points: each final policy
+    on the evaluation prompts (``metrics["reward_kl"]``); lines (when ``curve`` =
+    ``metrics["reward_kl_curve"]`` is given): each method's snapshots along training, from step 0
+    (π_sft, KL 0) on, on the first ``evaluation.curve_prompts`` prompts."""
     df = pd.DataFrame(reward_kl).T.reset_index(names="method")
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    palette = dict(zip(df.method, sns.color_palette(n_colors=len(df))))
     ax.errorbar(df.kl, df.reward, xerr=df.kl_se, yerr=df.reward_se, fmt="none", ecolor="grey", lw=0.8)
-    sns.scatterplot(data=df, x="kl", y="reward", hue="method", s=60, ax=ax)
-    ax.set(xlabel="KL(π ‖ π_sft) per sequence (nats)", ylabel="mean gold reward", title="Reward vs KL (Fig. 5)")
+    sns.scatterplot(data=df, x="kl", y="reward", hue="method", palette=palette, s=60, ax=ax)
+    for method, points in (curve or {}).items():
+        c = pd.DataFrame(points)
+        ax.plot(c.kl, c.reward, "-", marker=".", color=palette.get(method, "k"), lw=1, alpha=0.7)
+    ax.set(xlabel="KL(π ‖ π_sft) per sequence (nats)", ylabel="mean gold reward",
+           title="Reward vs KL (Fig. 5)" + ("; lines: along training" if curve else ""))
     return _save(fig, path)
 
 
@@ -132,9 +140,19 @@ def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
         lines += ["## Table 5 analogue: out-of-distribution prompts\n", _table(ood, ["win", "tie", "lose", "win_rate"])]
     if metrics.get("rm_accuracy"):
         lines += ["## Table 4 analogue: reward model accuracy (held-out pairs)\n",
-                  _table({"learned RM": metrics["rm_accuracy"]}, ["accuracy", "heldout_pairs", "spearman_gold"])]
-    lines += ["## Fig. 5: reward vs KL\n", _table(metrics["reward_kl"], ["reward", "reward_se", "kl", "kl_se"]),
-              f"![reward vs KL]({rel('fig5_reward_vs_kl.png')})\n",
+                  _table({f"{cfg.rewards.reward_model} RM": metrics["rm_accuracy"]}, ["accuracy", "heldout_pairs", "spearman_gold"])]
+        if cfg.rewards.reward_model == "gold":
+            lines.append("The gold reward scored D_t here (`rewards.reward_model: gold`): its accuracy on gold-labelled "
+                         "pairs is 1 by construction; `reward_model: learned` trains the Bradley-Terry model of Eq. 18.\n")
+    if metrics.get("judge_win_rate"):
+        judge = {f"VCB vs {m}": v for m, v in metrics["judge_win_rate"].items()}
+        lines += ["## Fig. 4 analogue: LLM judge (A.3 prompts, both orders)\n",
+                  _table(judge, ["win", "tie", "lose", "win_rate", "n_malformed"])]
+    curve = {f"{m} @ step {p['step']}": p for m, points in (metrics.get("reward_kl_curve") or {}).items() for p in points}
+    lines += ["## Fig. 5: reward vs KL\n", _table(metrics["reward_kl"], ["reward", "reward_se", "kl", "kl_se"])]
+    if curve:
+        lines += ["Along training (first evaluation prompts; step 0 = π_sft):\n", _table(curve, ["reward", "reward_se", "kl", "kl_se"])]
+    lines += [f"![reward vs KL]({rel('fig5_reward_vs_kl.png')})\n",
               "## Table 6: misalignment rate (A.5)\n",
               _table({m: {"misalignment": v} for m, v in metrics["misalignment_rate"].items()}, ["misalignment"]),
               "## Table 7: diversity (A.8)\n", _table(metrics["diversity"], ["ead", "self_bleu_2", "self_bleu_3"]),

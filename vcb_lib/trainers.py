@@ -189,12 +189,15 @@ class Trainer:
     name; ``cfg`` TrainingConfig (batch_size = prompts per micro-batch and process); ``out_dir``
     where log.jsonl, checkpoints/ and final/ go; ``seed``; ``score_fn`` (model, batch) -> (R,);
     ``accelerator`` (created here if None: create the Trainer inside a launched function);
-    ``max_length`` truncation of prompt + response tokens (None = none).
+    ``max_length`` truncation of prompt + response tokens (None = none); ``on_step(step, trainer)``
+    called on every rank after each optimizer step and once with step 0 before the first (e.g.
+    ``CurveSampler``, Fig. 5).
     """
 
     def __init__(self, model, tokenizer, groups: Sequence[CandidateGroup], loss_type: LossType | str,
                  cfg: TrainingConfig, out_dir: str | os.PathLike, *, seed: int = 0,
-                 score_fn: ScoreFn = policy_scores, accelerator=None, max_length: int | None = None):
+                 score_fn: ScoreFn = policy_scores, accelerator=None, max_length: int | None = None,
+                 on_step: Callable[[int, "Trainer"], None] | None = None):
         from accelerate import Accelerator
 
         if not groups:
@@ -204,7 +207,7 @@ class Trainer:
             raise ValueError(f"{len(empty)} group(s) have no response, first prompt_id {empty[0]!r}")
         self.loss_type = LossType(loss_type)
         self.hparams = {k: getattr(cfg, k) for k in self.loss_type.hparams}
-        self.cfg, self.seed, self.score_fn, self.max_length = cfg, seed, score_fn, max_length
+        self.cfg, self.seed, self.score_fn, self.max_length, self.on_step = cfg, seed, score_fn, max_length, on_step
         self.groups, self.tokenizer = list(groups), tokenizer
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -331,6 +334,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=start, desc=f"train {self.loss_type}", disable=not acc.is_main_process)
         t0 = time.perf_counter() - elapsed0
         order, order_epoch, row, tok_total, t_run = None, -1, {}, 0, time.perf_counter()
+        if self.on_step is not None and start == 0:
+            self.on_step(0, self)
         for step in range(start + 1, self.total_steps + 1):
             epoch, i = divmod(step - 1, self.steps_per_epoch)
             if epoch != order_epoch:
@@ -346,6 +351,8 @@ class Trainer:
                     f.write(json.dumps(row) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.2e}")
+            if self.on_step is not None:
+                self.on_step(step, self)
             if cfg.save_every and (step % cfg.save_every == 0 or step == self.total_steps):
                 self.save_checkpoint(step, elapsed=now - t0)
         bar.close()
@@ -445,6 +452,64 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------------------------
+# Fig. 5: the policy's samples along training
+# --------------------------------------------------------------------------------------------
+
+
+def curve_steps(total: int, points: int) -> list[int]:
+    """Fig. 5 snapshot steps: ``points`` evenly spaced steps strictly between 0 and ``total`` (the
+    ends, π_sft and the final model, are sampled by the evaluation anyway)."""
+    return sorted({round(i * total / (points + 1)) for i in range(1, points + 1)} - {0, total})
+
+
+class CurveSampler:
+    """``on_step`` hook for the reward-vs-KL curve (Fig. 5; the paper evaluates every 200 steps on
+    500 test prompts): at ``curve_steps(total, evaluation.curve_points)`` it samples
+    ``evaluation.samples_per_prompt`` responses to the first ``evaluation.curve_prompts`` test
+    prompts from the policy being trained, with the evaluation temperature / length / seed, and
+    writes ``<out>/curve/step-NNNNN.parquet`` (prompt_id, prompt, model_input, k, response,
+    response_ids, n_tokens, policy_logp = raw log π). Notebook 04 adds log π_sft and the reward.
+
+    The main process samples while the other ranks wait; a step whose file exists (a resumed run)
+    is skipped. Sampling runs under ``fork_rng``, so training draws the same numbers with or
+    without it."""
+
+    def __init__(self, cfg, tokenizer, out_dir: str | os.PathLike):
+        from vcb_lib.data import task_prompts
+        from vcb_lib.models import format_prompt
+
+        self.cfg, self.tokenizer, self.dir = cfg, tokenizer, Path(out_dir) / "curve"
+        e = cfg.evaluation
+        self.prompts = task_prompts(cfg.rewards.task, "test", e.curve_prompts)
+        self.inputs = [format_prompt(tokenizer, r["prompt"]) for r in self.prompts]
+
+    def __call__(self, step: int, trainer: "Trainer") -> None:
+        if step not in curve_steps(trainer.total_steps, self.cfg.evaluation.curve_points):
+            return
+        acc, path = trainer.accelerator, self.dir / f"step-{step:05d}.parquet"
+        if acc.is_main_process and not path.is_file():
+            import pandas as pd
+
+            from vcb_lib.io import atomic_write_bytes
+            from vcb_lib.samplers import HFSampler
+
+            e, model = self.cfg.evaluation, acc.unwrap_model(trainer.model)
+            was_training = model.training
+            model.eval()
+            try:
+                out = HFSampler(model, self.tokenizer, batch_size=self.cfg.sampling.batch_size).generate(
+                    self.inputs, e.samples_per_prompt, e.temperature, e.max_new_tokens, seed=self.cfg.run.seed + 1000)
+            finally:
+                model.train(was_training)
+            rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "model_input": x, "k": k, "response": c.text,
+                     "response_ids": c.token_ids, "n_tokens": len(c.token_ids), "policy_logp": c.logp, "step": step}
+                    for r, x, completions in zip(self.prompts, self.inputs, out) for k, c in enumerate(completions)]
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, pd.DataFrame(rows).to_parquet(index=False))
+        acc.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------------
 # Stage 01: the SFT model (Sec. 4.3 step 1) with the same Trainer and LossType.SFT
 # --------------------------------------------------------------------------------------------
 
@@ -538,6 +603,14 @@ def method_dir_name(cfg, method: str) -> str:
                                    for k in lt.hparams] + [f"seed{cfg.run.seed}"])
 
 
+def train_key(cfg) -> str:
+    """What a method's training depends on: the config up to ``training`` and, when the Fig. 5
+    curve is sampled during training, the evaluation keys that sampling uses."""
+    e = cfg.evaluation
+    curve = [e.curve_points, e.curve_prompts, e.samples_per_prompt, e.temperature, e.max_new_tokens] if e.curve_points else []
+    return cfg.hash("run", "models", "sampling", "rewards", "training") + "".join(f"-{v}" for v in curve)
+
+
 def train_method(cfg, method: str, *, log=print) -> dict:
     """Stage 03: train π_sft with one loss on this run's candidate table D_t.
 
@@ -555,7 +628,7 @@ def train_method(cfg, method: str, *, log=print) -> dict:
     if not table.is_file():
         raise FileNotFoundError(f"no candidate table at {table}: run notebook 02 (stage generate) first")
     out = cfg.stage_dir("03_train") / method_dir_name(cfg, method)
-    key = cfg.hash("run", "models", "sampling", "rewards", "training")
+    key = train_key(cfg)
     stamp = out / "vcb_hash.json"
     if stamp.is_file() and read_json(stamp) == key and (out / "summary.json").is_file():
         log(f"{method}: up to date in {out}")
@@ -602,8 +675,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
     tokenizer = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
     groups = candidate_groups(pd.read_parquet(args.candidates))
+    on_step = None
+    if cfg.evaluation.curve_points:
+        if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):  # generate on one rank needs the whole model
+            raise ValueError(f"evaluation.curve_points samples on the main process, which {accelerator.distributed_type.name} "
+                             "shards the model away from: set evaluation.curve_points to 0 (or train with DDP)")
+        on_step = CurveSampler(cfg, tokenizer, args.out)
     trainer = Trainer(model, tokenizer, groups, args.method, cfg.training, args.out, seed=cfg.run.seed,
-                      accelerator=accelerator, max_length=args.max_length)
+                      accelerator=accelerator, max_length=args.max_length, on_step=on_step)
     summary = trainer.train(resume=args.resume)
     if accelerator.is_main_process:
         print(json.dumps(summary), flush=True)

@@ -21,6 +21,12 @@ from vcb_lib.sweep import _point_key, _upstream_current, build_upstream, point_m
     shared_upstream, summarise_point
 
 
+def _two_digits(x: float) -> float:
+    """Log sliders move in steps of the exponent (γ = 0.05 shows as 10^-1.30 = 0.050119): keep two
+    significant digits, so the untouched panel is the params file's own point."""
+    return float(f"{x:.2g}")
+
+
 class AblationPanel:
     """``AblationPanel(params_path, overrides).widget`` is what the notebook displays."""
 
@@ -50,13 +56,15 @@ class AblationPanel:
         self.run_button.on_click(lambda _: self.run())
         self.save_button.on_click(lambda _: self.save())
         controls = W.VBox([self.method, self.gamma, self.lam, self.reduction, self.temperature, self.n,
-                           W.HBox([self.run_button, self.save_button]), self.progress, self.status])
+                           W.HBox([self.run_button, self.save_button]), self.progress, self.status],
+                          layout=W.Layout(min_width="440px", flex="0 0 auto"))
+        self.image.layout = W.Layout(max_width="760px")
         self.widget = W.VBox([W.HBox([controls, self.image]), self.table])
 
     def values(self) -> dict:
         """The panel's settings as config overrides."""
-        return {"training.methods": [self.method.value], "training.gamma": round(self.gamma.value, 6),
-                "training.lam": round(self.lam.value, 6), "training.reduction": self.reduction.value,
+        return {"training.methods": [self.method.value], "training.gamma": _two_digits(self.gamma.value),
+                "training.lam": _two_digits(self.lam.value), "training.reduction": self.reduction.value,
                 "sampling.temperature": round(self.temperature.value, 4), "sampling.n": self.n.value}
 
     def point_name(self, values: dict) -> str:

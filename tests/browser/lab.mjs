@@ -53,7 +53,8 @@ async function waitForIdle(page, what, timeoutMs) {
       if (Date.now() - idleSince >= 1000) return;
     } else {
       idleSince = null;
-      if (/\|\s*(Dead|Unknown|Disconnected)/i.test(status)) throw new Error(`${what}: the kernel is ${status}`);
+      // "Unknown" and "Connecting" are passing states while the kernel starts; "Dead" is final.
+      if (/\|\s*Dead$/i.test(status)) throw new Error(`${what}: the kernel is ${status}`);
     }
     if (Date.now() > deadline) throw new Error(`${what}: the kernel was not idle within ${timeoutMs / 1000} s (status bar: "${status}")`);
     await sleep(250);
@@ -120,7 +121,7 @@ async function waitForRunAll(page, timeoutMs) {
 const panelTexts = (page) =>
   page.evaluate((sel) => {
     const html = [...document.querySelectorAll(`${sel} .widget-html-content`)].map((e) => e.innerText.trim()).filter(Boolean);
-    const progress = [...document.querySelectorAll(`${sel} .widget-progress .widget-label`)].map((e) => e.innerText.trim());
+    const progress = [...document.querySelectorAll(`${sel} :is(.widget-hprogress, .widget-vprogress) .widget-label`)].map((e) => e.innerText.trim());
     return { html, progress };
   }, OUTPUT);
 
@@ -163,7 +164,7 @@ async function main() {
     let result;
     for (;;) {
       const { html, progress } = await panelTexts(page);
-      const shown = `${progress.join(" ")} | ${html.join(" | ").slice(0, 300)}`;
+      const shown = `[${progress.join(" ")}] ${html.join(" | ").slice(0, 200)}`;
       if (shown !== last) log(`panel: ${shown}`);
       last = shown;
       const ok = html.find((t) => t.includes(SUCCESS));
