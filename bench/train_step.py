@@ -23,7 +23,7 @@ pairs as token ids (its ``_prepare_dataset`` is bypassed), identical to what our
 Equalised: model and weights, precision (fp32 on CPU; ``--bf16`` = bf16 autocast in both), threads
 (``torch.set_num_threads`` + OMP/MKL env in every child; default 1, see ``--threads``), sequences per
 optimizer step ``--seqs`` (ours: seqs/n prompts x n candidates; TRL: seqs/2 pairs x 2), AdamW
-(``torch.optim.AdamW`` with its default foreach kernel in both: TRL's own default would be
+(``torch.optim.AdamW(fused=True)`` in both: our Trainer's, and TRL's own default
 ``adamw_torch_fused``, see ``--trl-optim``; lr, betas, no weight decay), constant LR without warm-up,
 grad clipping 1.0, gradient checkpointing (off in both; ``--gradient-checkpointing``), no checkpoint
 writing (TRL ``save_strategy="no"``; our checkpoint/final saves are switched off by a subclass here),
@@ -82,9 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (default: off on CPU, on on CUDA)")
     p.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in both trainers")
-    p.add_argument("--trl-optim", default="adamw_torch",
-                   help="TRL's optim (default adamw_torch = the foreach AdamW our Trainer uses; TRL's own default "
-                        "is adamw_torch_fused)")
+    p.add_argument("--trl-optim", default="adamw_torch_fused",
+                   help="TRL's optim (default adamw_torch_fused = TRL's own default and the fused AdamW our Trainer uses)")
     p.add_argument("--gamma", type=float, default=0.05, help="γ of VCB / β of DPO")
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--seed", type=int, default=0)

@@ -30,7 +30,12 @@ def cfg(tmp_path):
                               "rewards.rm_epochs=3", "training.batch_size=8", "training.warmup_steps=0"])
 
 
-def test_reward_model_learns_preferences_beats_chance(cfg):
+@pytest.mark.parametrize("backbone", ["policy", "minilm"])
+def test_reward_model_learns_preferences_beats_chance(cfg, backbone):
+    """On the policy's (tiny) decoder and on the packaged MiniLM encoder."""
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, rewards=dataclasses.replace(cfg.rewards, rm_backbone=backbone))
     train, held = sentiment_pairs(48, seed=0).assign(split="train"), sentiment_pairs(24, seed=1).assign(split="heldout")
     # held-out pairs are new combinations; swap half so "chosen first" cannot be memorised by position
     pairs = pd.concat([train, held], ignore_index=True)
@@ -59,3 +64,21 @@ def test_learned_scores_reject_bad_input(cfg):
         rm.score([], [])
     with pytest.raises(ValueError, match="got 2 prompts but 1 responses"):
         rm.score(["a", "b"], ["c"])
+
+
+def test_encoder_reward_model_trains_on_what_it_scores():
+    """MiniLM reads [CLS] prompt [SEP] response [SEP]; the training rows (groups -> collate_groups ->
+    reward_scores) are the ids ``score`` feeds it, so both give the same value."""
+    from vcb_lib.data import collate_groups
+    from vcb_lib.trainers import reward_scores
+
+    model, tok = rewards.reward_model_backbone("minilm")
+    rm = rewards.LearnedRewardModel(model, tok)
+    assert not rm.decoder
+    group = rm.groups(["Give your opinion about the museum."], [POSITIVE[0]], [NEGATIVE[0]])[0]
+    assert group.prompt[0] == tok.cls_token_id and group.prompt[-1] == tok.sep_token_id
+    assert all(ids[-1] == tok.sep_token_id for ids in group.response_ids)
+    batch = collate_groups(tok, [group])
+    trained = reward_scores(model.eval(), batch).detach().numpy()
+    scored = rm.score(["Give your opinion about the museum."] * 2, [POSITIVE[0], NEGATIVE[0]])
+    np.testing.assert_allclose(trained, scored, atol=1e-5)

@@ -172,6 +172,7 @@ class RewardsConfig:
 
     task: Literal["sentiment", "assistant", "hh", "tldr"] = "sentiment"  # embedded tasks or the paper's hub datasets
     reward_model: str = "learned"  # learned (Bradley-Terry, Eq. 18), gold, or a folder / hub reward-model id
+    rm_backbone: str = "policy"  # reward model body: policy (π_sft's decoder), minilm (packaged all-MiniLM-L6-v2 encoder), or an encoder folder
     rm_prompts: int = 128  # train prompts whose sampled pair (gold-labelled) trains the reward model; 0 = all
     rm_heldout: float = 0.2  # share of those pairs held out for the accuracy of Table 4
     rm_learning_rate: float = 1e-4  # reward model AdamW learning rate

@@ -334,7 +334,7 @@ class CandidateGroup:
     """One prompt with its candidates (what one row of a ``(B, n)`` batch holds)."""
 
     prompt_id: str
-    prompt: str  # the model input (chat-formatted where the model has a template)
+    prompt: str | list[int]  # the model input (chat-formatted where the model has a template), or its token ids
     response_ids: list[list[int]]  # n_b responses as token ids
     rewards: list[float]
     ref_logps: list[float]

@@ -527,13 +527,27 @@ class LearnedRewardModel:
 
         return format_prompt(self.tokenizer, prompt) if self.decoder else prompt
 
+    def _encoder_ids(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
+        """Encoders read ``[CLS] prompt [SEP] response [SEP]`` (the text-pair form hub reward models
+        are trained on), split after the first [SEP] into (prompt ids, response ids)."""
+        ids = self.tokenizer(prompt, response, truncation=True, max_length=self.max_length).input_ids
+        cut = ids.index(self.tokenizer.sep_token_id) + 1 if self.tokenizer.sep_token_id in ids else 1
+        return ids[:cut], ids[cut:]
+
     def groups(self, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str]):
-        """Training groups for ``LossType.BT``: (chosen, rejected) with labels [1, 0]."""
+        """Training groups for ``LossType.BT``: (chosen, rejected) with labels [1, 0]. The ids are
+        those ``score`` feeds the model, so training and scoring see the same input."""
         from vcb_lib.data import CandidateGroup
 
-        encode = lambda text: self.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-        return [CandidateGroup(f"pair-{i}", self.model_input(p), [encode(c), encode(r)], [1.0, 0.0], [0.0, 0.0])
-                for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected))]
+        out = []
+        for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+            if self.decoder:
+                encode = lambda text: self.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+                out.append(CandidateGroup(f"pair-{i}", self.model_input(p), [encode(c), encode(r)], [1.0, 0.0], [0.0, 0.0]))
+            else:
+                (prompt_ids, c_ids), (_, r_ids) = self._encoder_ids(p, c), self._encoder_ids(p, r)
+                out.append(CandidateGroup(f"pair-{i}", prompt_ids, [c_ids, r_ids], [1.0, 0.0], [0.0, 0.0]))
+        return out
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], *, show_progress: bool | None = None) -> np.ndarray:
@@ -550,10 +564,11 @@ class LearnedRewardModel:
                 pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
                 batch = {k: v.to(device) for k, v in collate_pairs(pairs, pad).items()}
                 values = reward_scores(self.model, batch)
-            else:
-                batch = self.tokenizer(p, r, truncation=True, max_length=self.max_length, padding=True,
-                                       return_tensors="pt").to(device)
-                values = self.model(**batch).logits[:, 0]
+            else:  # no token_type_ids, as in training (DeBERTa-v3 has none; our MiniLM head learns without)
+                pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+                batch = collate_pairs([self._encoder_ids(x, y) for x, y in zip(p, r)], pad)
+                values = self.model(input_ids=batch["input_ids"].to(device),
+                                    attention_mask=batch["attention_mask"].to(device)).logits[:, 0]
             out[start:start + len(r)] = values.float().cpu().numpy()
         return _require_finite("learned reward", out, responses)
 
@@ -563,16 +578,22 @@ class LearnedRewardModel:
 
 
 def reward_model_backbone(spec: str, *, cache_dir=None):
-    """A fresh scalar-head model on the policy's backbone: (model, tokenizer) for ``spec``."""
-    from transformers import AutoModelForSequenceClassification
+    """A fresh scalar-head model: (model, tokenizer). ``spec``: a policy model spec (a decoder:
+    the head reads the last token), ``"minilm"`` (the packaged all-MiniLM-L6-v2 encoder, 22M
+    parameters: the head reads the pooled [CLS]), or a local encoder folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from vcb_lib.models import ensure_model_folder, load_tokenizer
 
-    folder = ensure_model_folder(spec, cache_dir)
-    tokenizer = load_tokenizer(spec, cache_dir=cache_dir)
+    if spec == "minilm":
+        folder = _packaged_minilm_path()
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    else:
+        folder = ensure_model_folder(spec, cache_dir)
+        tokenizer = load_tokenizer(spec, cache_dir=cache_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the new head's init
-        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, local_files_only=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -662,7 +683,8 @@ def train_reward_model(cfg, pairs: pd.DataFrame, *, log=print) -> "LearnedReward
     if (work / "vcb_hash.json").is_file() and read_json(work / "vcb_hash.json") != key:
         shutil.rmtree(work)  # checkpoints of another config; the same config resumes from them
     write_json(work / "vcb_hash.json", key)
-    model, tok = reward_model_backbone(cfg.models.policy, cache_dir=cfg.models.cache_dir)
+    backbone = cfg.models.policy if cfg.rewards.rm_backbone == "policy" else cfg.rewards.rm_backbone
+    model, tok = reward_model_backbone(backbone, cache_dir=cfg.models.cache_dir)
     rm = LearnedRewardModel(model, tok)
     train = pairs[pairs.split == "train"]
     if train.empty:

@@ -145,8 +145,11 @@ def lr_lambda(i: int, *, warmup: int, total: int, schedule: str) -> float:
 
 
 def group_lengths(tokenizer, groups: Sequence[CandidateGroup]) -> list[int]:
-    """Tokens each group puts into a batch: n · |prompt| + Σ |response| (BOS ignored)."""
-    prompt_ids = tokenizer([g.prompt for g in groups], add_special_tokens=False).input_ids
+    """Tokens each group puts into a batch: n · |prompt| + Σ |response| (BOS ignored). A prompt
+    is text or already token ids."""
+    text = [g.prompt for g in groups if isinstance(g.prompt, str)]
+    encoded = iter(tokenizer(text, add_special_tokens=False).input_ids if text else [])
+    prompt_ids = [next(encoded) if isinstance(g.prompt, str) else g.prompt for g in groups]
     return [len(p) * len(g.response_ids) + sum(map(len, g.response_ids)) for p, g in zip(prompt_ids, groups)]
 
 
