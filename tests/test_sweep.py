@@ -140,3 +140,9 @@ grid: {{training.gamma: [0.1, 1.0]}}
     for r in saved.itertuples():
         assert sorted(p.name for p in (root / r.point / "04_eval").iterdir() if p.is_dir()) == ["sft", "vcb"]
         assert json.loads((root / r.point / "point.json").read_text())["win_rate"] == pytest.approx(r.win_rate)
+
+
+@pytest.mark.parametrize("path", sorted((PROJECT_ROOT / "params" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_sweep_file_loads(path):
+    sweep = load_sweep(path)
+    assert sweep.points and all(sweep.config(p, name=p.name).training.methods == ["vcb"] for p in sweep.points)
