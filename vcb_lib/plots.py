@@ -51,8 +51,10 @@ def reward_vs_kl(reward_kl: dict, path=None, *, curve: dict | None = None):
     for method, points in (curve or {}).items():
         c = pd.DataFrame(points)
         ax.plot(c.kl, c.reward, "-", marker=".", color=palette.get(method, "k"), lw=1, alpha=0.7)
-    ax.set(xlabel="KL(π ‖ π_sft) per sequence (nats)", ylabel="mean gold reward",
-           title="Reward vs KL (Fig. 5)" + ("; lines: along training" if curve else ""))
+    ax.set(xlabel="KL(π ‖ π_sft) per sequence (nats)", ylabel="mean gold reward", title="Reward vs KL (Fig. 5)")
+    if curve:
+        ax.text(0.01, 0.01, "big dots: final policies, all evaluation prompts\nlines: π_sft → snapshots → final, "
+                "on the first evaluation.curve_prompts prompts", transform=ax.transAxes, fontsize=7, va="bottom")
     return _save(fig, path)
 
 
