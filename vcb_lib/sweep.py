@@ -157,6 +157,16 @@ def point_metrics(cfg: Config) -> dict | None:
     return record if record.get("config") == _point_key(cfg) else None
 
 
+def record_point(cfg: Config, name: str, label: str, metrics: dict, **extra: Any) -> dict:
+    """Write ``<point>/point.json`` (marks the point finished for this config) and return it: the
+    ``summarise_point`` row of notebook 04's ``metrics`` plus ``extra``."""
+    from vcb_lib.io import write_json
+
+    record = {"config": _point_key(cfg), "point": name, "label": label, **summarise_point(cfg, metrics), **extra}
+    write_json(cfg.run_dir / "point.json", record)
+    return record
+
+
 def summarise_point(cfg: Config, metrics: dict) -> dict:
     """One row: the reference method's win rate over π_sft (± interval) and its reward / KL."""
     method = metrics["reference"]
@@ -177,7 +187,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, *,
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from vcb_lib.io import atomic_write_text, write_json
+    from vcb_lib.io import atomic_write_text
     from vcb_lib.runner import run
 
     sweep = load_sweep(path, overrides)
@@ -202,9 +212,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, *,
             run(sweep.base, _strings(sweep.overrides(point, name=point.name, output_root=output_root, upstream=upstream)),
                 only=POINT_STAGES, log=log)
             metrics = json.loads((cfg.run_dir / "04_eval" / "metrics.json").read_text())
-            record = {"config": _point_key(cfg), "point": point.name, "label": point.label,
-                      "overrides": point.overrides, **summarise_point(cfg, metrics)}
-            write_json(cfg.run_dir / "point.json", record)
+            record = record_point(cfg, point.name, point.label, metrics, overrides=point.overrides)
         rows.append({k: v for k, v in record.items() if k not in ("config", "overrides")} |
                     {k: _short(cfg_value(cfg, k)) for k in sweep.keys})
     table = pd.DataFrame(rows)

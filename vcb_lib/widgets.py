@@ -17,8 +17,7 @@ from pathlib import Path
 import ipywidgets as W
 
 from vcb_lib.config import METHODS, load_params, parse_override, resolve_path
-from vcb_lib.sweep import _point_key, _upstream_current, build_upstream, point_metrics, run_point_inline, \
-    shared_upstream, summarise_point
+from vcb_lib.sweep import _upstream_current, build_upstream, point_metrics, record_point, run_point_inline, shared_upstream
 
 
 def _two_digits(x: float) -> float:
@@ -114,9 +113,7 @@ class AblationPanel:
                 if not _upstream_current(cfg.stage_dir("02_candidates", create=False).parent, cfg.upstream_hash()):
                     build_upstream(cfg, log=lambda line: None)
                 metrics = run_point_inline(cfg, log=lambda line: None, step=step)
-                record = {"config": _point_key(cfg), "point": name, "label": name} | summarise_point(cfg, metrics) | values
-                from vcb_lib.io import write_json
-                write_json(cfg.run_dir / "point.json", record)
+                record = record_point(cfg, name, name, metrics, **values)
             self.results = [r for r in self.results if r["point"] != name] + [record]
             self.progress.value, self.progress.description = self.progress.max, "done"
             self.status.value = f"<b>{name}</b>: win rate over π_sft {record['win_rate']:.2f}, KL {record['kl']:.2f}"
