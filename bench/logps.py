@@ -32,8 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import MODELS, child_env, print_cells, without_json, write_report
+
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"smollm2": "packaged:smollm2-135m-instruct", "tiny-random": "tiny-random"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,11 +102,8 @@ def main(argv=None) -> dict:
         return {}
     import torch
 
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-                        "TOKENIZERS_PARALLELISM": "false"}
-    argv = list(argv if argv is not None else sys.argv[1:])
-    passthrough = [a for i, a in enumerate(argv) if a != "--json" and not a.startswith("--json=")
-                   and not (i and argv[i - 1] == "--json")]
+    env = child_env(args.threads)
+    passthrough = without_json(list(argv if argv is not None else sys.argv[1:]))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for bs in args.batch_sizes:  # fp32 and bf16 of one batch size back to back
@@ -128,17 +126,8 @@ def main(argv=None) -> dict:
     cols = ["precision", "batch", "tokens", "seconds", "tokens/s", "vs fp32", "max |dlogp| vs fp32", "peak_rss_mib", "load_avg"]
     fmt = {"seconds": "{:.2f}", "tokens/s": "{:,.0f}", "vs fp32": "{:.2f}", "max |dlogp| vs fp32": "{:.3g}",
            "peak_rss_mib": "{:,.0f}", "load_avg": "{:.1f}"}
-    cells = [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(x[i]) for x in cells]) for i, c in enumerate(cols)]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-    for x in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(x, widths)))
-    report = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "out_file")},
-              "rows": [{k: v for k, v in r.items() if k != "logps"} for r in rows],
-              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.node()} {os.cpu_count()} cores"}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return report
+    print_cells(cols, [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows])
+    return write_report(args, ("child", "out_file"), rows=[{k: v for k, v in r.items() if k != "logps"} for r in rows])
 
 
 if __name__ == "__main__":

@@ -38,9 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import MODELS, child_env, print_cells, split_choices, without_json, write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("hf-fp32", "hf-bf16", "vllm-fp32", "vllm-bf16")
-MODELS = {"smollm2": "packaged:smollm2-135m-instruct", "tiny-random": "tiny-random"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,10 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.spec = MODELS.get(args.model, args.model)
-    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    bad = [b for b in args.backends if b not in BACKENDS]
-    if bad:
-        p.error(f"unknown backend(s) {bad}; allowed: {', '.join(BACKENDS)}")
+    args.backends = split_choices(p, args.backends, BACKENDS, "backend")
     return args
 
 
@@ -120,12 +118,9 @@ def main(argv=None) -> dict:
         return {}
     import torch
 
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-                        "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    env = child_env(args.threads, TQDM_DISABLE="1")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0" if args.threads == 1 else f"0-{args.threads - 1}")
-    argv = list(argv if argv is not None else sys.argv[1:])
-    passthrough = [a for i, a in enumerate(argv) if a != "--json" and not a.startswith("--json=")
-                   and not (i and argv[i - 1] == "--json")]
+    passthrough = without_json(list(argv if argv is not None else sys.argv[1:]))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends:
@@ -149,16 +144,8 @@ def main(argv=None) -> dict:
     cols = ["backend", "tokens", "stopped", "gen_s", "tokens/s", "vs hf-fp32", "load_s", "peak_rss_mib", "tree_rss_mib"]
     fmt = {"tokens/s": "{:,.0f}", "gen_s": "{:.2f}", "vs hf-fp32": "{:.2f}", "load_s": "{:.1f}", "peak_rss_mib": "{:,.0f}",
            "tree_rss_mib": "{:,.0f}"}
-    cells = [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(x[i]) for x in cells]) for i, c in enumerate(cols)]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-    for x in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(x, widths)))
-    report = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "out_file")}, "rows": rows,
-              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.node()} {os.cpu_count()} cores"}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return report
+    print_cells(cols, [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows])
+    return write_report(args, ("child", "out_file"), rows=rows)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import MODELS, child_env, print_cells, split_choices, write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("ours-vcb", "ours-dpo", "trl-dpo", "trl-dpo-pre")
-MODELS = {"smollm2": "packaged:smollm2-135m-instruct", "tiny-random": "tiny-random"}
 FILLER = (" please", " and", " thanks", " ok", " a")  # filler words that pad a prompt to an exact token count
 
 
@@ -95,10 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.spec = MODELS.get(args.model, args.model)
-    args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    bad = [r for r in args.runs if r not in RUNS]
-    if bad:
-        p.error(f"unknown run(s) {bad}; allowed: {', '.join(RUNS)}")
+    args.runs = split_choices(p, args.runs, RUNS, "run")
     if args.seqs % args.n or args.seqs % 2:
         p.error(f"--seqs ({args.seqs}) must be a multiple of --n ({args.n}) and of 2")
     if args.n < 2 or args.steps <= args.warmup:
@@ -405,11 +403,7 @@ def print_table(rows: list[dict], int_cols=INT_COLS) -> None:
     cols = list(rows[0])
     fmt = {c: (lambda v: f"{v:,.0f}") if c in int_cols
            else (lambda v: f"{v:.2f}") if isinstance(rows[0][c], float) else str for c in cols}
-    cells = [[fmt[c](r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-    for x in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(x, widths)))
+    print_cells(cols, [[fmt[c](r[c]) for c in cols] for r in rows])
 
 
 def _without_json(argv: list[str]) -> list[str]:
@@ -436,8 +430,7 @@ def main(argv=None) -> dict:
 
     device = "cuda" if use_cuda(args) else "cpu"
     bf16 = args.bf16 if args.bf16 is not None else device == "cuda"
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-                        "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env(args.threads, TQDM_DISABLE="1")
     results, summaries = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -483,12 +476,8 @@ def main(argv=None) -> dict:
     if ratios:
         print("\nratios (goal, not asserted: tokens/s >= 1.5, peak memory <= 0.6)")
         print_table(ratios, int_cols=())
-    report = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "data_file", "out_file")},
-              "device": device, "bf16": bf16, "summary": summaries, "ratios": ratios, "raw": results,
-              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.node()} {os.cpu_count()} cores"}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return report
+    return write_report(args, ("child", "data_file", "out_file"), device=device, bf16=bf16, summary=summaries,
+                        ratios=ratios, raw=results)
 
 
 if __name__ == "__main__":

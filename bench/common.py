@@ -1,0 +1,51 @@
+"""What the three benchmark scripts share: model names, the children's environment, argument
+lists, the printed table and the ``--json`` report. Imported as ``common`` (the scripts run as
+``python bench/<script>.py``, so ``bench/`` is on ``sys.path``)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+MODELS = {"smollm2": "packaged:smollm2-135m-instruct", "tiny-random": "tiny-random"}
+
+
+def split_choices(parser, text: str, allowed, what: str) -> list[str]:
+    """``"a, b"`` -> ``["a", "b"]``; an entry not in ``allowed`` is a parser error naming them."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in allowed]
+    if bad:
+        parser.error(f"unknown {what}(s) {bad}; allowed: {', '.join(allowed)}")
+    return items
+
+
+def child_env(threads: int, **extra: str) -> dict[str, str]:
+    """Environment of a measured child: ``threads`` OpenMP/MKL threads, no tokenizer threads."""
+    return os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                         "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def without_json(argv: list[str]) -> list[str]:
+    """The command line to hand a child: the parent's, minus ``--json PATH`` / ``--json=PATH``."""
+    return [a for i, a in enumerate(argv) if a != "--json" and not a.startswith("--json=")
+            and not (i and argv[i - 1] == "--json")]
+
+
+def print_cells(cols: list[str], cells: list[list[str]]) -> None:
+    """Right-aligned columns under their names."""
+    widths = [max([len(c)] + [len(x[i]) for x in cells]) for i, c in enumerate(cols)]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for x in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(x, widths)))
+
+
+def write_report(args, internal: tuple[str, ...], **fields) -> dict:
+    """The run's report (its public arguments, ``fields``, date, machine), also written to
+    ``args.json`` when given."""
+    report = {"args": {k: v for k, v in vars(args).items() if k not in internal}, **fields,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.node()} {os.cpu_count()} cores"}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
