@@ -714,6 +714,11 @@ def reward_kl_curve(cfg, samples, *, log=print) -> dict[str, list[dict]]:
     return curve
 
 
+def reference_method(cfg) -> str:
+    """The method the others are compared with: VCB when trained, else the first trained method."""
+    return "vcb" if "vcb" in cfg.training.methods else cfg.training.methods[0]
+
+
 def judge_win_rates(cfg, samples, *, reference: str | None = None, client: JudgeClient | None = None,
                     log=print) -> dict[str, dict]:
     """Fig. 4 analogue: the LLM judge (A.3 prompts, both orders) on ``reference``'s first sample
@@ -730,7 +735,7 @@ def judge_win_rates(cfg, samples, *, reference: str | None = None, client: Judge
         if not e.judge_model:
             raise ValueError("evaluation.judge_url is set but evaluation.judge_model is empty: name the judge's model")
         client = JudgeClient(e.judge_url, e.judge_model, api_key=os.environ.get("VCB_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
-    reference = reference or ("vcb" if "vcb" in cfg.training.methods else cfg.training.methods[0])
+    reference = reference or reference_method(cfg)
     kind = "summary" if cfg.rewards.task == "tldr" else "dialogue"
     first = samples[samples.k == 0]
     by = {m: t.set_index("prompt_id") for m, t in first.groupby("method", sort=False)}
@@ -765,8 +770,7 @@ def summarise(cfg, samples, ood_samples=None, *, reference: str | None = None) -
     from vcb_lib.models import load_tokenizer
 
     e = cfg.evaluation
-    if reference is None:  # VCB when trained, else the first trained method
-        reference = "vcb" if "vcb" in cfg.training.methods else cfg.training.methods[0]
+    reference = reference or reference_method(cfg)
     judge_col = "gold" if "gold" in samples else "reward"
     by = {m: t for m, t in samples.groupby("method", sort=False)}
     vocab = len(load_tokenizer(policy_specs(cfg)["sft"], cache_dir=cfg.models.cache_dir))

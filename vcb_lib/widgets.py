@@ -17,6 +17,7 @@ from pathlib import Path
 import ipywidgets as W
 
 from vcb_lib.config import METHODS, load_params, parse_override, resolve_path
+from vcb_lib.evaluate import reference_method
 from vcb_lib.sweep import _upstream_current, build_upstream, point_metrics, record_point, run_point_inline, shared_upstream
 
 
@@ -40,7 +41,7 @@ class AblationPanel:
         self.reduction = W.Dropdown(options=[("logsumexp", "logsumexp"), ("mean (w/o)", "mean")], value=t.reduction,
                                     description="aggregation", style=style)
         self.temperature = W.FloatSlider(value=s.temperature, min=0.1, max=1.5, step=0.05, description="temperature", style=style)
-        self.method = W.Dropdown(options=list(METHODS), value="vcb" if "vcb" in t.methods else t.methods[0],
+        self.method = W.Dropdown(options=list(METHODS), value=reference_method(self.base),
                                  description="loss", style=style)
         self.n = W.IntSlider(value=s.n, min=2, max=16, description="n candidates", style=style)
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
