@@ -110,5 +110,11 @@ def test_groups_and_collation_fold_back(tiny):
     assert batch["n_tokens"].tolist() == [[1, 2, 0], [3, 1, 2]]
     assert batch["input_ids"].shape[0] == 5 and batch["response_mask"].sum().item() == 9
     torch.testing.assert_close(batch["ref_logps"][1], torch.tensor([-3.0, -1.0, -2.0]))
+    shared = collate_groups(tok, groups, share_prompts=True)  # each prompt once, rows point at it
+    assert shared["prompt_ids"].shape[0] == 2 and shared["prompt_index"].tolist() == [0, 0, 1, 1, 1]
+    assert shared["completion_mask"].sum().item() == 9 and torch.equal(shared["n_tokens"], batch["n_tokens"])
+    p_b = len(tok("Yo there", add_special_tokens=False).input_ids)
+    cut = collate_groups(tok, groups, share_prompts=True, max_length=p_b + 1)  # cuts b's prompt per response
+    assert "prompt_index" not in cut and cut["input_ids"].shape[0] == 5  # so: the flat batch
     with pytest.raises(ValueError, match="without reward"):
         candidate_groups(table.assign(reward=[0.5, None, 1.0, 2.0, 3.0]))

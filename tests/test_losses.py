@@ -597,3 +597,44 @@ def test_input_errors():
         sft_loss(p, None, r, top_k=0)
     with pytest.raises(ValueError, match="delta must be"):
         slic_loss(p, None, r, gamma=0.1, delta=-1.0)
+
+
+def _compact(x: torch.Tensor, keep: torch.Tensor, fill=0.0) -> torch.Tensor:
+    """(B, n) -> (B, max kept): each row's kept entries, in order, padded with ``fill``."""
+    width = int(keep.sum(-1).max())
+    out = torch.full((x.shape[0], width), fill, dtype=x.dtype)
+    for b in range(x.shape[0]):
+        row = x[b][keep[b]]
+        out[b, :len(row)] = row
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("lt,over", [(lt, {}) for lt in LossType] + [
+    (lt, {"pairs": "best_worst"}) for lt in (LossType.DPO, LossType.IPO, LossType.SLIC, LossType.RRHF)] + [
+    (LossType.REST, {"top_k": 2})])
+def test_used_candidates_carry_the_whole_loss(seed, lt, over):
+    """Dropping the candidates ``used_candidates`` leaves out (as the Trainer does before the
+    forward pass) changes no loss, no gradient and no metric; ties included (integer rewards)."""
+    policy, ref, rewards, mask, n_tokens = random_batch(seed, B=6, n=5, int_rewards=seed % 2 == 0)
+    hp = hparams(lt, **over)
+    used = lt.used_candidates(rewards, mask, **hp)
+    assert not (used & ~mask).any() and (used.any(-1) == mask.any(-1)).all()  # only valid ones, every prompt kept
+    if lt is LossType.REST or over.get("pairs") == "best_worst":
+        assert (used.sum(-1) <= (3 if lt in (LossType.SLIC, LossType.RRHF) else 2 if lt.pairwise else hp["top_k"])).all()
+        assert used.sum() < mask.sum()  # it does prune
+    else:
+        assert torch.equal(used, mask)
+    policy.requires_grad_()
+    full, full_m = lt.fn(policy, ref, rewards, mask, n_tokens=n_tokens, **hp)
+    (g_full,) = torch.autograd.grad(full.sum(), policy)
+    small = _compact(policy.detach(), used).requires_grad_()
+    part, part_m = lt.fn(small, _compact(ref, used), _compact(rewards, used), _compact(mask, used, False),
+                         n_tokens=_compact(n_tokens, used, 1.0), **hp)
+    (g_part,) = torch.autograd.grad(part.sum(), small)
+    torch.testing.assert_close(part, full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_compact(g_full, used), g_part, rtol=1e-12, atol=1e-12)
+    assert (g_full[mask & ~used] == 0).all()
+    assert part_m.keys() == full_m.keys()
+    for k in full_m:
+        torch.testing.assert_close(part_m[k], full_m[k], rtol=1e-12, atol=1e-12, msg=k)

@@ -4,6 +4,7 @@ schedules are right. Tiny random models, CPU, fp32."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -162,8 +163,8 @@ def test_reward_scores_read_the_last_real_token(tok):
 
 def test_gradient_checkpointing_changes_nothing_and_bf16_trains(tok, base, groups, tmp_path):
     cfg = dict(batch_size=2, grad_accum=2, max_steps=2, learning_rate=LR_EQ)
-    plain = Trainer(copy.deepcopy(base), tok, groups[:8], "ipo", cfg_(**cfg), tmp_path / "plain")
-    plain.train()
+    plain = Trainer(copy.deepcopy(base), tok, groups[:8], "ipo", cfg_(**cfg), tmp_path / "plain", share_prompts=False)
+    plain.train()  # checkpointing runs the flat batch (transformers drops the KV cache in checkpointed layers)
     ckpt = Trainer(copy.deepcopy(base), tok, groups[:8], "ipo", cfg_(**cfg, gradient_checkpointing=True), tmp_path / "gc")
     ckpt.train()
     assert max_diff(params(plain), params(ckpt)) < 1e-6
@@ -204,7 +205,7 @@ def test_batch_times_accumulation_invariance(tok, base, groups, tmp_path):
     assert [r["prompts"] for r in ref_log] == [4, 4, 2]
     for key in ((1, 4), (2, 2)):
         p, rows = runs[key]
-        assert max_diff(p, ref_params) < 1e-6, key
+        assert max_diff(p, ref_params) < 3e-6, key  # fp32 rounding (batch shapes differ); moved > 1e-4
         for a, b in zip(rows, ref_log):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
             assert a["lr"] == b["lr"] and a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)  # logp rounding
@@ -234,7 +235,7 @@ def test_two_processes_equal_one(tok, base, groups, tmp_path):
     assert [r["prompts"] for r in two_log] == [4, 4, 2]
     for a, b in zip(two_log, read_log(one)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    assert max_diff(two, params(one)) < 1e-6
+    assert max_diff(two, params(one)) < 3e-6  # fp32 rounding (batch shapes differ)
     assert max_diff(two, base.state_dict()) > 100 * 1e-6
     assert any('"steps": 3' in line for line in lines)  # the summary line streamed back
 
@@ -451,3 +452,54 @@ def test_curve_sampler_records_snapshots_without_changing_training(tok, base, gr
     replay.train()
     again = sequence_logps(replay.model, tok, list(snap.model_input), [list(map(int, r)) for r in snap.response_ids])
     assert torch.allclose(again, torch.tensor(snap.policy_logp.to_numpy(), dtype=torch.float32), atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# work the maths does not need: shared prompts, candidates a loss never reads
+# --------------------------------------------------------------------------------------------
+
+
+def test_shared_prompts_train_like_the_flat_batch(tok, base, groups, tmp_path):
+    """One prompt forward for its n candidates (the default) trains like n full rows: the same
+    logged losses, gradient norms and tokens; parameters equal up to fp32 rounding."""
+    cfg = cfg_(batch_size=2, grad_accum=2, max_steps=2, learning_rate=LR_EQ)
+    runs = {}
+    for share in (True, False):
+        t = Trainer(copy.deepcopy(base), tok, groups[:8], "vcb", cfg, tmp_path / str(share), share_prompts=share)
+        assert t.share_prompts is share
+        t.train()
+        runs[share] = params(t), read_log(t)
+        assert json.loads((tmp_path / str(share) / "training_config.json").read_text())["share_prompts"] is share
+    (p_shared, log_shared), (p_flat, log_flat) = runs[True], runs[False]
+    for a, b in zip(log_shared, log_flat):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["tokens"] == b["tokens"]  # prompt + response tokens of every candidate, either way
+    assert max_diff(p_shared, p_flat) < 3e-6 < max_diff(p_flat, base.state_dict()) / 30
+    off = Trainer(copy.deepcopy(base), tok, groups[:2], "vcb", cfg_(gradient_checkpointing=True), tmp_path / "gc")
+    assert off.share_prompts is False  # transformers drops the KV cache inside checkpointed layers
+    rm = Trainer(tiny_reward_model(), tok, preference_groups(2), "bt", cfg_(), tmp_path / "rm", score_fn=reward_scores)
+    assert rm.share_prompts is False
+
+
+@pytest.mark.parametrize("loss,over,kept", [("dpo", {"pairs": "best_worst"}, (0, 3)),
+                                            ("slic", {"pairs": "best_worst"}, (0, 3)),
+                                            ("rest", {"top_k": 2}, (0, 1))])
+def test_unread_candidates_are_not_trained(tok, base, tmp_path, loss, over, kept):
+    """Groups of 4 with rewards 3 > 2 > 1 > 0: DPO best-vs-worst reads candidates 0 and 3 (SLiC's
+    NLL the best, 0, too), ReST top-2 reads 0 and 1. The Trainer drops the rest, which trains
+    exactly like groups holding only those candidates."""
+    full = [dataclasses.replace(g, rewards=[3.0, 2.0, 1.0, 0.0]) for g in make_groups(tok, base, 6, n=4, seed=3)]
+    hand = [dataclasses.replace(g, response_ids=[g.response_ids[k] for k in kept], rewards=[g.rewards[k] for k in kept],
+                                ref_logps=[g.ref_logps[k] for k in kept]) for g in full]
+    cfg = cfg_(batch_size=3, max_steps=2, **over)
+    runs = []
+    for name, gs in (("full", full), ("hand", hand)):
+        t = Trainer(copy.deepcopy(base), tok, gs, loss, cfg, tmp_path / name)
+        t.train()
+        runs.append((params(t), read_log(t)))
+        saved = json.loads((tmp_path / name / "training_config.json").read_text())
+        assert saved["candidates"] == {"given": len(gs) * len(gs[0].response_ids), "trained": 6 * len(kept)}
+    assert max_diff(runs[0][0], runs[1][0]) == 0.0
+    timing = ("elapsed", "tokens/s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in runs[0][1]] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in runs[1][1]]

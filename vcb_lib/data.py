@@ -365,7 +365,8 @@ def candidate_groups(table, prompt_column: str = "model_input") -> list[Candidat
     return groups
 
 
-def collate_groups(tokenizer, groups: Sequence[CandidateGroup], *, max_length: int | None = None) -> dict:
+def collate_groups(tokenizer, groups: Sequence[CandidateGroup], *, max_length: int | None = None,
+                   share_prompts: bool = False) -> dict:
     """B groups -> one batch: the valid responses flattened to rows of a right-padded token
     batch, plus the ``(B, n)`` tensors the losses take (``n`` = the largest group).
 
@@ -373,10 +374,16 @@ def collate_groups(tokenizer, groups: Sequence[CandidateGroup], *, max_length: i
     responses, and ``rewards, ref_logps`` (B, n) float32, ``mask`` (B, n) bool, ``n_tokens``
     (B, n) long. Row r of the flat batch is entry ``mask.nonzero()[r]`` of the (B, n) grid, so
     ``grid = zeros(B, n); grid[mask] = flat`` folds per-row values back.
+
+    ``share_prompts``: when every group's responses share its prompt ids (always, unless
+    ``max_length`` cut a prompt differently for two of them), the rows come as a
+    ``models.collate_shared_prompts`` batch instead (``prompt_ids``/``prompt_mask`` (B, Tp),
+    ``completion_ids``/``completion_mask`` (R, Tc), ``prompt_index`` (R,)): ``batch_logps`` then
+    runs each prompt once for its n candidates. Otherwise the flat batch above.
     """
     import torch
 
-    from vcb_lib.models import collate_pairs, encode_pairs
+    from vcb_lib.models import collate_pairs, collate_shared_prompts, encode_pairs
 
     if not groups:
         raise ValueError("collate_groups needs at least one group")
@@ -385,7 +392,15 @@ def collate_groups(tokenizer, groups: Sequence[CandidateGroup], *, max_length: i
     responses = [ids for g in groups for ids in g.response_ids]
     pairs = encode_pairs(tokenizer, prompts, responses, max_length=max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = collate_pairs(pairs, 0 if pad is None else pad)  # (R, T)
+    pad = 0 if pad is None else pad
+    prompt_index = [b for b, g in enumerate(groups) for _ in g.response_ids]  # (R,)
+    heads: dict[int, list[int]] = {}  # group -> its first row's prompt ids
+    for b, (p, _) in zip(prompt_index, pairs):
+        heads.setdefault(b, p)
+    if share_prompts and all(p == heads[b] for b, (p, _) in zip(prompt_index, pairs)):
+        batch = collate_shared_prompts([heads[b] for b in range(B)], [r for _, r in pairs], prompt_index, pad)
+    else:
+        batch = collate_pairs(pairs, pad)  # (R, T)
     mask = torch.zeros(B, n, dtype=torch.bool)
     rewards = torch.zeros(B, n)
     ref_logps = torch.zeros(B, n)

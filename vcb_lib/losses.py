@@ -503,6 +503,28 @@ class LossType(StrEnum):
         """True if the loss compares responses of the same prompt (needs n ≥ 2)."""
         return self not in (LossType.REST, LossType.SFT)
 
+    def used_candidates(self, rewards: Tensor, mask: Tensor, **hparams) -> Tensor:
+        """(B, n) bool: the valid candidates this loss reads with ``hparams`` (``self.hparams``).
+
+        The others can be left out of the forward and backward passes (keeping the survivors'
+        order) without changing the loss, its gradient or its metrics: DPO/IPO with
+        ``pairs="best_worst"`` read the best and the worst response, SLiC/RRHF those and the best
+        (for their NLL term), ReST its ``top_k``; everything else reads every valid candidate.
+        Every prompt keeps at least its first valid candidate, so it stays in the batch.
+        """
+        rw = rewards.masked_fill(~mask, 0.0)
+        if self is LossType.REST:
+            used = _select_top(rw, mask, hparams["top_k"])
+        elif self.pairwise and hparams.get("pairs") == "best_worst":
+            pm = _pair_mask(rw, mask, "best_worst")  # (B, n, n)
+            used = pm.any(2) | pm.any(1)
+            if self in (LossType.SLIC, LossType.RRHF):
+                used = used | _select_top(rw, mask, 1)
+        else:
+            return mask.clone()
+        first = F.one_hot(mask.to(torch.int8).argmax(-1), mask.shape[1]).bool() & mask  # (B, n)
+        return used | (first & ~used.any(-1, keepdim=True))
+
     @property
     def fn(self) -> Callable[..., tuple[Tensor, Metrics]]:
         """The loss function, with REST/SFT's ``select`` fixed."""

@@ -493,6 +493,54 @@ def _pad_id(tokenizer) -> int:
     return 0 if pad is None else pad
 
 
+def collate_shared_prompts(prompts: Sequence[list[int]], responses: Sequence[list[int]],
+                           prompt_index: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """P distinct prompts and R responses, response r continuing prompt ``prompt_index[r]``, as a
+    batch for ``batch_logps``'s shared-prompt path (each prompt goes through the model once).
+
+    Returns prompt_ids, prompt_mask (P, Tp) left-padded (all prompts end at the last column),
+    completion_ids, completion_mask (R, Tc) right-padded (Tc >= 1), prompt_index (R,),
+    n_tokens (R,) = response lengths. Prompts must not be empty (the first response token needs
+    context; ``encode_pairs`` guarantees it).
+    """
+    if not prompts or not responses or len(prompt_index) != len(responses):
+        raise ValueError(f"need >= 1 prompt and one prompt_index per response; got {len(prompts)} prompts, "
+                         f"{len(responses)} responses, {len(prompt_index)} prompt_index entries")
+    if min(map(len, prompts)) == 0:
+        raise ValueError("collate_shared_prompts: a prompt is empty; encode it with encode_pairs (adds BOS)")
+    P, Tp = len(prompts), max(map(len, prompts))
+    R, Tc = len(responses), max(1, max(map(len, responses)))
+    prompt_ids = torch.full((P, Tp), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((P, Tp), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, Tp - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[i, Tp - len(p):] = 1
+    completion_ids = torch.full((R, Tc), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((R, Tc), dtype=torch.long)
+    for r, ids in enumerate(responses):
+        completion_ids[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        completion_mask[r, :len(ids)] = 1
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask, "prompt_index": torch.tensor(list(prompt_index), dtype=torch.long),
+            "n_tokens": completion_mask.sum(-1)}
+
+
+def sequence_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Prompt + response tokens of every row of a ``collate_pairs`` or ``collate_shared_prompts``
+    batch (a shared prompt counts once per row that continues it), padding excluded."""
+    if "prompt_index" in batch:
+        return int(batch["prompt_mask"].sum(-1)[batch["prompt_index"]].sum() + batch["completion_mask"].sum())
+    return int(batch["attention_mask"].sum())
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per position: (B, K, V), (B, K) -> (B, K) in float32 (float64
+    for a float64 model), computed as x[y] - logsumexp(x) without materialising the (B, K, V)
+    log-softmax."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
 def logps_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Sum of log p(token_t | tokens_<t) over response positions.
 
@@ -500,19 +548,19 @@ def logps_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, response_ma
     response_mask (B, T) -> (B,) float32. Response tokens must lie in the last K - 1 positions.
     """
     K = logits.shape[1]
-    logits = logits[:, :-1].float()  # (B, K-1, V): position t predicts token t+1
-    targets = input_ids[:, -(K - 1):]  # (B, K-1)
-    mask = response_mask[:, -(K - 1):].to(logits.dtype)  # (B, K-1)
-    # log_softmax(x)[y] = x[y] - logsumexp(x), without materialising the (B, K-1, V) log-softmax
-    token_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (B, K-1)
-    return (token_logps * mask).sum(-1)  # (B,)
+    targets = input_ids[:, -(K - 1):]  # (B, K-1): position t predicts token t+1
+    lp = token_logps(logits[:, :-1], targets)  # (B, K-1)
+    return (lp * response_mask[:, -(K - 1):].to(lp.dtype)).sum(-1)  # (B,)
 
 
 def batch_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed response log-probs (B,) for a ``tokenize_pairs`` batch, keeping the graph (training).
+    """Summed response log-probs (B,) for a ``tokenize_pairs`` / ``collate_pairs`` batch, or (R,)
+    for a ``collate_shared_prompts`` batch, keeping the graph (training).
 
     Only the positions from the batch's first response token on go through the LM head
     (``logits_to_keep``): the (B, T, V) logits of the prompts are never built."""
+    if "prompt_index" in batch:
+        return _shared_prompt_logps(model, batch)
     device = next(model.parameters()).device
     input_ids, response_mask = batch["input_ids"].to(device), batch["response_mask"].to(device)
     T = input_ids.shape[1]
@@ -522,6 +570,37 @@ def batch_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False,
                 logits_to_keep=keep)
     return logps_from_logits(out.logits, input_ids, response_mask)  # (B, keep, V) -> (B,)
+
+
+def _shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(R,) summed response log-probs with one forward per distinct prompt.
+
+    1. the P left-padded prompts go through the model once, keeping their KV cache and the
+       logits of their last position (which predict every continuation's first token);
+    2. the cache is indexed to the R rows (``index_select``: each row gets its prompt's keys and
+       values, and the gradient of every row flows back into the one prompt forward);
+    3. the R responses go through the model on top of it, positions continuing the prompt's.
+    Same log-probs and gradients as the flat batch (tests/test_models.py) for P·Tp + R·Tc instead
+    of R·(Tp + Tc) token positions: with n candidates per prompt the prompt is computed once, not
+    n times. Needs a model whose cache is a transformers ``Cache`` and no gradient checkpointing
+    (transformers drops the cache inside checkpointed layers).
+    """
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
+    ids, mask = batch["completion_ids"].to(device), batch["completion_mask"].to(device)
+    rows = batch["prompt_index"].to(device)  # (R,)
+    prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp_min(0)  # (P, Tp): left padding -> positions from 0
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True,
+                logits_to_keep=1)  # logits (P, 1, V)
+    cache = out.past_key_values
+    cache.reorder_cache(rows)  # (P, H, Tp, D) -> (R, H, Tp, D) per layer
+    positions = prompt_mask.sum(-1)[rows, None] + torch.arange(ids.shape[1], device=device)  # (R, Tc)
+    cont = model(input_ids=ids, attention_mask=torch.cat([prompt_mask[rows], mask], 1), position_ids=positions,
+                 past_key_values=cache, use_cache=True)  # logits (R, Tc, V)
+    first = token_logps(out.logits[rows], ids[:, :1])  # (R, 1): the prompt's last position predicts token 0
+    rest = token_logps(cont.logits[:, :-1], ids[:, 1:])  # (R, Tc-1): response position t predicts t+1
+    lp = torch.cat([first, rest], 1)  # (R, Tc)
+    return (lp * mask.to(lp.dtype)).sum(-1)  # (R,)
 
 
 def sequence_logps(

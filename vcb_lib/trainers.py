@@ -63,7 +63,7 @@ from vcb_lib.config import TrainingConfig
 from vcb_lib.data import CandidateGroup, collate_groups
 from vcb_lib.io import atomic_write_text, write_json
 from vcb_lib.losses import LossType
-from vcb_lib.models import batch_logps
+from vcb_lib.models import batch_logps, sequence_tokens
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,23 @@ def split_even(items: list[int], parts: int) -> list[list[int]]:
     return [items[bounds[k]:bounds[k + 1]] for k in range(parts)]
 
 
+def prune_groups(groups: Sequence[CandidateGroup], loss_type: LossType, hparams: dict) -> list[CandidateGroup]:
+    """The groups with only the candidates ``loss_type`` reads (``LossType.used_candidates``), in
+    their order: the loss, its gradient and metrics are those of the full groups."""
+    n = max(len(g.response_ids) for g in groups)
+    mask = torch.tensor([[k < len(g.response_ids) for k in range(n)] for g in groups])  # (G, n)
+    rewards = torch.tensor([list(g.rewards) + [0.0] * (n - len(g.rewards)) for g in groups], dtype=torch.float64)
+    used = loss_type.used_candidates(rewards, mask, **hparams).tolist()  # (G, n)
+    if all(sum(u) == len(g.response_ids) for u, g in zip(used, groups)):
+        return list(groups)
+    pruned = []
+    for g, u in zip(groups, used):
+        keep = [k for k in range(len(g.response_ids)) if u[k]]
+        pruned.append(dataclasses.replace(g, response_ids=[g.response_ids[k] for k in keep],
+                                          rewards=[g.rewards[k] for k in keep], ref_logps=[g.ref_logps[k] for k in keep]))
+    return pruned
+
+
 def data_fingerprint(groups: Sequence[CandidateGroup]) -> str:
     return hashlib.sha256("\n".join(g.prompt_id for g in groups).encode()).hexdigest()[:16]
 
@@ -194,13 +211,18 @@ class Trainer:
     ``accelerator`` (created here if None: create the Trainer inside a launched function);
     ``max_length`` truncation of prompt + response tokens (None = none); ``on_step(step, trainer)``
     called on every rank after each optimizer step and once with step 0 before the first (e.g.
-    ``CurveSampler``, Fig. 5).
+    ``CurveSampler``, Fig. 5); ``share_prompts`` (causal LMs scored by ``policy_scores``) runs
+    each prompt once for its n candidates (``models.batch_logps``, same log-probs) where it can:
+    not with gradient checkpointing, FSDP or DeepSpeed, which then get the flat batch.
+
+    Candidates the loss never reads (``LossType.used_candidates``: best-vs-worst pairs, ReST's
+    top_k) are dropped from ``groups`` here, so they cost no forward or backward pass.
     """
 
     def __init__(self, model, tokenizer, groups: Sequence[CandidateGroup], loss_type: LossType | str,
                  cfg: TrainingConfig, out_dir: str | os.PathLike, *, seed: int = 0,
                  score_fn: ScoreFn = policy_scores, accelerator=None, max_length: int | None = None,
-                 on_step: Callable[[int, "Trainer"], None] | None = None):
+                 on_step: Callable[[int, "Trainer"], None] | None = None, share_prompts: bool = True):
         from accelerate import Accelerator
 
         if not groups:
@@ -211,7 +233,9 @@ class Trainer:
         self.loss_type = LossType(loss_type)
         self.hparams = {k: getattr(cfg, k) for k in self.loss_type.hparams}
         self.cfg, self.seed, self.score_fn, self.max_length, self.on_step = cfg, seed, score_fn, max_length, on_step
-        self.groups, self.tokenizer = list(groups), tokenizer
+        self.groups, self.tokenizer = prune_groups(groups, self.loss_type, self.hparams), tokenizer
+        self.candidates = {"given": sum(len(g.response_ids) for g in groups),
+                           "trained": sum(len(g.response_ids) for g in self.groups)}
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.log_path = self.out_dir / "log.jsonl"
@@ -231,6 +255,8 @@ class Trainer:
         self.lengths = group_lengths(tokenizer, self.groups)
         self.fingerprint = data_fingerprint(self.groups)
 
+        self.share_prompts = share_prompts and score_fn is policy_scores and not cfg.gradient_checkpointing \
+            and acc.distributed_type.name not in ("FSDP", "DEEPSPEED")  # both wrap forward hooks we have not tested twice per step
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]  # nanoGPT: no decay
@@ -251,7 +277,8 @@ class Trainer:
         """Forward + backward of one micro-batch; returns its sums for the step's log."""
         acc = self.accelerator
         groups = [self.groups[j] for j in idx]
-        batch = {k: v.to(acc.device) for k, v in collate_groups(self.tokenizer, groups, max_length=self.max_length).items()}
+        batch = {k: v.to(acc.device) for k, v in collate_groups(
+            self.tokenizer, groups, max_length=self.max_length, share_prompts=self.share_prompts).items()}
         mask = batch["mask"]  # (B, n)
         with acc.accumulate(self.model):
             with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
@@ -263,7 +290,7 @@ class Trainer:
             self._check_loss(losses, step, m, groups)
             acc.backward(losses.sum() * (weight * scale))
         n = weight * len(groups)
-        return {"loss": losses.detach().sum() * weight, "prompts": n, "tokens": weight * batch["attention_mask"].sum().item(),
+        return {"loss": losses.detach().sum() * weight, "prompts": n, "tokens": weight * sequence_tokens(batch),
                 **{k: v.detach().float() * n for k, v in metrics.items()}}
 
     def _optimizer_step(self, step: int, chunk: list[int]) -> dict:
@@ -382,7 +409,8 @@ class Trainer:
                 self.log_path.unlink(missing_ok=True)
                 write_json(self.out_dir / "training_config.json", dataclasses.asdict(self.cfg) | {
                     "loss_type": str(self.loss_type), "seed": self.seed, "num_processes": self.world,
-                    "step_size": self.step_size, "total_steps": self.total_steps, "data": self.fingerprint})
+                    "step_size": self.step_size, "total_steps": self.total_steps, "data": self.fingerprint,
+                    "share_prompts": self.share_prompts, "candidates": self.candidates})
             acc.wait_for_everyone()
             return 0, 0.0
         state = json.loads((latest / STATE_FILE).read_text())
