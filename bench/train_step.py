@@ -7,8 +7,10 @@ on the same data, model, precision, thread count, sequences per optimizer step a
     .venv/bin/python bench/train_step.py --model tiny-random --steps 8   # seconds
     .venv/bin/python bench/train_step.py --pairs all --data sampled --json out.json
 
-Runs (``--runs``): ``ours-vcb`` (Trainer + vcb_loss, n candidates per prompt), ``ours-dpo``
-(Trainer + dpo_loss on the same groups), ``trl-dpo`` (DPOTrainer with its reference model) and
+Runs (``--runs``): ``ours-vcb`` (Trainer + vcb_loss, n candidates per prompt, each prompt forwarded
+once for its n candidates), ``ours-vcb-flat`` (the same with ``share_prompts=False``: n full rows per
+prompt, as before 2026-11-26), ``ours-dpo`` (Trainer + dpo_loss on the same groups; with best_worst
+pairs it trains only the 2 candidates the loss reads), ``trl-dpo`` (DPOTrainer with its reference model) and
 ``trl-dpo-pre`` (DPOTrainer with ``precompute_ref_log_probs=True``: no reference model while training).
 
 Data. G prompts, each with n candidates: ``--data synthetic`` (default) uses real task prompts padded
@@ -22,19 +24,22 @@ pairs as token ids (its ``_prepare_dataset`` is bypassed), identical to what our
 
 Equalised: model and weights, precision (fp32 on CPU; ``--bf16`` = bf16 autocast in both), threads
 (``torch.set_num_threads`` + OMP/MKL env in every child; default 1, see ``--threads``), sequences per
-optimizer step ``--seqs`` (ours: seqs/n prompts x n candidates; TRL: seqs/2 pairs x 2), AdamW
+optimizer step ``--seqs`` (ours: seqs/k prompts x the k candidates the loss reads, k = n for VCB, 2 for
+DPO best_worst; TRL: seqs/2 pairs x 2), AdamW
 (``torch.optim.AdamW(fused=True)`` in both: our Trainer's, and TRL's own default
 ``adamw_torch_fused``, see ``--trl-optim``; lr, betas, no weight decay), constant LR without warm-up,
 grad clipping 1.0, gradient checkpointing (off in both; ``--gradient-checkpointing``), no checkpoint
 writing (TRL ``save_strategy="no"``; our checkpoint/final saves are switched off by a subclass here),
 optimizer steps (``--steps``, the first ``--warmup`` not timed). Tokens counted: prompt + response
-tokens of every sequence that goes through the policy forward (padding excluded).
+tokens of every sequence trained on (padding excluded); ours forwards a prompt once for all its
+candidates, so it puts fewer token positions through the model for the same sequences (that is the
+point of it), and MFU counts the positions really forwarded.
 
 Not equalised (structural): TRL's DPOTrainer keeps a live reference model and runs a reference forward
 every step unless ``precompute_ref_log_probs``; ours always reads reference log-probs stored with the
 candidates (their pass is timed once here as ``ref pass``, like TRL's precompute in ``init s``). TRL
 projects the LM head only on completion positions in tiles (its ``fused_lm_head``) and also computes
-entropy / top-1 metrics; ours materialises full (R, T, V) logits. One of our steps covers seqs/n prompts
+entropy / top-1 metrics; ours projects it from the first response position on, in one piece. One of our steps covers seqs/n prompts
 with all their candidates (VCB uses every pair of the n; DPO with ``--pairs all`` forms all pairs from n
 forwards), a TRL step covers seqs/2 pairs: ``epoch s`` is the time to consume every group (ours) or
 every pair built from the same groups (TRL) once.
@@ -60,7 +65,7 @@ from pathlib import Path
 from common import MODELS, child_env, print_cells, split_choices, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ("ours-vcb", "ours-dpo", "trl-dpo", "trl-dpo-pre")
+RUNS = ("ours-vcb", "ours-vcb-flat", "ours-dpo", "trl-dpo", "trl-dpo-pre")
 FILLER = (" please", " and", " thanks", " ok", " a")  # filler words that pad a prompt to an exact token count
 
 
@@ -213,8 +218,9 @@ def child_ours(args, data: dict, device: str, bf16: bool) -> dict:
 
     from vcb_lib.config import load_params
     from vcb_lib.data import CandidateGroup
+    from vcb_lib.losses import LossType
     from vcb_lib.models import load_policy, load_tokenizer
-    from vcb_lib.trainers import Trainer
+    from vcb_lib.trainers import Trainer, prune_groups
 
     class NoSaveTrainer(Trainer):
         """Our Trainer without checkpoint/final writing (TRL runs with save_strategy="no")."""
@@ -228,26 +234,38 @@ def child_ours(args, data: dict, device: str, bf16: bool) -> dict:
     base_rss = rss_mib()
     groups = [CandidateGroup(f"p{b}", data["prompts"][b], data["responses"][b], data["rewards"][b], data["ref_logps"][b])
               for b in range(len(data["prompts"]))]
-    per_step = args.seqs // args.n
+    loss = args.child.split("-")[1]  # ours-vcb, ours-vcb-flat, ours-dpo
+    trained = prune_groups(groups, LossType(loss), {"top_k": 1, "pairs": args.pairs})  # what the Trainer keeps
+    k = round(sum(len(g.response_ids) for g in trained) / len(groups))  # candidates trained per prompt
+    per_step = args.seqs // k
     cfg = dataclasses.replace(
         load_params(None, []).training, batch_size=per_step, grad_accum=1, max_steps=args.steps,
         epochs=math.ceil(args.steps * per_step / len(groups)), warmup_steps=0, lr_schedule="constant",
         learning_rate=args.lr, weight_decay=0.0, max_grad_norm=1.0, gamma=args.gamma, pairs=args.pairs,
         bf16=bf16, gradient_checkpointing=args.gradient_checkpointing, save_every=0)
-    loss = args.child.split("-", 1)[1]
     tok = load_tokenizer(args.spec)
     model = load_policy(args.spec, device=device).train()
     loaded_rss = rss_mib()
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        trainer = NoSaveTrainer(model, tok, groups, loss, cfg, out, seed=args.seed)
+        trainer = NoSaveTrainer(model, tok, groups, loss, cfg, out, seed=args.seed,
+                                share_prompts=not args.child.endswith("-flat"))
         init_s = time.perf_counter() - t0
         trainer.train()
         rows = [json.loads(ln) for ln in (Path(out) / "log.jsonl").read_text().splitlines() if ln]
     return {"tokens": [r["tokens"] for r in rows], "step_s": [r["tokens"] / r["tokens/s"] for r in rows],
             "loss": [r["loss"] for r in rows], "init_s": init_s, "base_rss": base_rss, "loaded_rss": loaded_rss,
-            "seqs_per_step": per_step * args.n, "epoch_steps": len(groups) / per_step,
-            "n_params": sum(p.numel() for p in model.parameters())}
+            "seqs_per_step": per_step * k, "epoch_steps": len(groups) / per_step,
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "forwarded_per_token": forwarded_per_token(data["prompt_ids"], trained, trainer.share_prompts)}
+
+
+def forwarded_per_token(prompt_ids: list[list[int]], groups, shared: bool) -> float:
+    """Token positions the policy forward computes per counted (prompt + response) token: 1 for full
+    rows, (|p| + Σ|r|) / Σ(|p| + |r|) when each prompt runs once for its candidates."""
+    counted = sum(len(p) * len(g.response_ids) + sum(map(len, g.response_ids)) for p, g in zip(prompt_ids, groups))
+    forwarded = sum(len(p) + sum(map(len, g.response_ids)) for p, g in zip(prompt_ids, groups))
+    return forwarded / counted if shared else 1.0
 
 
 def child_trl(args, data: dict, device: str, bf16: bool) -> dict:
@@ -392,7 +410,8 @@ def summarise(reps: list[dict], warmup: int) -> dict:
          "load avg": max(r["load_avg"] for r in reps)}
     if "peak_gpu_mib" in res:
         s["peak GPU MiB"] = max(r["peak_gpu_mib"] for r in reps)
-        s["MFU %"] = 100 * 6 * res["n_params"] * s["tokens/s"] / (res["matmul_tflops"] * 1e12)
+        forwarded = s["tokens/s"] * res.get("forwarded_per_token", 1.0)  # positions really computed
+        s["MFU %"] = 100 * 6 * res["n_params"] * forwarded / (res["matmul_tflops"] * 1e12)
     return s
 
 
@@ -464,7 +483,7 @@ def main(argv=None) -> dict:
         print_table(summaries)
     by = {s["run"]: s for s in summaries}
     ratios = []
-    for ours in ("ours-vcb", "ours-dpo"):
+    for ours in ("ours-vcb", "ours-vcb-flat", "ours-dpo"):
         for peer in ("trl-dpo", "trl-dpo-pre"):
             if ours in by and peer in by:
                 a, b = by[ours], by[peer]

@@ -618,7 +618,7 @@ def test_used_candidates_carry_the_whole_loss(seed, lt, over):
     forward pass) changes no loss, no gradient and no metric; ties included (integer rewards)."""
     policy, ref, rewards, mask, n_tokens = random_batch(seed, B=6, n=5, int_rewards=seed % 2 == 0)
     hp = hparams(lt, **over)
-    used = lt.used_candidates(rewards, mask, **hp)
+    used = lt.used_candidates(rewards, mask, **vars(HP) | over)  # keys of other losses are ignored
     assert not (used & ~mask).any() and (used.any(-1) == mask.any(-1)).all()  # only valid ones, every prompt kept
     if lt is LossType.REST or over.get("pairs") == "best_worst":
         assert (used.sum(-1) <= (3 if lt in (LossType.SLIC, LossType.RRHF) else 2 if lt.pairwise else hp["top_k"])).all()

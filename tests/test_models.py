@@ -435,3 +435,20 @@ def test_collate_shared_prompts_layout_and_bad_input():
         M.collate_shared_prompts([[]], [[1]], [0], pad_id=0)
     with pytest.raises(ValueError, match="one prompt_index per response"):
         M.collate_shared_prompts([[1]], [[1], [2]], [0], pad_id=0)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 16])
+def test_sequence_logps_shares_repeated_prompts(model, tok, batch_size):
+    """n candidates per prompt (interleaved, one prompt cut by max_length differently per response)
+    run their prompt once; each result equals the plain per-pair loop, in input order."""
+    g = torch.Generator().manual_seed(2)
+    rand = lambda k: torch.randint(3, 5000, (k,), generator=g).tolist()  # noqa: E731
+    p0, p1 = rand(6), rand(2)
+    prompts = [p0, p0, p1, p0, p1, p0]
+    responses = [rand(4), rand(7), rand(3), [], rand(5), rand(2)]
+    got = M.sequence_logps(model, tok, prompts, responses, batch_size=batch_size, max_length=11)
+    want = []
+    for p, r in zip(prompts, responses):
+        p = p[-max(1, 11 - len(r)):]  # encode_pairs keeps the end of a prompt that does not fit
+        want.append(reference_logp(model, p, r) if r else 0.0)
+    torch.testing.assert_close(got, torch.tensor(want), atol=1e-4, rtol=1e-5)

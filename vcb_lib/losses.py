@@ -510,12 +510,13 @@ class LossType(StrEnum):
         order) without changing the loss, its gradient or its metrics: DPO/IPO with
         ``pairs="best_worst"`` read the best and the worst response, SLiC/RRHF those and the best
         (for their NLL term), ReST its ``top_k``; everything else reads every valid candidate.
-        Every prompt keeps at least its first valid candidate, so it stays in the batch.
+        Every prompt keeps at least its first valid candidate, so it stays in the batch. Keys this
+        loss does not take are ignored.
         """
         rw = rewards.masked_fill(~mask, 0.0)
         if self is LossType.REST:
             used = _select_top(rw, mask, hparams["top_k"])
-        elif self.pairwise and hparams.get("pairs") == "best_worst":
+        elif "pairs" in self.hparams and hparams.get("pairs") == "best_worst":
             pm = _pair_mask(rw, mask, "best_worst")  # (B, n, n)
             used = pm.any(2) | pm.any(1)
             if self in (LossType.SLIC, LossType.RRHF):

@@ -617,14 +617,25 @@ def sequence_logps(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log π(response | prompt) summed over response tokens, for N pairs -> (N,) float32 on CPU.
 
-    Inference only: no grad, model switched to eval for the call and restored after. Pairs are
-    sorted by length (longest first, so memory trouble shows at once) to cut padding, then put
-    back in input order. ``return_n_tokens`` also returns the counted tokens per pair (N,).
+    Inference only: no grad, model switched to eval for the call and restored after. Pairs with
+    the same prompt ids share one prompt forward (``collate_shared_prompts``: n candidates of a
+    prompt cost one prompt, not n); up to ``batch_size`` responses per batch, longest first (so
+    memory trouble shows at once), put back in input order. ``return_n_tokens`` also returns the
+    counted tokens per pair (N,).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pairs = encode_pairs(tokenizer, prompts, responses, max_length=max_length, add_eos=add_eos)
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, (p, _) in enumerate(pairs):
+        by_prompt.setdefault(tuple(p), []).append(i)
+    chunks = [rows[k:k + batch_size] for rows in by_prompt.values() for k in range(0, len(rows), batch_size)]
+    chunks.sort(key=lambda c: -(len(pairs[c[0]][0]) + max(len(pairs[i][1]) for i in c)))
+    batches: list[list[list[int]]] = [[]]
+    for chunk in chunks:  # whole chunks (rows of one prompt) into batches of <= batch_size rows
+        if batches[-1] and sum(map(len, batches[-1])) + len(chunk) > batch_size:
+            batches.append([])
+        batches[-1].append(chunk)
     logps = torch.zeros(len(pairs), dtype=torch.float32)
     n_tokens = torch.tensor([len(r) for _, r in pairs], dtype=torch.long)
     device_type = next(model.parameters()).device.type
@@ -632,9 +643,10 @@ def sequence_logps(
     model.eval()
     try:
         with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast_bf16):
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                batch = collate_pairs([pairs[i] for i in idx], _pad_id(tokenizer))
+            for batch_chunks in batches:
+                idx = [i for chunk in batch_chunks for i in chunk]
+                batch = collate_shared_prompts([pairs[c[0]][0] for c in batch_chunks], [pairs[i][1] for i in idx],
+                                               [j for j, c in enumerate(batch_chunks) for _ in c], _pad_id(tokenizer))
                 logps[idx] = batch_logps(model, batch).float().cpu()
     finally:
         model.train(was_training)
