@@ -614,6 +614,7 @@ def sequence_logps(
     autocast_bf16: bool = False,
     add_eos: bool = False,
     return_n_tokens: bool = False,
+    share_prompts: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log π(response | prompt) summed over response tokens, for N pairs -> (N,) float32 on CPU.
 
@@ -621,14 +622,15 @@ def sequence_logps(
     the same prompt ids share one prompt forward (``collate_shared_prompts``: n candidates of a
     prompt cost one prompt, not n); up to ``batch_size`` responses per batch, longest first (so
     memory trouble shows at once), put back in input order. ``return_n_tokens`` also returns the
-    counted tokens per pair (N,).
+    counted tokens per pair (N,). ``share_prompts=False`` runs every pair's prompt itself (the
+    same numbers at n times the prompt cost; bench/logps.py compares the two).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pairs = encode_pairs(tokenizer, prompts, responses, max_length=max_length, add_eos=add_eos)
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, (p, _) in enumerate(pairs):
-        by_prompt.setdefault(tuple(p), []).append(i)
+        by_prompt.setdefault(tuple(p) if share_prompts else (i,), []).append(i)
     chunks = [rows[k:k + batch_size] for rows in by_prompt.values() for k in range(0, len(rows), batch_size)]
     chunks.sort(key=lambda c: -(len(pairs[c[0]][0]) + max(len(pairs[i][1]) for i in c)))
     batches: list[list[list[int]]] = [[]]

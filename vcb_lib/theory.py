@@ -53,7 +53,7 @@ def as_f64(x: Any) -> Tensor:
     """A detached float64 CPU tensor from a tensor, numpy array, list or scalar."""
     if isinstance(x, Tensor):
         return x.detach().to(device="cpu", dtype=DTYPE)
-    return torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=DTYPE)
+    return torch.tensor(np.asarray(x, dtype=np.float64), dtype=DTYPE)  # a copy: the array may be read-only (pandas)
 
 
 def _table(x: Any, name: str) -> Tensor:
