@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +28,20 @@ def child_env(threads: int, **extra: str) -> dict[str, str]:
     """Environment of a measured child: ``threads`` OpenMP/MKL threads, no tokenizer threads."""
     return os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                          "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def spawn_child(script: str, argv: list[str], cell: str, env: dict[str, str], *extra: str) -> dict | None:
+    """Run ``script`` again in a fresh process as the measured child ``--child cell`` (its own peak
+    RSS) and return the JSON it writes to ``--out-file``; on failure print the end of its stderr and
+    return None. ``argv``: the parent's arguments (``without_json``); ``extra``: more of them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "cell.json"
+        cmd = [sys.executable, script, *argv, *extra, "--child", cell, "--out-file", str(out)]
+        proc = subprocess.run(cmd, env=env, cwd=Path(script).resolve().parents[1], capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{cell}: FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
+            return None
+        return json.loads(out.read_text())
 
 
 def without_json(argv: list[str]) -> list[str]:

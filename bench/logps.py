@@ -30,13 +30,11 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import MODELS, child_env, print_cells, without_json, write_report
+from common import MODELS, child_env, print_cells, spawn_child, without_json, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,19 +114,14 @@ def main(argv=None) -> dict:
     env = child_env(args.threads)
     passthrough = without_json(list(argv if argv is not None else sys.argv[1:]))
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for bs in args.batch_sizes:  # the cells of one batch size back to back
-            for precision in args.precisions:
-                for layout in args.layouts:
-                    cell = f"{layout}:{precision}:{bs}"
-                    out = Path(tmp) / "cell.json"
-                    cmd = [sys.executable, __file__, *passthrough, "--child", cell, "--out-file", str(out)]
-                    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-                    if proc.returncode:
-                        print(f"{cell}: FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
-                        continue
-                    rows.append(json.loads(out.read_text()))
-                    print(f"{cell}: {rows[-1]['tokens/s']:,.0f} tokens/s", flush=True)
+    for bs in args.batch_sizes:  # the cells of one batch size back to back
+        for precision in args.precisions:
+            for layout in args.layouts:
+                cell = f"{layout}:{precision}:{bs}"
+                row = spawn_child(__file__, passthrough, cell, env)
+                if row is not None:
+                    rows.append(row)
+                    print(f"{cell}: {row['tokens/s']:,.0f} tokens/s", flush=True)
     cells = {(r["layout"], r["precision"], r["batch"]): r for r in rows}
     for r in rows:
         ref = cells.get((r["layout"], "fp32", r["batch"]))

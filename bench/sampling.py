@@ -32,13 +32,11 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import MODELS, child_env, print_cells, split_choices, without_json, write_report
+from common import MODELS, child_env, print_cells, spawn_child, split_choices, without_json, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("hf-fp32", "hf-bf16", "vllm-fp32", "vllm-bf16")
@@ -122,16 +120,11 @@ def main(argv=None) -> dict:
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0" if args.threads == 1 else f"0-{args.threads - 1}")
     passthrough = without_json(list(argv if argv is not None else sys.argv[1:]))
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for backend in args.backends:
-            out = Path(tmp) / f"{backend}.json"
-            cmd = [sys.executable, __file__, *passthrough, "--child", backend, "--out-file", str(out)]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-            if proc.returncode:
-                print(f"{backend}: FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
-                continue
-            rows.append(json.loads(out.read_text()))
+    for backend in args.backends:
+        t0 = time.perf_counter()
+        row = spawn_child(__file__, passthrough, backend, env)
+        if row is not None:
+            rows.append(row)
             print(f"{backend}: done in {time.perf_counter() - t0:.1f} s", flush=True)
     base = next((r for r in rows if r["backend"] == "hf-fp32"), None)
     for r in rows:

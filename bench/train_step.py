@@ -56,13 +56,12 @@ import math
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import MODELS, child_env, print_cells, split_choices, write_report
+from common import MODELS, child_env, print_cells, spawn_child, split_choices, without_json, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("ours-vcb", "ours-vcb-flat", "ours-dpo", "trl-dpo", "trl-dpo-pre")
@@ -425,19 +424,6 @@ def print_table(rows: list[dict], int_cols=INT_COLS) -> None:
     print_cells(cols, [[fmt[c](r[c]) for c in cols] for r in rows])
 
 
-def _without_json(argv: list[str]) -> list[str]:
-    """The parent's arguments for its children, less ``--json PATH`` / ``--json=PATH``."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--json":
-            skip = True
-        elif not a.startswith("--json="):
-            out.append(a)
-    return out
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.child:
@@ -457,18 +443,14 @@ def main(argv=None) -> dict:
         print(f"data: {len(data['prompts'])} prompts x {args.n} candidates ({args.data}), {len(data['pairs'])} DPO pairs "
               f"({args.pairs}); built in {time.perf_counter() - t0:.1f} s; ref pass over the candidates "
               f"{data['ref_pass_s']:.2f} s ({data['ref_pass_tokens'] / data['ref_pass_s']:,.0f} tokens/s)", flush=True)
-        passthrough = _without_json(list(argv if argv is not None else sys.argv[1:]))
+        passthrough = without_json(list(argv if argv is not None else sys.argv[1:]))
         for rep in range(args.repeats):
             for run in args.runs:
-                out = Path(tmp) / f"{run}.json"
-                cmd = [sys.executable, __file__, *passthrough, "--child", run, "--data-file", str(Path(tmp) / "data.json"),
-                       "--out-file", str(out)]
                 t0 = time.perf_counter()
-                proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-                if proc.returncode:
-                    print(f"{run}: FAILED (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
+                res = spawn_child(__file__, passthrough, run, env, "--data-file", str(Path(tmp) / "data.json"))
+                if res is None:
                     continue
-                results.setdefault(run, []).append(json.loads(out.read_text()))
+                results.setdefault(run, []).append(res)
                 r = results[run][-1]
                 print(f"[{rep + 1}/{args.repeats}] {run}: {time.perf_counter() - t0:.1f} s; timed steps "
                       f"{' '.join(f'{t:.2f}' for t in r['step_s'][args.warmup:])} s; load avg {r['load_avg']:.1f}",

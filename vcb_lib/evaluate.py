@@ -675,7 +675,6 @@ def reward_kl_curve(cfg, samples, *, log=print) -> dict[str, list[dict]]:
     snapshot samples to ``04_eval/curve.parquet``."""
     import pandas as pd
 
-    from vcb_lib.data import TASKS
     from vcb_lib.io import atomic_write_bytes, read_json
     from vcb_lib.models import load_policy, load_tokenizer, sequence_logps
     from vcb_lib.rewards import gold_reward, load_reward_model

@@ -26,11 +26,14 @@ import re
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
 from vcb_lib.config import Config, ConfigError, load_params, parse_override, resolve_path
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SWEEP_KEYS = ("name", "base", "set", "grid", "points")
 POINT_STAGES = ["03", "04"]  # train, evaluate
