@@ -124,3 +124,19 @@ def test_hf_prefill_once_samples_what_generate_samples(tiny):
                              eos_token_id=tok.eos_token_id)[:, P:]
     for row, c in enumerate(c for cs in got for c in cs):
         assert c.token_ids == ref[row, :len(c.token_ids)].tolist()
+
+
+def test_hf_samples_a_checkpointed_model_in_training_mode(tiny):
+    """transformers keeps no cache in checkpointed layers of a training model: the sampler then
+    lets ``generate`` expand the prompts itself (and recompute the sequence each step), and still
+    samples n completions per prompt whose first tokens are eval mode's (later ones may differ by
+    rounding: the random tiny model's distribution is nearly flat)."""
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prompts = [format_prompt(tok, p) for p in PROMPTS[:2]]
+    kw = dict(n=2, temperature=1.0, max_new_tokens=5, seed=7)
+    train = HFSampler(model.train(), tok).generate(prompts, **kw)
+    evaluation = HFSampler(model.eval(), tok).generate(prompts, **kw)
+    assert [len(cs) for cs in train] == [2, 2] and all(len(c.token_ids) == 5 for cs in train for c in cs)
+    assert [[c.token_ids[0] for c in cs] for cs in train] == [[c.token_ids[0] for c in cs] for cs in evaluation]

@@ -100,8 +100,10 @@ class HFSampler:
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
             cache = None
-            if P > 1:  # each prompt's prefill runs once, not n times (generate's num_return_sequences
-                # would copy the prompt first): all but its last token into a cache copied to the n rows
+            checkpointed = model.training and getattr(model, "is_gradient_checkpointing", False)  # no cache then
+            if P > 1 and not checkpointed:  # each prompt's prefill runs once, not n times (generate's
+                # num_return_sequences would copy the prompt first): all but its last token into a cache
+                # copied to the n rows
                 positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
                 cache = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
                               position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
