@@ -571,6 +571,19 @@ def batch_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return logps_from_logits(out.logits, input_ids, response_mask)  # (B, keep, V) -> (B,)
 
 
+def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, rows: torch.Tensor):
+    """Run P left-padded prompts (P, Tp) through ``model`` once and copy their KV cache to R rows:
+    row r continues prompt ``rows[r]`` (``Cache.reorder_cache`` = ``index_select``, which the
+    gradient flows back through). Returns (logits of each prompt's last position (P, 1, V), the
+    cache of R rows). Continue with ``attention_mask = cat([prompt_mask[rows], new_mask], 1)`` and
+    positions from ``prompt_mask.sum(-1)[rows]`` on (``generate`` derives both itself)."""
+    positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)  # (P, Tp): left padding -> positions from 0
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    out.past_key_values.reorder_cache(rows)  # (P, H, Tp, D) -> (R, H, Tp, D) per layer
+    return out.logits, out.past_key_values
+
+
 def _shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(R,) summed response log-probs with one forward per distinct prompt.
 
@@ -588,15 +601,11 @@ def _shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     prompt_ids, prompt_mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
     ids, mask = batch["completion_ids"].to(device), batch["completion_mask"].to(device)
     rows = batch["prompt_index"].to(device)  # (R,)
-    prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp_min(0)  # (P, Tp): left padding -> positions from 0
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True,
-                logits_to_keep=1)  # logits (P, 1, V)
-    cache = out.past_key_values
-    cache.reorder_cache(rows)  # (P, H, Tp, D) -> (R, H, Tp, D) per layer
+    last, cache = prompt_cache(model, prompt_ids, prompt_mask, rows)
     positions = prompt_mask.sum(-1)[rows, None] + torch.arange(ids.shape[1], device=device)  # (R, Tc)
     cont = model(input_ids=ids, attention_mask=torch.cat([prompt_mask[rows], mask], 1), position_ids=positions,
                  past_key_values=cache, use_cache=True)  # logits (R, Tc, V)
-    first = token_logps(out.logits[rows], ids[:, :1])  # (R, 1): the prompt's last position predicts token 0
+    first = token_logps(last[rows], ids[:, :1])  # (R, 1): the prompt's last position predicts token 0
     rest = token_logps(cont.logits[:, :-1], ids[:, 1:])  # (R, Tc-1): response position t predicts t+1
     lp = torch.cat([first, rest], 1)  # (R, Tc)
     return (lp * mask.to(lp.dtype)).sum(-1)  # (R,)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from vcb_lib.models import _pad_id, encode_pairs
+from vcb_lib.models import _pad_id, encode_pairs, prompt_cache
 
 BACKENDS = ("auto", "hf", "vllm")
 
@@ -104,10 +104,8 @@ class HFSampler:
             if P > 1 and not checkpointed:  # each prompt's prefill runs once, not n times (generate's
                 # num_return_sequences would copy the prompt first): all but its last token into a cache
                 # copied to the n rows
-                positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-                cache = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                              position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
-                cache.batch_repeat_interleave(n)
+                rows = torch.arange(len(prompts), device=device).repeat_interleave(n)  # (B·n,)
+                _, cache = prompt_cache(model, input_ids[:, :-1], attention_mask[:, :-1], rows)
             out = model.generate(
                 input_ids=input_ids.repeat_interleave(n, 0), attention_mask=attention_mask.repeat_interleave(n, 0),
                 past_key_values=cache, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
