@@ -383,7 +383,7 @@ def collate_groups(tokenizer, groups: Sequence[CandidateGroup], *, max_length: i
     """
     import torch
 
-    from vcb_lib.models import collate_pairs, collate_shared_prompts, encode_pairs
+    from vcb_lib.models import _pad_id, collate_pairs, collate_shared_prompts, encode_pairs
 
     if not groups:
         raise ValueError("collate_groups needs at least one group")
@@ -391,8 +391,7 @@ def collate_groups(tokenizer, groups: Sequence[CandidateGroup], *, max_length: i
     prompts = [g.prompt for g in groups for _ in g.response_ids]
     responses = [ids for g in groups for ids in g.response_ids]
     pairs = encode_pairs(tokenizer, prompts, responses, max_length=max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad = 0 if pad is None else pad
+    pad = _pad_id(tokenizer)
     prompt_index = [b for b, g in enumerate(groups) for _ in g.response_ids]  # (R,)
     heads: dict[int, list[int]] = {}  # group -> its first row's prompt ids
     for b, (p, _) in zip(prompt_index, pairs):
