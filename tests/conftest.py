@@ -1,8 +1,8 @@
 import os
 from pathlib import Path
 
-import nbformat
 import pytest
+import torch
 
 from vcb_lib.config import PROJECT_ROOT
 
@@ -10,6 +10,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The suite's tolerances are CPU float32/float64 ones: on a machine with a GPU, accelerate would move
+# in-process Trainers there. Tests that are about the GPU ask for the `device` parameter below
+# (and start their own processes without this variable).
+os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+# Parametrise a test with `@pytest.mark.parametrize("device", DEVICES)`: the CPU always, a CUDA GPU
+# where there is one (CI has none; bench/gpu.sh runs `pytest -k cuda` on a lent GPU machine).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 PARAMETERS_CELL = (
     'params_path: str = "../params/smoke.yaml"  # parameter file; the runner passes an absolute path\n'
@@ -20,6 +28,8 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3 (vcb)", "language": "
 
 def make_notebook(path: Path, *code: str, parameters: str | None = PARAMETERS_CELL) -> Path:
     """A stripped notebook with a tagged parameters cell followed by ``code`` cells."""
+    import nbformat  # here, not at the top: the GPU machine's test run (bench/gpu.sh) has no Jupyter
+
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": KERNELSPEC})
     if parameters is not None:
         nb.cells.append(nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}))

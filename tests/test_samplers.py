@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from vcb_lib.models import format_prompt, load_policy, load_tokenizer, sequence_logps
 from vcb_lib.samplers import HFSampler, resolve_backend, vllm_available
@@ -18,8 +19,11 @@ def tiny():
     return load_policy("tiny-random"), load_tokenizer("tiny-random")
 
 
-def test_hf_logps_agree_with_sequence_logps(tiny):
+@pytest.mark.parametrize("device", DEVICES)
+def test_hf_logps_agree_with_sequence_logps(tiny, device):
     model, tok = tiny
+    model = copy.deepcopy(model).to(device)
+    before = torch.cuda.get_rng_state() if device == "cuda" else None
     sampler = HFSampler(model, tok, batch_size=2)
     prompts = [format_prompt(tok, p) for p in PROMPTS]
     out = sampler.generate(prompts, n=3, temperature=1.0, max_new_tokens=10, seed=0)
@@ -30,6 +34,8 @@ def test_hf_logps_agree_with_sequence_logps(tiny):
     got = torch.tensor([c.logp for c in flat])
     # fp32, sums of ~10 token log-probs of magnitude ~10: agreement to 1e-3 absolute.
     torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)
+    if device == "cuda":  # sampling seeds its own fork of the GPU generator, not the caller's
+        assert torch.equal(torch.cuda.get_rng_state(), before)
 
 
 def test_hf_reports_raw_logps_at_other_temperatures(tiny):
@@ -100,7 +106,8 @@ def test_vllm_logps_agree_with_sequence_logps(tmp_path):
     assert result["resume_same"]
 
 
-def test_hf_prefill_once_samples_what_generate_samples(tiny):
+@pytest.mark.parametrize("device", DEVICES)
+def test_hf_prefill_once_samples_what_generate_samples(tiny, device):
     """The sampler's prompt-once prefill draws the same tokens as ``generate(num_return_sequences=n)``
     with the same seed: prompts of different lengths (left padding), a float64 model so that no
     rounding can flip a draw."""
@@ -108,20 +115,20 @@ def test_hf_prefill_once_samples_what_generate_samples(tiny):
     from vcb_lib.samplers import _seed
 
     model, tok = tiny
-    model = copy.deepcopy(model).double()
+    model = copy.deepcopy(model).double().to(device)
     prompts = [format_prompt(tok, p) for p in PROMPTS]
     got = HFSampler(model, tok, batch_size=len(prompts)).generate(prompts, n=3, temperature=1.0, max_new_tokens=8, seed=5)
     ids = [p for p, _ in encode_pairs(tok, prompts, [[]] * len(prompts))]
     P = max(map(len, ids))
     assert len(set(map(len, ids))) > 1  # left padding is exercised
     pad = _pad_id(tok)
-    input_ids = torch.tensor([[pad] * (P - len(x)) + x for x in ids])
-    mask = torch.tensor([[0] * (P - len(x)) + [1] * len(x) for x in ids])
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    input_ids = torch.tensor([[pad] * (P - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (P - len(x)) + [1] * len(x) for x in ids], device=device)
+    with torch.no_grad(), torch.random.fork_rng(devices=[0] if device == "cuda" else [], device_type="cuda"):
         torch.manual_seed(_seed(5, 0))
         ref = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                              max_new_tokens=8, num_return_sequences=3, pad_token_id=pad,
-                             eos_token_id=tok.eos_token_id)[:, P:]
+                             eos_token_id=tok.eos_token_id)[:, P:].cpu()
     for row, c in enumerate(c for cs in got for c in cs):
         assert c.token_ids == ref[row, :len(c.token_ids)].tolist()
 

@@ -211,33 +211,70 @@ def test_batch_times_accumulation_invariance(tok, base, groups, tmp_path):
             assert a["lr"] == b["lr"] and a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)  # logp rounding
 
 
+SMOKE = PROJECT_ROOT / "params" / "smoke.yaml"
+ENTRY_OVERRIDES = ["training.max_steps=0", "training.warmup_steps=0", f"training.learning_rate={LR_EQ}", "training.gamma=0.5",
+                   "models.sft=false"]  # train tiny-random itself, not a stage-01 SFT model
+
+
+def candidate_table(groups) -> pd.DataFrame:
+    """``groups`` as stage 02 writes them: one row per candidate."""
+    return pd.DataFrame([{"prompt_id": g.prompt_id, "prompt": g.prompt, "model_input": g.prompt, "k": k, "response_ids": ids,
+                          "reward": r, "ref_logp": q} for g in groups
+                         for k, (ids, r, q) in enumerate(zip(g.response_ids, g.rewards, g.ref_logps))])
+
+
+def launch_entry(groups, out, overrides: list[str], **launch) -> list[str]:
+    """Write ``groups`` as a candidate table and train VCB on it through ``accelerate launch -m
+    vcb_lib.trainers`` (smoke params + ``ENTRY_OVERRIDES`` + ``overrides``); the streamed lines."""
+    table = out.parent / f"{out.name}-candidates.parquet"
+    candidate_table(groups).to_parquet(table)
+    lines = []
+    launch_subprocess(["-m", "vcb_lib.trainers", "--params", str(SMOKE), "--method", "vcb", "--candidates", str(table),
+                       "--out", str(out), *sum((["--set", o] for o in ENTRY_OVERRIDES + overrides), [])],
+                      echo=lines.append, **launch)
+    return lines
+
+
+def in_process_run(tok, base, groups, out, overrides: list[str]) -> Trainer:
+    """The same run as ``launch_entry`` in this process (on the CPU: see conftest)."""
+    cfg = load_params(SMOKE, ENTRY_OVERRIDES + overrides)
+    trainer = Trainer(copy.deepcopy(base), tok, candidate_groups(candidate_table(groups)), "vcb", cfg.training, out,
+                      seed=cfg.run.seed)
+    trainer.train()
+    return trainer
+
+
 def test_two_processes_equal_one(tok, base, groups, tmp_path):
     """A real 2-process gloo run (batch 2 per process) through the subprocess launcher and the
     module entry point equals one in-process run with batch 4."""
-    rows = [{"prompt_id": g.prompt_id, "prompt": g.prompt, "model_input": g.prompt, "k": k, "response_ids": ids, "reward": r, "ref_logp": q}
-            for g in groups[:10] for k, (ids, r, q) in enumerate(zip(g.response_ids, g.rewards, g.ref_logps))]
-    table = tmp_path / "candidates.parquet"
-    pd.DataFrame(rows).to_parquet(table)
-    smoke = PROJECT_ROOT / "params" / "smoke.yaml"
-    overrides = ["training.max_steps=0", "training.warmup_steps=0", f"training.learning_rate={LR_EQ}", "training.gamma=0.5",
-                 "models.sft=false"]  # train tiny-random itself, not a stage-01 SFT model
-    lines = []
-    launch_subprocess(["-m", "vcb_lib.trainers", "--params", str(smoke), "--method", "vcb", "--candidates", str(table),
-                       "--out", str(tmp_path / "two"), *sum((["--set", o] for o in overrides), []),
-                       "--set", "training.batch_size=2"], num_processes=2, cpu=True, echo=lines.append)
+    lines = launch_entry(groups[:10], tmp_path / "two", ["training.batch_size=2"], num_processes=2, cpu=True)
     two_log = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     two = load_file(tmp_path / "two" / "final" / "model.safetensors")
-
-    cfg = load_params(smoke, overrides + ["training.batch_size=4"])
-    one = Trainer(copy.deepcopy(base), tok, candidate_groups(pd.read_parquet(table)), "vcb", cfg.training,
-                  tmp_path / "one", seed=cfg.run.seed)
-    one.train()
+    one = in_process_run(tok, base, groups[:10], tmp_path / "one", ["training.batch_size=4"])
     assert [r["prompts"] for r in two_log] == [4, 4, 2]
     for a, b in zip(two_log, read_log(one)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     assert max_diff(two, params(one)) < 3e-6  # fp32 rounding (batch shapes differ)
     assert max_diff(two, base.state_dict()) > 100 * 1e-6
     assert any('"steps": 3' in line for line in lines)  # the summary line streamed back
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_entry_point_trains_on_a_gpu_like_on_the_cpu(tok, base, groups, tmp_path):
+    """``accelerate launch -m vcb_lib.trainers`` on one GPU (shared prompts, fp32) logs the CPU
+    run's losses and gradient norms; with bf16 autocast it trains with finite losses near them."""
+    cpu = read_log(in_process_run(tok, base, groups[:8], tmp_path / "cpu", ["training.batch_size=4"]))
+    for name, extra in (("fp32", []), ("bf16", ["training.bf16=true"])):
+        lines = launch_entry(groups[:8], tmp_path / name, ["training.batch_size=4", "run.device=cuda", *extra])
+        log = [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        assert len(log) == len(cpu) == 2 and all(math.isfinite(r["loss"]) for r in log), lines[-20:]
+        config = json.loads((tmp_path / name / "training_config.json").read_text())
+        assert config["share_prompts"] is True
+        rel = 1e-4 if name == "fp32" else 0.05  # fp32 on both (no TF32): summation order only
+        for a, b in zip(log, cpu):
+            assert a["loss"] == pytest.approx(b["loss"], rel=rel) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=rel)
+        moved = max_diff(load_file(tmp_path / name / "final" / "model.safetensors"), base.state_dict())
+        assert moved > 100 * 1e-6
 
 
 # --------------------------------------------------------------------------------------------

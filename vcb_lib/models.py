@@ -9,7 +9,11 @@ A model spec is one of:
   (a Q4_1 GGUF file). It is dequantised once into ``<cache>/smollm2-135m-instruct/`` (safetensors,
   ~30 s) and loaded from there afterwards (~1 s);
 - ``"tiny-random"``: a 2-layer Llama built from a config with a seeded init, using the SmolLM2
-  tokenizer, for tests and smoke runs.
+  tokenizer, for tests and smoke runs;
+- ``"random:pythia-<size>"`` (``random:pythia-2.8b``, sizes 70m ... 12b): that Pythia model's exact
+  architecture (GPT-NeoX, the same parameter count) with seeded random weights and the SmolLM2
+  tokenizer (its 49,152 ids fit Pythia's embedding rows): the paper's scale without hub access, for
+  GPU speed and memory runs (``bench/``), never for quality.
 
 Log-probs. ``tokenize_pairs`` encodes prompt and response separately and concatenates the ids, so
 the prompt/response boundary is exact; rows are right-padded and a ``response_mask`` marks the
@@ -40,12 +44,13 @@ import torch
 log = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
+RANDOM_PREFIX = "random:"
 PACKAGED_PREFIX = "packaged:"
 COMPLETE_MARKER = "vcb_complete.json"  # written last inside a cache folder, before the rename
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALLOWED_SPECS = (
     "a local model folder (Hugging Face format), a hub id 'org/name', "
-    f"'{PACKAGED_PREFIX}<name>' or '{TINY_RANDOM}'"
+    f"'{PACKAGED_PREFIX}<name>', '{TINY_RANDOM}' or '{RANDOM_PREFIX}pythia-<size>'"
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -85,12 +90,47 @@ def tiny_random_config():
     )
 
 
+# The Pythia suite (Biderman et al., 2023; the paper trains Pythia-2.8B): hidden size, layers, heads,
+# embedding rows. Shared by all: MLP 4 x hidden, GeLU, rotary on a quarter of each head, parallel
+# residual, untied input/output embeddings. tests check each against Pythia's published parameter total.
+PYTHIA = {
+    "pythia-70m": (512, 6, 8, 50304),
+    "pythia-160m": (768, 12, 12, 50304),
+    "pythia-410m": (1024, 24, 16, 50304),
+    "pythia-1b": (2048, 16, 8, 50304),
+    "pythia-1.4b": (2048, 24, 16, 50304),
+    "pythia-2.8b": (2560, 32, 32, 50304),
+    "pythia-6.9b": (4096, 32, 32, 50432),
+    "pythia-12b": (5120, 36, 40, 50688),
+}
+
+
+def random_config(name: str):
+    """The architecture of a random-init spec value: ``"tiny-random"`` or a key of ``PYTHIA``."""
+    if name == TINY_RANDOM:
+        return tiny_random_config()
+    if name not in PYTHIA:
+        raise ValueError(f"unknown random architecture {name!r}; known: {TINY_RANDOM}, "
+                         + ", ".join(RANDOM_PREFIX + k for k in PYTHIA))
+    from transformers import GPTNeoXConfig
+
+    hidden, layers, heads, vocab = PYTHIA[name]
+    return GPTNeoXConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=4 * hidden, hidden_act="gelu", max_position_embeddings=2048, layer_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        use_parallel_residual=True, tie_word_embeddings=False, attention_bias=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,  # the SmolLM2 tokenizer's ids (pad == eos)
+    )
+
+
 # -----------------------------------------------------------------------------
 # specs and the cache folder
 
 
 def parse_spec(spec: str | os.PathLike) -> tuple[str, str]:
-    """Classify a model spec -> (kind, value), kind in {"folder", "hub", "packaged", "tiny-random"}.
+    """Classify a model spec -> (kind, value), kind in {"folder", "hub", "packaged", "random"}
+    (``"tiny-random"`` -> ``("random", "tiny-random")``, ``"random:pythia-2.8b"`` -> ``("random", "pythia-2.8b")``).
 
     An existing folder wins over every other reading. A missing folder that looks like a path
     (starts with '.', '/' or '~') is an error rather than a hub id.
@@ -100,7 +140,10 @@ def parse_spec(spec: str | os.PathLike) -> tuple[str, str]:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"model spec must be a non-empty string, got {spec!r}; allowed: {ALLOWED_SPECS}")
     if spec == TINY_RANDOM:
-        return "tiny-random", spec
+        return "random", spec
+    if spec.startswith(RANDOM_PREFIX):
+        random_config(spec[len(RANDOM_PREFIX):])  # unknown names fail here, listing the known ones
+        return "random", spec[len(RANDOM_PREFIX):]
     if spec.startswith(PACKAGED_PREFIX):
         name = spec[len(PACKAGED_PREFIX):]
         if name not in PACKAGED_MODELS:
@@ -279,8 +322,9 @@ def ensure_packaged_model(name: str, cache_dir: str | os.PathLike | None = None)
 def ensure_model_folder(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path | str:
     """Something ``from_pretrained``-style loaders outside transformers (vLLM) can open.
 
-    folder -> itself; hub id -> the id (str); packaged -> its converted folder; tiny-random -> its
-    seeded weights + tokenizer saved once into ``<cache>/tiny-random-<config hash>/``.
+    folder -> itself; hub id -> the id (str); packaged -> its converted folder; tiny-random /
+    random:<arch> -> its seeded (CPU) weights + tokenizer saved once into
+    ``<cache>/tiny-random-<config hash>/`` / ``<cache>/random-<arch>-<config hash>/``.
     """
     kind, value = parse_spec(spec)
     if kind == "folder":
@@ -289,14 +333,15 @@ def ensure_model_folder(spec: str | os.PathLike, cache_dir: str | os.PathLike | 
         return value
     if kind == "packaged":
         return ensure_packaged_model(value, cache_dir)
-    config_hash = hashlib.sha1(tiny_random_config().to_json_string().encode()).hexdigest()[:8]
+    config_hash = hashlib.sha1(random_config(value).to_json_string().encode()).hexdigest()[:8]
 
     def build(tmp: Path) -> dict:
-        load_policy(TINY_RANDOM).save_pretrained(tmp, safe_serialization=True)
-        load_tokenizer(TINY_RANDOM, cache_dir).save_pretrained(tmp)
-        return {"source": TINY_RANDOM, "kind": "model", "config_hash": config_hash}
+        load_policy(spec).save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(spec, cache_dir).save_pretrained(tmp)
+        return {"source": str(spec), "kind": "model", "config_hash": config_hash}
 
-    return atomic_build_dir(resolve_cache_dir(cache_dir) / f"{TINY_RANDOM}-{config_hash}", build)
+    name = value if value == TINY_RANDOM else f"random-{value}"
+    return atomic_build_dir(resolve_cache_dir(cache_dir) / f"{name}-{config_hash}", build)
 
 
 # -----------------------------------------------------------------------------
@@ -316,7 +361,7 @@ def load_tokenizer(spec: str | os.PathLike, cache_dir: str | os.PathLike | None 
     log-prob code here pads by itself (right), whatever the tokenizer says.
     """
     kind, value = parse_spec(spec)
-    if kind == "tiny-random":
+    if kind == "random":
         tokenizer = _load_hf_tokenizer(str(ensure_packaged_tokenizer(TINY_RANDOM_TOKENIZER, cache_dir)))
     elif kind == "packaged":
         tokenizer = _load_hf_tokenizer(str(ensure_packaged_tokenizer(value, cache_dir)))
@@ -339,15 +384,20 @@ def load_policy(
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike | None = None,
 ):
-    """Causal LM for a model spec, on ``device`` in ``dtype``, in eval mode (callers call .train())."""
+    """Causal LM for a model spec, on ``device`` in ``dtype``, in eval mode (callers call .train()).
+
+    A random-init spec is built on ``device`` itself (seed 0, the caller's RNG untouched): the same
+    weights on every call with the same device type (a 2.8B model initialises in seconds on a GPU)."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = _torch_dtype(dtype)
     kind, value = parse_spec(spec)
-    if kind == "tiny-random":
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+    if kind == "random":
+        device = torch.device(device)
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"), device:
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(tiny_random_config(), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(random_config(value), dtype=torch.float32)
         model = model.to(torch_dtype)
     elif kind == "packaged":
         model = AutoModelForCausalLM.from_pretrained(ensure_packaged_model(value, cache_dir), dtype=torch_dtype)

@@ -79,9 +79,11 @@ class HFSampler:
         """``first_index`` is the position of ``prompts[0]`` in the whole prompt list (for seeding)."""
         _check_request(prompts, n, temperature, max_new_tokens, top_p)
         results: list[list[Completion]] = []
+        device = next(self.model.parameters()).device
+        cuda = [device.index or 0] if device.type == "cuda" else []  # fork the GPU's generator too
         for start in range(0, len(prompts), self.batch_size):
             chunk = list(prompts[start:start + self.batch_size])
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=cuda, device_type="cuda"):
                 torch.manual_seed(_seed(seed, first_index + start))
                 results += self._generate_batch(chunk, n, temperature, max_new_tokens, top_p)
         return results
