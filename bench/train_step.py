@@ -45,8 +45,9 @@ forwards), a TRL step covers seqs/2 pairs: ``epoch s`` is the time to consume ev
 every pair built from the same groups (TRL) once.
 
 On a CUDA machine the same script runs bf16 autocast on the GPU and adds peak GPU memory and MFU
-(6 x params x tokens / step time, against a measured bf16 matmul peak); that path is not exercised on
-the CPU-only machine where the figures in bench/README.md come from.
+(6 x matmul params x token positions forwarded per second, against a measured bf16 matmul peak).
+``--model random:pythia-2.8b`` is the paper's policy architecture with random weights (no hub);
+``bench/gpu.sh`` runs this at that scale on one GPU.
 """
 from __future__ import annotations
 
@@ -173,7 +174,7 @@ def build_data(args, path: Path) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     if args.data == "synthetic":
         prompts = [exact_length_prompt(tok, r["prompt"], args.prompt_tokens) for r in rows]
-        V = model.config.vocab_size
+        V = min(model.config.vocab_size, len(tok))  # random:pythia-* has more embedding rows than token ids
         responses = [[torch.randint(100, V, (args.response_tokens - 1,), generator=g).tolist() + [tok.eos_token_id]
                       for _ in range(args.n)] for _ in prompts]
     else:
@@ -191,6 +192,9 @@ def build_data(args, path: Path) -> dict:
     t0 = time.perf_counter()
     ref = sequence_logps(model, tok, flat_p, flat_r, batch_size=args.seqs).view(G, args.n).tolist()
     ref_s = time.perf_counter() - t0
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the children need the whole GPU
 
     pairs = []  # (group, w, l)
     for b, r in enumerate(rewards):
@@ -255,7 +259,7 @@ def child_ours(args, data: dict, device: str, bf16: bool) -> dict:
     return {"tokens": [r["tokens"] for r in rows], "step_s": [r["tokens"] / r["tokens/s"] for r in rows],
             "loss": [r["loss"] for r in rows], "init_s": init_s, "base_rss": base_rss, "loaded_rss": loaded_rss,
             "seqs_per_step": per_step * k, "epoch_steps": len(groups) / per_step,
-            "n_params": sum(p.numel() for p in model.parameters()),
+            "n_params": matmul_params(model),
             "forwarded_per_token": forwarded_per_token(data["prompt_ids"], trained, trainer.share_prompts)}
 
 
@@ -341,7 +345,16 @@ def child_trl(args, data: dict, device: str, bf16: bool) -> dict:
         trainer.train()
     return {"tokens": trainer.bench_tokens, "step_s": timer.step_s, "loss": timer.loss, "init_s": init_s,
             "base_rss": base_rss, "loaded_rss": loaded_rss, "seqs_per_step": args.seqs,
-            "epoch_steps": len(data["pairs"]) // (args.seqs // 2), "n_params": sum(p.numel() for p in model.parameters())}
+            "epoch_steps": len(data["pairs"]) // (args.seqs // 2), "n_params": matmul_params(model)}
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in a matmul per token (MFU's N): all of them but an input embedding
+    the output layer does not share (a row lookup, no FLOPs); the attention-score FLOPs (12 x layers x
+    hidden x context per token, ~1.5% for Pythia-2.8B at 256 tokens) are left out."""
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    return total if embedding.data_ptr() == head.data_ptr() else total - embedding.numel()
 
 
 def matmul_peak_tflops(n: int = 8192, reps: int = 20) -> float:

@@ -443,11 +443,16 @@ def tiny_gpt_neox():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
-def test_shared_prompt_logps_equal_flat_batch_and_grads(model, family, device):
+def test_shared_prompt_logps_equal_flat_batch_and_grads(model, family, checkpointing, device):
     """In float64, the shared-prompt batch (prompts left-padded, run once, KV cache indexed to the
-    rows) gives the flat batch's log-probs and the same gradient, and both match the plain loop."""
+    rows) gives the flat batch's log-probs and the same gradient, and both match the plain loop;
+    with (non-reentrant, the Trainer's) gradient checkpointing as without."""
     m = (copy.deepcopy(model) if family == "llama" else tiny_gpt_neox()).double().train().to(device)
+    if checkpointing:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert M.can_share_prompts(m)
     g = torch.Generator().manual_seed(1)
     rand = lambda k: torch.randint(3, 250, (k,), generator=g).tolist()  # noqa: E731
     prompts = [rand(7), rand(3), rand(1)]  # different lengths: left padding of 6 and 4 in the shared batch
@@ -474,6 +479,21 @@ def test_shared_prompt_logps_equal_flat_batch_and_grads(model, family, device):
     # GPT-NeoX's LayerNorm stays in float64
     want = torch.tensor([reference_logp(m, prompts[b], r) for b, r in zip(index, responses)], dtype=torch.float64)
     torch.testing.assert_close(grads[0][0], want, atol=max(tol, 1e-9), rtol=max(tol, 1e-9))
+
+
+def test_sliding_window_models_score_in_plain_rows(tok):
+    """A model with sliding-window layers keeps a cache the shared-prompt path does not reproduce:
+    ``sequence_logps`` scores its pairs in plain rows, which match the per-pair loop."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    m = MistralForCausalLM(MistralConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, sliding_window=4)).eval()
+    assert not M.can_share_prompts(m)
+    prompts, responses = [[5, 6, 7, 8, 9], [5, 6, 7, 8, 9], [10, 11]], [[12, 13, 14], [15], [16, 17, 18, 19, 20]]
+    got = M.sequence_logps(m, tok, prompts, responses, batch_size=3)
+    want = torch.tensor([reference_logp(m, p, r) for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
 def test_collate_shared_prompts_layout_and_bad_input():

@@ -163,9 +163,10 @@ def test_reward_scores_read_the_last_real_token(tok):
 
 def test_gradient_checkpointing_changes_nothing_and_bf16_trains(tok, base, groups, tmp_path):
     cfg = dict(batch_size=2, grad_accum=2, max_steps=2, learning_rate=LR_EQ)
-    plain = Trainer(copy.deepcopy(base), tok, groups[:8], "ipo", cfg_(**cfg), tmp_path / "plain", share_prompts=False)
-    plain.train()  # checkpointing runs the flat batch (transformers drops the KV cache in checkpointed layers)
+    plain = Trainer(copy.deepcopy(base), tok, groups[:8], "ipo", cfg_(**cfg), tmp_path / "plain")
+    plain.train()
     ckpt = Trainer(copy.deepcopy(base), tok, groups[:8], "ipo", cfg_(**cfg, gradient_checkpointing=True), tmp_path / "gc")
+    assert ckpt.share_prompts and plain.share_prompts  # prompts run once per group with checkpointing too
     ckpt.train()
     assert max_diff(params(plain), params(ckpt)) < 1e-6
     assert read_log(ckpt)[0]["loss"] == pytest.approx(read_log(plain)[0]["loss"], rel=1e-6)
@@ -512,8 +513,6 @@ def test_shared_prompts_train_like_the_flat_batch(tok, base, groups, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
         assert a["tokens"] == b["tokens"]  # prompt + response tokens of every candidate, either way
     assert max_diff(p_shared, p_flat) < 3e-6 < max_diff(p_flat, base.state_dict()) / 30
-    off = Trainer(copy.deepcopy(base), tok, groups[:2], "vcb", cfg_(gradient_checkpointing=True), tmp_path / "gc")
-    assert off.share_prompts is False  # transformers drops the KV cache inside checkpointed layers
     rm = Trainer(tiny_reward_model(), tok, preference_groups(2), "bt", cfg_(), tmp_path / "rm", score_fn=reward_scores)
     assert rm.share_prompts is False
 

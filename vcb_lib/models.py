@@ -634,27 +634,96 @@ def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, row
     return out.logits, out.past_key_values
 
 
+def can_share_prompts(model) -> bool:
+    """Whether ``batch_logps`` may run a shared-prompt batch on ``model``: a transformers model whose
+    decoder layers all attend to the full context (Llama, GPT-NeoX, SmolLM2, ...; sliding-window
+    layers keep a cache of their own kind, which ``_PromptLayer`` does not reproduce)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP wraps the model
+    if config is None or not hasattr(config, "get_text_config"):
+        return False
+    types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return all(t == "full_attention" for t in types)
+
+
+def _prompt_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PromptLayer(DynamicLayer):
+        """One layer of the shared prompts' KV cache, which never grows, so that a layer recomputed by
+        gradient checkpointing reads and returns exactly what its forward did: in the prompt pass
+        ``update`` stores the prompt's keys and values (a recompute stores equal ones again); built
+        with ``prefix`` (the response pass, the prompts already copied to the R rows) it returns
+        prefix ⊕ new along the sequence and stores nothing."""
+
+        def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
+            super().__init__()
+            self.frozen = prefix is not None
+            if prefix is not None:
+                self.lazy_initialization(*prefix)
+                self.keys, self.values = prefix
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if self.frozen:
+                return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+
+    return PromptLayer
+
+
+@contextlib.contextmanager
+def _checkpointed_layers_keep_cache(model):
+    """transformers drops the cache inside gradient-checkpointed layers, since a layer that appends
+    to it would append again when backward recomputes it (``_can_checkpoint_with_cache``); the
+    ``PromptLayer`` cache never appends, so those layers may keep it. Checkpointing must be
+    non-reentrant (the Trainer's): the prompt's keys and values leave the checkpointed layer through
+    the cache, which only non-reentrant checkpointing differentiates."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for m in layers:
+        m._can_checkpoint_with_cache = True  # an instance attribute over the class's False
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._can_checkpoint_with_cache
+
+
 def _shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(R,) summed response log-probs with one forward per distinct prompt.
 
-    1. the P left-padded prompts go through the model once, keeping their KV cache and the
-       logits of their last position (which predict every continuation's first token);
-    2. the cache is indexed to the R rows (``index_select``: each row gets its prompt's keys and
+    1. the P left-padded prompts go through the model once, keeping their keys and values per
+       layer and the logits of their last position (which predict every continuation's first token);
+    2. those are indexed to the R rows (``index_select``: each row gets its prompt's keys and
        values, and the gradient of every row flows back into the one prompt forward);
-    3. the R responses go through the model on top of it, positions continuing the prompt's.
-    Same log-probs and gradients as the flat batch (tests/test_models.py) for P·Tp + R·Tc instead
-    of R·(Tp + Tc) token positions: with n candidates per prompt the prompt is computed once, not
-    n times. Needs a model whose cache is a transformers ``Cache`` and no gradient checkpointing
-    (transformers drops the cache inside checkpointed layers).
+    3. the R responses go through the model on top of them, positions continuing the prompt's.
+    Same log-probs and gradients as the flat batch (tests/test_models.py), with or without
+    (non-reentrant) gradient checkpointing, for P·Tp + R·Tc instead of R·(Tp + Tc) token positions:
+    with n candidates per prompt the prompt is computed once, not n times. Needs
+    ``can_share_prompts(model)``.
     """
+    from transformers.cache_utils import Cache
+
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = batch["prompt_ids"].to(device), batch["prompt_mask"].to(device)
     ids, mask = batch["completion_ids"].to(device), batch["completion_mask"].to(device)
     rows = batch["prompt_index"].to(device)  # (R,)
-    last, cache = prompt_cache(model, prompt_ids, prompt_mask, rows)
-    positions = prompt_mask.sum(-1)[rows, None] + torch.arange(ids.shape[1], device=device)  # (R, Tc)
-    cont = model(input_ids=ids, attention_mask=torch.cat([prompt_mask[rows], mask], 1), position_ids=positions,
-                 past_key_values=cache, use_cache=True)  # logits (R, Tc, V)
+    PromptLayer = _prompt_layer_class()
+    n_layers = getattr(model, "module", model).config.get_text_config(decoder=True).num_hidden_layers  # DDP wraps it
+    prompts = Cache(layers=[PromptLayer() for _ in range(n_layers)])
+    with _checkpointed_layers_keep_cache(model):
+        last = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(-1) - 1).clamp_min(0),
+                     past_key_values=prompts, use_cache=False, logits_to_keep=1).logits  # (P, 1, V)
+        cache = Cache(layers=[PromptLayer((layer.keys.index_select(0, rows), layer.values.index_select(0, rows)))
+                              for layer in prompts.layers])  # (P, H, Tp, D) -> (R, H, Tp, D) per layer
+        positions = prompt_mask.sum(-1)[rows, None] + torch.arange(ids.shape[1], device=device)  # (R, Tc)
+        cont = model(input_ids=ids, attention_mask=torch.cat([prompt_mask[rows], mask], 1), position_ids=positions,
+                     past_key_values=cache, use_cache=False)  # logits (R, Tc, V)
     first = token_logps(last[rows], ids[:, :1])  # (R, 1): the prompt's last position predicts token 0
     rest = token_logps(cont.logits[:, :-1], ids[:, 1:])  # (R, Tc-1): response position t predicts t+1
     lp = torch.cat([first, rest], 1)  # (R, Tc)
@@ -681,11 +750,14 @@ def sequence_logps(
     prompt cost one prompt, not n); up to ``batch_size`` responses per batch, longest first (so
     memory trouble shows at once), put back in input order. ``return_n_tokens`` also returns the
     counted tokens per pair (N,). ``share_prompts=False`` runs every pair's prompt itself (the
-    same numbers at n times the prompt cost; bench/logps.py compares the two).
+    same numbers at n times the prompt cost; bench/logps.py compares the two), as does a model
+    without ``can_share_prompts``, in plain rows.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pairs = encode_pairs(tokenizer, prompts, responses, max_length=max_length, add_eos=add_eos)
+    plain_rows = not can_share_prompts(model)
+    share_prompts = share_prompts and not plain_rows
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, (p, _) in enumerate(pairs):
         by_prompt.setdefault(tuple(p) if share_prompts else (i,), []).append(i)
@@ -705,8 +777,9 @@ def sequence_logps(
         with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast_bf16):
             for batch_chunks in batches:
                 idx = [i for chunk in batch_chunks for i in chunk]
-                batch = collate_shared_prompts([pairs[c[0]][0] for c in batch_chunks], [pairs[i][1] for i in idx],
-                                               [j for j, c in enumerate(batch_chunks) for _ in c], _pad_id(tokenizer))
+                batch = collate_pairs([pairs[i] for i in idx], _pad_id(tokenizer)) if plain_rows else \
+                    collate_shared_prompts([pairs[c[0]][0] for c in batch_chunks], [pairs[i][1] for i in idx],
+                                           [j for j, c in enumerate(batch_chunks) for _ in c], _pad_id(tokenizer))
                 logps[idx] = batch_logps(model, batch).float().cpu()
     finally:
         model.train(was_training)

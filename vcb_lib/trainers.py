@@ -69,7 +69,7 @@ from vcb_lib.config import TrainingConfig
 from vcb_lib.data import CandidateGroup, collate_groups
 from vcb_lib.io import atomic_write_text, write_json
 from vcb_lib.losses import LossType
-from vcb_lib.models import batch_logps, sequence_tokens
+from vcb_lib.models import batch_logps, can_share_prompts, sequence_tokens
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +218,9 @@ class Trainer:
     ``max_length`` truncation of prompt + response tokens (None = none); ``on_step(step, trainer)``
     called on every rank after each optimizer step and once with step 0 before the first (e.g.
     ``CurveSampler``, Fig. 5); ``share_prompts`` (causal LMs scored by ``policy_scores``) runs
-    each prompt once for its n candidates (``models.batch_logps``, same log-probs) where it can:
-    not with gradient checkpointing, FSDP or DeepSpeed, which then get the flat batch.
+    each prompt once for its n candidates (``models.batch_logps``, same log-probs and gradients,
+    with gradient checkpointing too) where it can: a full-attention model
+    (``models.can_share_prompts``), not under FSDP or DeepSpeed, which then get the flat batch.
 
     Candidates the loss never reads (``LossType.used_candidates``: best-vs-worst pairs, ReST's
     top_k) are dropped from ``groups`` here, so they cost no forward or backward pass.
@@ -261,7 +262,7 @@ class Trainer:
         self.lengths = group_lengths(tokenizer, self.groups)
         self.fingerprint = data_fingerprint(self.groups)
 
-        self.share_prompts = share_prompts and score_fn is policy_scores and not cfg.gradient_checkpointing \
+        self.share_prompts = share_prompts and score_fn is policy_scores and can_share_prompts(model) \
             and acc.distributed_type.name not in ("FSDP", "DEEPSPEED")  # both wrap forward hooks we have not tested twice per step
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
