@@ -278,6 +278,23 @@ def test_entry_point_trains_on_a_gpu_like_on_the_cpu(tok, base, groups, tmp_path
         assert moved > 100 * 1e-6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fsdp_with_checkpointing_trains_on_a_gpu(tok, base, groups, tmp_path):
+    """The paper files' way (params/accelerate/fsdp.yaml: FULL_SHARD, bf16; gradient checkpointing),
+    here in one process: losses near the CPU fp32 run's, one gathered final/ with every tensor."""
+    cpu = read_log(in_process_run(tok, base, groups[:8], tmp_path / "cpu", ["training.batch_size=4"]))
+    lines = launch_entry(groups[:8], tmp_path / "fsdp", ["training.batch_size=4", "run.device=cuda",
+                         "training.gradient_checkpointing=true", "training.bf16=true"],
+                         config_file=PROJECT_ROOT / "params" / "accelerate" / "fsdp.yaml")
+    log = [json.loads(x) for x in (tmp_path / "fsdp" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == len(cpu) == 2, lines[-20:]
+    assert json.loads((tmp_path / "fsdp" / "training_config.json").read_text())["share_prompts"] is False  # untested there
+    for a, b in zip(log, cpu):
+        assert a["loss"] == pytest.approx(b["loss"], rel=0.05) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=0.05)
+    final = load_file(tmp_path / "fsdp" / "final" / "model.safetensors")
+    assert set(final) <= set(base.state_dict()) and max_diff(final, base.state_dict()) > 100 * 1e-6
+
+
 # --------------------------------------------------------------------------------------------
 # checkpoints, resume, divergence
 # --------------------------------------------------------------------------------------------
