@@ -24,10 +24,15 @@ def split_choices(parser, text: str, allowed, what: str) -> list[str]:
     return items
 
 
-def child_env(threads: int, **extra: str) -> dict[str, str]:
-    """Environment of a measured child: ``threads`` OpenMP/MKL threads, no tokenizer threads."""
-    return os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                         "TOKENIZERS_PARALLELISM": "false", **extra}
+def child_env(threads: int, *, glibc_malloc: bool = False, **extra: str) -> dict[str, str]:
+    """Environment of a measured child (every child alike, ours and the peers'): ``threads``
+    OpenMP/MKL threads, no tokenizer threads, and glibc keeping freed memory in its heap as the
+    library's launched training processes do (``vcb_lib.launch.MALLOC_ENV``) unless ``glibc_malloc``
+    or the environment sets those variables."""
+    from vcb_lib.launch import MALLOC_ENV
+
+    return ({} if glibc_malloc else MALLOC_ENV) | os.environ | {
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
 def spawn_child(script: str, argv: list[str], cell: str, env: dict[str, str], *extra: str) -> dict | None:

@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (default: off on CPU, on on CUDA)")
     p.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
     p.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing in both trainers")
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="glibc's default allocator settings in every run instead of vcb_lib.launch.MALLOC_ENV "
+                        "(large tensors mmapped and page-faulted anew each step)")
     p.add_argument("--trl-optim", default="adamw_torch_fused",
                    help="TRL's optim (default adamw_torch_fused = TRL's own default and the fused AdamW our Trainer uses)")
     p.add_argument("--gamma", type=float, default=0.05, help="γ of VCB / β of DPO")
@@ -448,7 +451,7 @@ def main(argv=None) -> dict:
 
     device = "cuda" if use_cuda(args) else "cpu"
     bf16 = args.bf16 if args.bf16 is not None else device == "cuda"
-    env = child_env(args.threads, TQDM_DISABLE="1")
+    env = child_env(args.threads, glibc_malloc=args.glibc_malloc, TQDM_DISABLE="1")
     results, summaries = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -473,7 +476,9 @@ def main(argv=None) -> dict:
           f"threads {args.threads}; {'bf16 autocast' if bf16 else 'fp32'}; {args.steps} steps, first {args.warmup} untimed, "
           f"x{args.repeats} repeats (s/step = median); "
           f"{args.seqs} sequences/step of {args.prompt_tokens}+{args.response_tokens} tokens"
-          f"{'; gradient checkpointing' if args.gradient_checkpointing else ''}; torch {torch.__version__}")
+          f"{'; gradient checkpointing' if args.gradient_checkpointing else ''}; malloc "
+          f"{'glibc default' if args.glibc_malloc else 'MALLOC_MMAP_MAX_=' + env.get('MALLOC_MMAP_MAX_', '(unset)')}; "
+          f"torch {torch.__version__}")
     if summaries:
         print_table(summaries)
     by = {s["run"]: s for s in summaries}

@@ -47,6 +47,24 @@ def test_output_streams_line_by_line(tmp_path):
     assert times["second line"] - times["first line ['--flag', 'x']"] > 1.5  # streamed, not buffered
 
 
+def test_launched_processes_keep_freed_memory_in_the_heap(tmp_path, monkeypatch):
+    """glibc reads MALLOC_* when a process starts: the launcher passes MALLOC_ENV to every rank, and a
+    value the caller's environment or ``env`` sets wins (its speed-up is measured in bench/)."""
+    from vcb_lib.launch import MALLOC_ENV
+
+    path = script(tmp_path, "env.py", """
+        import os
+        print("MALLOC", os.environ.get("MALLOC_MMAP_MAX_"), os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+    """)
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4096")
+    seen = []
+    for env in (None, {"MALLOC_MMAP_MAX_": "65536"}):
+        launch_subprocess([str(path)], 1, config_file=ACCELERATE / "single.yaml", cpu=True, echo=seen.append, env=env)
+    assert [ln for ln in seen if ln.startswith("MALLOC")] == [f"MALLOC {MALLOC_ENV['MALLOC_MMAP_MAX_']} 4096",
+                                                             "MALLOC 65536 4096"]
+
+
 def test_failing_rank_surfaces_its_own_exception(tmp_path):
     """Rank 1 raises while rank 0 waits in a collective: the error carries rank 1's traceback,
     not rank 0's broken-connection error. ddp.yaml on CPU really runs two processes."""
