@@ -387,7 +387,7 @@ def load_policy(
     """Causal LM for a model spec, on ``device`` in ``dtype``, in eval mode (callers call .train()).
 
     A random-init spec is built on ``device`` itself (seed 0, the caller's RNG untouched): the same
-    weights on every call with the same device type (a 2.8B model initialises in seconds on a GPU)."""
+    weights on every call with the same device type, and a 2.8B model never passes through CPU memory."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = _torch_dtype(dtype)

@@ -14,7 +14,7 @@ Reference log-probs come precomputed with the groups: only the trained model is 
 Work the maths does not need is skipped (same losses and gradients, tested): candidates the loss
 never reads (best-vs-worst pairs, ReST's top_k: ``LossType.used_candidates``) are dropped from the
 groups at construction, and a policy's batch runs each prompt once for its n candidates
-(``share_prompts``, ``models.collate_shared_prompts``, also under gradient checkpointing): 1.2x
+(``share_prompts``, ``models.collate_shared_prompts``, also under gradient checkpointing): 1.2-1.4x
 tokens/s on SmolLM2 at 32+32 tokens, 2.1x at 128+32 with checkpointing (bench/README.md).
 
 Data order (:func:`order_groups`). An epoch is a seeded shuffle of the groups, sorted by length
