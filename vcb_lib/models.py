@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -647,6 +648,7 @@ def can_share_prompts(model) -> bool:
     return all(t == "full_attention" for t in types)
 
 
+@functools.cache  # one class, defined on first use (transformers is imported lazily here)
 def _prompt_layer_class():
     from transformers.cache_utils import DynamicLayer
 
