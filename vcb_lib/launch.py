@@ -41,7 +41,7 @@ ERRORS_ENV = "VCB_LAUNCH_ERRORS"  # folder where worker ranks write their traceb
 # page-faults its large tensors in anew each time (a 49152 x 576 embedding gradient is 113 MB).
 # Serving them from the heap and trimming it only past 1 GiB keeps those pages: SmolLM2 VCB steps
 # 5.05 -> 4.47 s (1.13x, three interleaved runs each), peak RSS within noise (bench/README.md).
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**30)}  # (glibc reads an int)
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 TAIL_LINES = 400  # output lines kept for the error message when no rank wrote a traceback file
 
 
