@@ -395,8 +395,7 @@ def load_policy(
     kind, value = parse_spec(spec)
     if kind == "random":
         device = torch.device(device)
-        cuda = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda, device_type="cuda"), device:
+        with forked_rng(device), device:
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(random_config(value), dtype=torch.float32)
         model = model.to(torch_dtype)
@@ -405,6 +404,13 @@ def load_policy(
     else:
         model = _hub_guard(value, kind, lambda v: AutoModelForCausalLM.from_pretrained(v, dtype=torch_dtype))
     return model.to(device).eval()
+
+
+def forked_rng(device: str | torch.device):
+    """``torch.random.fork_rng`` over the CPU generator and, for a CUDA ``device``, that GPU's: what
+    is seeded inside leaves the caller's random streams as they were."""
+    device = torch.device(device)
+    return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [], device_type="cuda")
 
 
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -622,15 +628,19 @@ def batch_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return logps_from_logits(out.logits, input_ids, response_mask)  # (B, keep, V) -> (B,)
 
 
+def _left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(P, Tp) positions of left-padded rows: 0 at each row's first real token (pads clamp to 0)."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
 def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, rows: torch.Tensor):
     """Run P left-padded prompts (P, Tp) through ``model`` once and copy their KV cache to R rows:
     row r continues prompt ``rows[r]`` (``Cache.reorder_cache`` = ``index_select``, which the
     gradient flows back through). Returns (logits of each prompt's last position (P, 1, V), the
     cache of R rows). Continue with ``attention_mask = cat([prompt_mask[rows], new_mask], 1)`` and
     positions from ``prompt_mask.sum(-1)[rows]`` on (``generate`` derives both itself)."""
-    positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)  # (P, Tp): left padding -> positions from 0
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_left_padded_positions(prompt_mask),
+                use_cache=True, logits_to_keep=1)
     out.past_key_values.reorder_cache(rows)  # (P, H, Tp, D) -> (R, H, Tp, D) per layer
     return out.logits, out.past_key_values
 
@@ -638,7 +648,7 @@ def prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, row
 def can_share_prompts(model) -> bool:
     """Whether ``batch_logps`` may run a shared-prompt batch on ``model``: a transformers model whose
     decoder layers all attend to the full context (Llama, GPT-NeoX, SmolLM2, ...; sliding-window
-    layers keep a cache of their own kind, which ``_PromptLayer`` does not reproduce)."""
+    layers keep a cache of their own kind, which ``PromptLayer`` does not reproduce)."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     config = getattr(getattr(model, "module", model), "config", None)  # DDP wraps the model
@@ -716,10 +726,9 @@ def _shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     ids, mask = batch["completion_ids"].to(device), batch["completion_mask"].to(device)
     rows = batch["prompt_index"].to(device)  # (R,)
     PromptLayer = _prompt_layer_class()
-    n_layers = getattr(model, "module", model).config.get_text_config(decoder=True).num_hidden_layers  # DDP wraps it
-    prompts = Cache(layers=[PromptLayer() for _ in range(n_layers)])
+    prompts = Cache(layer_class_to_replicate=PromptLayer)  # a layer per decoder layer, made as they run
     with _checkpointed_layers_keep_cache(model):
-        last = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(-1) - 1).clamp_min(0),
+        last = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_left_padded_positions(prompt_mask),
                      past_key_values=prompts, use_cache=False, logits_to_keep=1).logits  # (P, 1, V)
         cache = Cache(layers=[PromptLayer((layer.keys.index_select(0, rows), layer.values.index_select(0, rows)))
                               for layer in prompts.layers])  # (P, H, Tp, D) -> (R, H, Tp, D) per layer

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from vcb_lib.models import _pad_id, encode_pairs, prompt_cache
+from vcb_lib.models import _pad_id, encode_pairs, forked_rng, prompt_cache
 
 BACKENDS = ("auto", "hf", "vllm")
 
@@ -80,10 +80,9 @@ class HFSampler:
         _check_request(prompts, n, temperature, max_new_tokens, top_p)
         results: list[list[Completion]] = []
         device = next(self.model.parameters()).device
-        cuda = [device.index or 0] if device.type == "cuda" else []  # fork the GPU's generator too
         for start in range(0, len(prompts), self.batch_size):
             chunk = list(prompts[start:start + self.batch_size])
-            with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            with forked_rng(device):  # the GPU's generator too
                 torch.manual_seed(_seed(seed, first_index + start))
                 results += self._generate_batch(chunk, n, temperature, max_new_tokens, top_p)
         return results
