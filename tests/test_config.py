@@ -129,3 +129,105 @@ def test_describe_lists_every_key_with_its_doc():
 def test_scientific_notation_is_a_number(tmp_path):
     cfg = load_params(write(tmp_path, "training:\n  learning_rate: 5e-6\n"), ["theory.tolerance=1e-9"])
     assert cfg.training.learning_rate == 5e-6 and cfg.theory.tolerance == 1e-9
+
+
+# --------------------------------------------------------------------------------------------
+# Issue #16: finite numbers, bounds that protect the machine, empty files, papermill's overrides
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("training:\n  gamma: .inf\n", r"training\.gamma: must be a finite number, got inf"),
+    ("training:\n  gamma: -.inf\n", r"training\.gamma: must be a finite number, got -inf"),
+    ("training:\n  lam: .nan\n", r"training\.lam: must be a finite number, got nan"),
+    ("sampling:\n  temperature: .NaN\n", r"sampling\.temperature: must be a finite number, got nan"),
+    ("theory:\n  figure1_rewards: [0.1, .inf]\n", r"theory\.figure1_rewards\[1\]: must be a finite number, got inf"),
+    ("training:\n  max_grad_norm: 1e300\n", r"training\.max_grad_norm: must be a finite number of magnitude <= 1e\+12"),
+    ("training:\n  delta: 1" + "0" * 400 + "\n", r"training\.delta: must be a finite number of magnitude <= 1e\+12, "
+                                                  r"got an integer of \d+ bits"),  # an int too large for a float
+    ("run:\n  seed: 1" + "0" * 30 + "\n", r"run\.seed: must be within ±9223372036854775807 \(int64\)"),
+])
+def test_numbers_must_be_finite(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_params(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["training.gamma", "models.sft_learning_rate", "theory.tolerance", "rewards.rm_heldout"])
+@pytest.mark.parametrize("override", [float("inf"), float("nan"), ".inf", "-.inf", ".nan"])
+def test_every_float_field_rejects_inf_and_nan_in_overrides(key, override):
+    """The check is generic (the loader's type check), so it holds for keys without a range check too;
+    a dict override (widgets, sweeps) and a --set string (YAML .inf/.nan) both go through it."""
+    overrides = {key: override} if isinstance(override, float) else [f"{key}={override}"]
+    with pytest.raises(ConfigError, match=rf"{key}: must be a finite number, got (-?inf|nan)"):
+        load_params(None, overrides)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("sampling.n=1025", r"sampling\.n: must be <= 1_024, got 1_025"),
+    ("sampling.max_new_tokens=32769", r"sampling\.max_new_tokens: must be <= 32_768, got 32_769"),
+    ("sampling.num_prompts=10000001", r"sampling\.num_prompts: must be <= 10_000_000"),
+    ("training.learning_rate=5e6", r"training\.learning_rate: must be <= 1\.0, got 5_000_000\.0 \(larger is a typo"),
+    ("models.sft_learning_rate=2.0", r"models\.sft_learning_rate: must be <= 1\.0"),
+    ("rewards.rm_learning_rate=2.0", r"rewards\.rm_learning_rate: must be <= 1\.0"),
+    ("rewards.rm_prompts=10000001", r"rewards\.rm_prompts: must be <= 10_000_000"),
+    ("models.max_prompt_tokens=131073", r"models\.max_prompt_tokens: must be <= 131_072"),
+    ("evaluation.samples_per_prompt=1025", r"evaluation\.samples_per_prompt: must be <= 1_024"),
+    ("evaluation.max_new_tokens=40000", r"evaluation\.max_new_tokens: must be <= 32_768"),
+    ("evaluation.bootstrap=1000001", r"evaluation\.bootstrap: must be <= 1_000_000, got 1_000_001"),
+    ("evaluation.num_prompts=10000001", r"evaluation\.num_prompts: must be <= 10_000_000"),
+    ("evaluation.ood_prompts=10000001", r"evaluation\.ood_prompts: must be <= 10_000_000"),
+    ("theory.n_responses=257", r"theory\.n_responses: must be <= 256"),
+    ("theory.n_instances=10000", r"theory\.n_instances: n_instances \* n_prompts \* n_responses must be <= 100_000, "
+                                 r"got 10000 \* 3 \* 5 = 150_000"),
+])
+def test_values_that_would_exhaust_the_machine_are_rejected(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_params(None, [override])
+
+
+@pytest.mark.parametrize("override", [
+    "sampling.n=1024", "sampling.max_new_tokens=32768", "training.learning_rate=1.0", "evaluation.samples_per_prompt=1024",
+    "evaluation.bootstrap=1000000", "sampling.num_prompts=10000000", "evaluation.num_prompts=10000000",
+    "theory.n_responses=256", "theory.n_instances=6666",  # 6666 * 3 * 5 = 99_990
+    "training.max_grad_norm=1e12",
+])
+def test_bounds_are_inclusive(override):
+    load_params(None, [override])
+
+
+@pytest.mark.parametrize("text", ["", "   \n\n", "# only a comment\n  # and another\n", "{}\n", "---\n"])
+def test_empty_params_file_is_an_error(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=r"is empty: a params file names at least one section") as err:
+        load_params(path)
+    assert str(path) in str(err.value) and "params/default.yaml" in str(err.value)
+
+
+def test_one_section_keeps_the_other_defaults(tmp_path):
+    assert load_params(write(tmp_path, "run: {}\n")).training.gamma == 0.05
+    assert load_params(write(tmp_path, "# comment\nrun: {name: mine}\n")).run.name == "mine"
+
+
+@pytest.mark.parametrize("value", ["", "  ", "\t"])
+def test_output_root_must_not_be_empty(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"run\.output_root: must name a folder \(e\.g\. outputs\)"):
+        load_params(None, {"run.output_root": value})
+    with pytest.raises(ConfigError, match=r"run\.output_root: must name a folder"):
+        load_params(write(tmp_path, f"run:\n  output_root: '{value}'\n"))
+
+
+def test_overrides_given_as_one_yaml_string_as_papermill_passes_them():
+    """papermill -p overrides '["k=v"]' injects one string; iterating it would give its characters."""
+    cfg = load_params(None, '["training.gamma=0.3", "run.name=pm"]')
+    assert cfg.training.gamma == 0.3 and cfg.run.name == "pm"
+    assert load_params(None, "[]").training.gamma == 0.05
+    assert load_params(None, "- sampling.n=6\n").sampling.n == 6  # block style is a YAML list too
+
+
+@pytest.mark.parametrize("text", ["training.gamma=0.3", "", "[1, 2]", "{training.gamma: 0.3}", "[training.gamma=0.3"])
+def test_overrides_string_that_is_not_a_list_of_strings_is_an_error(text):
+    with pytest.raises(ConfigError, match=r"overrides given as a string must be a YAML list of 'section\.key=value' "
+                                          r"strings, e\.g\. '\[\"training\.gamma=0\.1\"\]'"):
+        load_params(None, text)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vcb_lib import data
-from vcb_lib.data import TASKS, load_hub_preferences, load_hub_prompts, load_prompts, split_hh_dialogue
+from vcb_lib.data import EMBEDDED_TASKS, load_hub_preferences, load_hub_prompts, load_prompts, split_hh_dialogue
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -36,7 +36,7 @@ QTYPES = {"short_fact", "explain", "howto", "list", "creative"}
 # ---- embedded tasks ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", EMBEDDED_TASKS)
 def test_at_least_300_in_distribution_prompts_and_60_ood(task):
     assert len(load_prompts(task, "train")) + len(load_prompts(task, "test")) >= 300
     assert len(load_prompts(task, "ood")) >= 60
@@ -52,13 +52,13 @@ def test_split_is_fixed(task, split):
     assert {r["split"] for r in rows} == {split}
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", EMBEDDED_TASKS)
 def test_split_is_about_80_20(task):
     n_train, n_test = len(load_prompts(task, "train")), len(load_prompts(task, "test"))
     assert 0.15 <= n_test / (n_train + n_test) <= 0.25
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", EMBEDDED_TASKS)
 def test_no_duplicates_and_all_is_the_union(task):
     rows = load_prompts(task, "all")
     assert len({r["prompt"] for r in rows}) == len(rows)
@@ -66,7 +66,7 @@ def test_no_duplicates_and_all_is_the_union(task):
     assert len(rows) == sum(len(load_prompts(task, s)) for s in ("train", "test", "ood"))
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", EMBEDDED_TASKS)
 def test_splits_are_disjoint_by_prompt_and_subject(task):
     by = {s: load_prompts(task, s) for s in ("train", "test", "ood")}
     prompts = {s: {r["prompt"] for r in rows} for s, rows in by.items()}
@@ -76,7 +76,7 @@ def test_splits_are_disjoint_by_prompt_and_subject(task):
         assert not subjects[a] & subjects[b], f"a subject is in both {a} and {b}"
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", EMBEDDED_TASKS)
 def test_rows_have_the_documented_keys(task):
     meta = "qtype" if task == "assistant" else "category"
     for row in load_prompts(task, "all"):

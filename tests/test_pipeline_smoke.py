@@ -60,7 +60,7 @@ def test_theory_checks_hold(smoke):
 
 def test_reward_model_stage(smoke):
     stage = smoke.run_dir / "01_models"
-    accuracy = json.loads((stage / "reward_model" / "accuracy.json").read_text())
+    accuracy = json.loads((stage / "metrics.json").read_text())
     assert 0.0 <= accuracy["accuracy"] <= 1.0 and accuracy["heldout_pairs"] >= 1 and accuracy["train_pairs"] >= 1
     assert (stage / "reward_model" / "config.json").is_file()
     assert (stage / "sft" / "model.safetensors").is_file()  # the SFT stage ran for real (models.sft: true)
@@ -80,7 +80,7 @@ def test_candidate_stage(smoke):
 
 
 def test_training_stage(smoke):
-    from vcb_lib.trainers import method_dir_name
+    from vcb_lib.stages.artefacts import method_dir_name
 
     metrics = json.loads((smoke.run_dir / "03_train" / "metrics.json").read_text())
     assert sorted(metrics) == sorted(smoke.training.methods)
@@ -169,3 +169,72 @@ def test_panel_runs_a_point_headless(smoke):
     assert len(panel.plot_data()) == 1 and (folder / "point.json").stat().st_mtime == mtime
     saved = pd.read_csv(panel.save())
     assert list(saved.point) == [row.point]
+
+
+def _close(a, b, path="metrics"):
+    """Same keys, same values within float tolerance (rel 1e-6), recursively."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, (int, float)):
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-9), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def test_panel_and_runner_give_the_same_metrics(smoke):
+    """One point, two fronts: the sweep ran γ = 0.5 (VCB) through the runner's notebooks 03-04;
+    the panel runs the same point in a thread through stages.ablations. Same metrics.json."""
+    from vcb_lib.widgets import AblationPanel
+
+    params = PROJECT_ROOT / "params" / "smoke.yaml"
+    panel = AblationPanel(params, [f"run.output_root={smoke.run.output_root}"])
+    panel.gamma.value, panel.method.value = 0.5, "vcb"
+    panel.run_button.click()
+    panel.wait(timeout=600)
+    point = panel.plot_data().iloc[-1].point
+    by_panel = json.loads((smoke.run_dir.parent / "panel" / point / "04_eval" / "metrics.json").read_text())
+    by_runner = json.loads((smoke.run_dir.parent / "sweep-smoke" / "gamma-0.5" / "04_eval" / "metrics.json").read_text())
+    _close(by_runner, by_panel)
+
+
+def test_stale_and_damaged_artefacts_are_refused_or_rebuilt(smoke, tmp_path):
+    """Issue #16, cases 2-3: a config change followed by stage 03 alone is refused, naming the
+    stale stage and the key, and deletes nothing; a truncated D_t is refused by stage 03 and
+    rebuilt by stage 02 (from its shards); a deleted final model is retrained by stage 03."""
+    import shutil
+    import warnings
+
+    from vcb_lib.manifest import ArtefactError
+    from vcb_lib.stages import artefacts, generate, train
+
+    shutil.copytree(smoke.run_dir, tmp_path / "copy", symlinks=True)
+    over = [f"run.output_root={tmp_path}", "run.name=copy", "ablation.interactive=false", "training.methods=[vcb]"]
+    cfg = load_params(PROJECT_ROOT / "params" / "smoke.yaml", over)
+    vcb = artefacts.method(cfg, "vcb")
+    assert vcb.current()
+    hotter = load_params(PROJECT_ROOT / "params" / "smoke.yaml", over + ["sampling.temperature=0.5"])
+    with pytest.raises(ArtefactError, match=r"candidates.parquet is stale.*sampling.temperature: 1.0 -> 0.5.*02_generate"):
+        train.run(hotter, log=lambda m: None)
+    assert vcb.current()  # the trained policy of the old config is still there
+
+    table = artefacts.candidates(cfg).path
+    good = table.read_bytes()
+    table.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ArtefactError, match="candidates.parquet is corrupt"):
+        train.run(cfg, log=lambda m: None)
+    messages = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the shards are reused: a moved run folder is still the same run
+        generate.run(cfg, log=messages.append)
+    assert any("corrupt" in m for m in messages) and table.read_bytes() == good
+
+    (vcb.path / "final" / "model.safetensors").unlink()
+    assert vcb.status()[0] == "corrupt"
+    train.run(cfg, log=lambda m: None)
+    assert vcb.current() and (vcb.path / "final" / "model.safetensors").is_file()

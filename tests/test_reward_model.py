@@ -5,6 +5,8 @@ import pytest
 
 from vcb_lib import rewards
 from vcb_lib.config import load_params
+from vcb_lib.manifest import ArtefactError
+from vcb_lib.stages import sft_and_reward
 
 POSITIVE = ["It was wonderful, I loved every minute.", "A delightful, brilliant experience.", "Great fun and truly excellent.",
             "I enjoyed it a lot, superb and charming.", "Absolutely lovely, a joy from start to end.", "Fantastic and beautiful work."]
@@ -39,21 +41,19 @@ def test_reward_model_learns_preferences_beats_chance(cfg, backbone):
     train, held = sentiment_pairs(48, seed=0).assign(split="train"), sentiment_pairs(24, seed=1).assign(split="heldout")
     # held-out pairs are new combinations; swap half so "chosen first" cannot be memorised by position
     pairs = pd.concat([train, held], ignore_index=True)
-    rm = rewards.train_reward_model(cfg, pairs, log=lambda m: None)
-    result = rewards.evaluate_reward_model(cfg, rm, pairs)
+    rm = sft_and_reward.train_reward_model(cfg, pairs, log=lambda m: None)
+    result = sft_and_reward.evaluate_reward_model(rm, pairs)
     assert result["accuracy"] >= 0.8, result  # chance is 0.5
     assert result["pearson_gold"] > 0.5
-    saved = (cfg.run_dir / "01_models" / "reward_model")
-    assert (saved / "accuracy.json").is_file()
-    again = rewards.load_reward_model(cfg)  # "learned" loads the saved model
+    again = sft_and_reward.load_reward_model(cfg)  # "learned" loads the saved model
     np.testing.assert_allclose(again.score(list(held.prompt), list(held.chosen)),
                                rm.score(list(held.prompt), list(held.chosen)), atol=1e-5)
 
 
 def test_load_reward_model_errors(cfg):
-    with pytest.raises(FileNotFoundError, match="run notebook 01"):
-        rewards.load_reward_model(cfg)
-    gold = rewards.load_reward_model(load_params(None, ["rewards.reward_model=gold"]))
+    with pytest.raises(ArtefactError, match="reward_model is not built yet.*run stage 01_sft_and_reward"):
+        sft_and_reward.load_reward_model(cfg)
+    gold = sft_and_reward.load_reward_model(load_params(None, ["rewards.reward_model=gold"]))
     assert isinstance(gold, rewards.SentimentGold)
 
 

@@ -196,7 +196,7 @@ def test_nan_from_a_component_names_the_component_and_index(monkeypatch):
 
 
 def test_unknown_task_lists_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"no gold reward for task 'hh'; allowed: 'sentiment', 'assistant'"):
+    with pytest.raises(ValueError, match=r"task 'hh' has no gold reward; tasks with one: 'sentiment', 'assistant'"):
         gold_reward("hh")
 
 

@@ -3,6 +3,7 @@
 Every closed form is compared with an independent numerical optimum (L-BFGS + Newton polish on
 softmax tables, or a loss of vcb_lib.losses minimised over a tabular policy), never with itself.
 """
+import json
 import math
 
 import numpy as np
@@ -11,7 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vcb_lib import plots
 from vcb_lib import theory as T
+from vcb_lib.config import TheoryConfig
+from vcb_lib.io import _jsonable
 from vcb_lib.losses import LossType, vcb_loss
 
 TOL = 1e-8  # closed form vs numerical maximiser (max abs probability difference)
@@ -301,3 +305,84 @@ def test_misalignment_property_monotone_log_ratios(rewards, c):
     ref = np.log(np.full_like(r, 1 / r.size))
     assert T.misalignment_rate(ref + c * r, ref, r) == 0.0
     assert T.misalignment_rate(ref - c * r, ref, r) == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# run_checks: notebook 00's numbers, verdicts and figures
+# --------------------------------------------------------------------------------------------
+
+
+def test_order_methods_are_the_losses_that_use_only_the_reward_order():
+    assert set(T.ORDER_METHODS) == {"dpo", "ipo", "slic", "rrhf"}
+
+
+@pytest.fixture(scope="module")
+def small_run():
+    return T.run_checks(TheoryConfig(n_instances=2), seed=0)
+
+
+def test_run_checks_passes_on_a_small_config(small_run):
+    checks = small_run["checks"]
+    assert checks["passed"] is True and all(checks["checks"].values()), checks["checks"]
+    # the paper's Figure 1 rewards (the default) add Figure 1's qualitative checks
+    assert {"figure1_vcb_y2_close_to_y3", "figure1_dpo_y2_close_to_y1"} <= set(checks["checks"])
+    assert "config_hash" not in checks  # the caller adds its provenance
+    assert set(checks["order_based"]) == set(T.ORDER_METHODS) | {"vcb"}
+    assert checks["tolerance"] == 1e-8 and checks["fit_tolerance"] == 1e-6
+
+
+def test_run_checks_numbers_are_json_and_figure_data_is_not(small_run):
+    checks = small_run["checks"]
+    assert json.loads(json.dumps(checks, default=_jsonable)) == checks  # as vcb_lib.io.write_json writes it
+    data = small_run["data"]
+    assert data["problem"].rewards.shape == (2 * 3, 5)
+    assert set(data["fig1"]["fits"]) == set(data["fig1_cubed"]["fits"]) == set(T.ORDER_METHODS) | {"vcb"}
+    assert set(data["pair_gaps"]) == {"VCB (converged)", "DPO", "IPO", "SLiC"}
+
+
+@pytest.mark.parametrize("sabotage, should_fail", [
+    ({"fit_tolerance": 1e-30}, {"vcb_tabular_vs_eq15", "eq12", "ipo_tabular_vs_closed_form"}),  # below float64
+    ({"fit_steps": 3}, {"order_respected", "order_based_value_blind"}),  # fits stopped before the order holds
+])
+def test_run_checks_fails_a_sabotaged_config(sabotage, should_fail):
+    checks = T.run_checks(TheoryConfig(n_instances=1, **sabotage), seed=0)["checks"]
+    failed = {name for name, ok in checks["checks"].items() if not ok}
+    assert checks["passed"] is False and failed == should_fail, failed
+
+
+def test_run_checks_other_figure1_rewards_skip_the_paper_claims():
+    checks = T.run_checks(TheoryConfig(n_instances=1, figure1_rewards=[0.1, 0.5, 0.9]), seed=0)["checks"]
+    assert checks["passed"] and not any(name.startswith("figure1_") and name != "figure1_sums_to_one"
+                                        for name in checks["checks"])
+
+
+def _draw_theorem1(data, path):
+    return plots.theorem1_scatter(data["t1"], path)
+
+
+def _draw_eq12(data, path):
+    return plots.eq12_proportionality(data["pair_gaps"], path)
+
+
+def _draw_figure1(data, path):
+    return plots.figure1_bars(data["fig1"]["probs"], T.FIGURE1_REWARDS, path, gamma=1.0, steps=150)
+
+
+def _draw_trajectories(data, path):
+    return plots.figure1_trajectories(data["fig1"]["fits"], T.FIGURE1_REWARDS, path)
+
+
+@pytest.mark.parametrize("draw", [_draw_theorem1, _draw_eq12, _draw_figure1, _draw_trajectories],
+                         ids=lambda f: f.__name__[len("_draw_"):])
+def test_theory_figures_are_written(small_run, tmp_path, draw):
+    path = tmp_path / "figure.png"
+    fig = draw(small_run["data"], path)
+    assert path.is_file() and path.stat().st_size > 1000
+    plots.plt.close(fig)
+
+
+def test_figure1_table_rows_are_methods_columns_responses(small_run):
+    table = plots.figure1_table(small_run["data"]["fig1"]["probs"], T.FIGURE1_REWARDS)
+    assert list(table.columns) == ["y1 (r=0.1)", "y2 (r=0.85)", "y3 (r=0.9)"]
+    assert {"sft", "vcb", "vcb_eq15", *T.ORDER_METHODS} == set(table.index)
+    assert np.allclose(table.sum(axis=1), 1.0)

@@ -454,7 +454,9 @@ def test_split_even():
 
 
 def test_train_sft_stage(base, tmp_path):
-    from vcb_lib.trainers import sft_spec, train_sft
+    from vcb_lib.manifest import ArtefactError
+    from vcb_lib.stages.artefacts import sft_spec
+    from vcb_lib.stages.sft_and_reward import train_sft
 
     smoke = PROJECT_ROOT / "params" / "smoke.yaml"
     over = {"run.output_root": str(tmp_path), "models.sft": True, "models.sft_learning_rate": 1e-3, "training.batch_size": 2}
@@ -462,7 +464,7 @@ def test_train_sft_stage(base, tmp_path):
     pairs = pd.DataFrame({"prompt_id": [f"q{i}" for i in range(6)], "prompt": [f"Say something about {w}." for w in WORDS[:6]],
                           "chosen": [f"The {w} is lovely." for w in WORDS[:6]], "rejected": ["no"] * 6,
                           "split": ["train"] * 5 + ["heldout"]})
-    with pytest.raises(FileNotFoundError, match="run notebook 01"):
+    with pytest.raises(ArtefactError, match="not built yet.*run stage 01_sft_and_reward"):
         sft_spec(cfg)
     messages = []
     folder = train_sft(cfg, pairs, log=messages.append)

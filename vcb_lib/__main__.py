@@ -6,7 +6,17 @@ import sys
 from pathlib import Path
 
 from vcb_lib.config import ConfigError, describe, load_params
+from vcb_lib.io import FolderBusy
+from vcb_lib.manifest import ArtefactError
 from vcb_lib.runner import NOTEBOOKS_DIR, RunnerError, StageFailed, run
+
+
+def _os_error(err: OSError) -> str:
+    """``Not a directory: '/x/file/run'``: the reason and the path, without the errno prefix."""
+    if err.filename is None:
+        return str(err)
+    paths = " -> ".join(repr(str(f)) for f in (err.filename, err.filename2) if f is not None)
+    return f"{err.strerror or type(err).__name__}: {paths}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run(args.params, args.overrides, only=args.only, start=args.start, notebooks_dir=args.notebooks,
                 log=lambda m: print(m, flush=True))
-    except (ConfigError, RunnerError) as err:
+    except (ConfigError, RunnerError, FolderBusy, ArtefactError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an output root that is read-only, missing or a file; an unreadable params file
+        print(f"error: {_os_error(err)}", file=sys.stderr)
         return 2
     except StageFailed as err:
         print(f"FAILED: {err}", file=sys.stderr)

@@ -19,6 +19,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import math
 import re
 import types
 import typing
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from vcb_lib.tasks import TASKS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +59,18 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _at_most(value: int | float, limit: int | float, key: str, why: str) -> None:
+    """Upper bound of a value that would exhaust the machine (memory, disk, time) past ``limit``."""
+    _require(value <= limit, key, f"must be <= {limit:_}, got {value:_} ({why})")
+
+
+# Every number in a config: floats finite and of sane magnitude, integers within int64 (torch, numpy).
+MAX_FLOAT_MAGNITUDE = 1e12
+MAX_INT_MAGNITUDE = 2 ** 63 - 1
+MAX_PROMPTS = 10_000_000  # sampling/evaluation/rewards prompt counts (far above any dataset used here)
+MAX_THEORY_CELLS = 100_000  # theory.n_instances * n_prompts * n_responses: the toy tables' size
+
+
 # --------------------------------------------------------------------------------------------
 # Stage configs
 # --------------------------------------------------------------------------------------------
@@ -74,7 +89,7 @@ class RunConfig:
     """Where a run writes and how it is seeded."""
 
     name: str = "default"  # run folder name: <output_root>/<name>/
-    output_root: str = "outputs"  # folder holding run folders; relative paths are relative to the project root
+    output_root: str = "outputs"  # folder holding run folders (not empty); relative paths are relative to the project root
     seed: int = 0  # seed for torch, numpy, random and the samplers
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto picks cuda when available
     stages: list[str] = field(default_factory=list)  # notebooks to run (stem or name, e.g. "00_theory" or "theory"); empty = all
@@ -83,6 +98,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)), "run.name",
                  f"{self.name!r} must be a folder name made of letters, digits, '.', '_' or '-'")
+        _require(bool(self.output_root.strip()), "run.output_root",
+                 f"must name a folder (e.g. outputs), got {self.output_root!r}")
         _require(self.seed >= 0, "run.seed", f"must be >= 0, got {self.seed}")
         _require(self.upstream != self.name, "run.upstream", f"must be empty or another run's folder, not this run ({self.name!r})")
 
@@ -91,9 +108,9 @@ class RunConfig:
 class TheoryConfig:
     """Notebook 00: Theorem 1 and the loss optima on tabular (finite-response) toy problems."""
 
-    n_instances: int = 20  # random tabular problems checked against Theorem 1 (stacked as rows of one table)
+    n_instances: int = 20  # random tabular problems checked against Theorem 1 (rows of one table); instances*prompts*responses <= 100_000
     n_prompts: int = 3  # prompts X per random problem
-    n_responses: int = 5  # responses Y per prompt
+    n_responses: int = 5  # responses Y per prompt; <= 256 (the pairwise fits hold (X, Y, Y) tables)
     figure1_rewards: list[float] = field(default_factory=lambda: [0.1, 0.85, 0.9])  # Figure 1 example rewards r(x, y_1..y_3)
     figure1_ref_probs: list[float] = field(default_factory=list)  # π_sft over the Figure 1 responses (normalised); empty = uniform
     gamma: float = 1.0  # γ of Table 1 / Eq. 13 and of the toy losses (Eq. 9); 1.0 keeps Figure 1 readable (p3/p2 = e^{Δr/γσ})
@@ -109,6 +126,11 @@ class TheoryConfig:
         _require(self.n_instances >= 1, "theory.n_instances", f"must be >= 1, got {self.n_instances}")
         _require(self.n_prompts >= 1, "theory.n_prompts", f"must be >= 1, got {self.n_prompts}")
         _require(self.n_responses >= 2, "theory.n_responses", f"must be >= 2, got {self.n_responses}")
+        _at_most(self.n_responses, 256, "theory.n_responses", "the pairwise fits hold (X, Y, Y) tables")
+        cells = self.n_instances * self.n_prompts * self.n_responses
+        _require(cells <= MAX_THEORY_CELLS, "theory.n_instances",
+                 f"n_instances * n_prompts * n_responses must be <= {MAX_THEORY_CELLS:_}, got {self.n_instances} * "
+                 f"{self.n_prompts} * {self.n_responses} = {cells:_} (notebook 00 fits every table to convergence)")
         _require(len(self.figure1_rewards) >= 2, "theory.figure1_rewards", "needs at least 2 rewards")
         _require(len(set(self.figure1_rewards)) > 1, "theory.figure1_rewards",
                  f"must not all be equal (σ_r = 0), got {self.figure1_rewards}")
@@ -132,17 +154,19 @@ class ModelsConfig:
 
     policy: str = "tiny-random"  # model spec: local folder, hub id, packaged:smollm2-135m-instruct or tiny-random
     sft: bool = False  # run the SFT stage (MLE on SFT targets); off = models.policy is already π_sft
-    sft_learning_rate: float = 1e-5  # SFT AdamW learning rate
+    sft_learning_rate: float = 1e-5  # SFT AdamW learning rate; <= 1.0
     sft_epochs: int = 1  # SFT epochs
     dtype: Literal["float32", "bfloat16"] = "float32"  # weight dtype when loading
     cache_dir: str = ".cache/models"  # converted/cached models; relative to the project root
-    max_prompt_tokens: int = 256  # prompts are truncated from the left to this many tokens
+    max_prompt_tokens: int = 256  # prompts are truncated from the left to this many tokens; <= 131072
 
     def __post_init__(self) -> None:
         _require(bool(self.policy), "models.policy", "must name a model spec")
         _require(self.sft_learning_rate > 0, "models.sft_learning_rate", f"must be > 0, got {self.sft_learning_rate}")
+        _at_most(self.sft_learning_rate, 1.0, "models.sft_learning_rate", "larger is a typo, e.g. 5e6 for 5e-6")
         _require(self.sft_epochs >= 1, "models.sft_epochs", f"must be >= 1, got {self.sft_epochs}")
         _require(self.max_prompt_tokens > 0, "models.max_prompt_tokens", f"must be > 0, got {self.max_prompt_tokens}")
+        _at_most(self.max_prompt_tokens, 131_072, "models.max_prompt_tokens", "longer than any supported context")
 
 
 @dataclass
@@ -150,19 +174,22 @@ class SamplingConfig:
     """Step 2 of the pipeline (Sec. 4.3): n candidates per prompt from π_sft."""
 
     backend: Literal["auto", "hf", "vllm"] = "auto"  # auto = vLLM when importable, else HF generate
-    n: int = 4  # candidates per prompt (n in Eq. 20)
+    n: int = 4  # candidates per prompt (n in Eq. 20); <= 1024
     temperature: float = 1.0  # sampling temperature (Fig. 6 ablates it)
     top_p: float = 1.0  # nucleus sampling mass
-    max_new_tokens: int = 64  # generation length cap
-    num_prompts: int = 0  # train prompts used to build D_t; 0 = all
+    max_new_tokens: int = 64  # generation length cap; <= 32768
+    num_prompts: int = 0  # train prompts used to build D_t; 0 = all; <= 10_000_000
     batch_size: int = 8  # prompts per generate call (HF backend)
 
     def __post_init__(self) -> None:
         _require(self.n >= 2, "sampling.n", f"VCB needs at least 2 candidates per prompt, got {self.n}")
+        _at_most(self.n, 1024, "sampling.n", "the pairwise losses hold n x n tables per prompt")
         _require(self.temperature > 0, "sampling.temperature", f"must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
         _require(self.max_new_tokens > 0, "sampling.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        _at_most(self.max_new_tokens, 32_768, "sampling.max_new_tokens", "the KV cache and time grow with it")
         _require(self.num_prompts >= 0, "sampling.num_prompts", f"must be >= 0, got {self.num_prompts}")
+        _at_most(self.num_prompts, MAX_PROMPTS, "sampling.num_prompts", "every candidate is kept on disk")
         _require(self.batch_size > 0, "sampling.batch_size", f"must be > 0, got {self.batch_size}")
 
 
@@ -170,22 +197,29 @@ class SamplingConfig:
 class RewardsConfig:
     """The task, its gold reward, and the learned reward model (Eq. 18)."""
 
-    task: Literal["sentiment", "assistant", "hh", "tldr"] = "sentiment"  # embedded tasks or the paper's hub datasets
+    task: str = "sentiment"  # a vcb_lib.tasks.TASKS name: embedded (sentiment, assistant) or the paper's hub datasets (hh, tldr)
     reward_model: str = "learned"  # learned (Bradley-Terry, Eq. 18), gold, or a folder / hub reward-model id
     rm_backbone: str = "policy"  # reward model body: policy (π_sft's decoder), minilm (packaged all-MiniLM-L6-v2 encoder), or an encoder folder
-    rm_prompts: int = 128  # train prompts whose sampled pair (gold-labelled) trains the reward model; 0 = all
+    rm_prompts: int = 128  # train prompts whose sampled pair (gold-labelled) trains the reward model; 0 = all; <= 10_000_000
     rm_heldout: float = 0.2  # share of those pairs held out for the accuracy of Table 4
-    rm_learning_rate: float = 1e-4  # reward model AdamW learning rate
+    rm_learning_rate: float = 1e-4  # reward model AdamW learning rate; <= 1.0
     rm_epochs: int = 1  # reward model epochs
 
     def __post_init__(self) -> None:
+        _require(self.task in TASKS, "rewards.task", f"unknown task {self.task!r}; allowed: {', '.join(TASKS)}")
         _require(self.rm_prompts >= 0, "rewards.rm_prompts", f"must be >= 0, got {self.rm_prompts}")
+        _at_most(self.rm_prompts, MAX_PROMPTS, "rewards.rm_prompts", "every pair is kept on disk")
         _require(0 < self.rm_heldout < 1, "rewards.rm_heldout", f"must be in (0, 1), got {self.rm_heldout}")
         _require(self.rm_learning_rate > 0, "rewards.rm_learning_rate", f"must be > 0, got {self.rm_learning_rate}")
+        _at_most(self.rm_learning_rate, 1.0, "rewards.rm_learning_rate", "larger is a typo, e.g. 5e6 for 5e-6")
         _require(self.rm_epochs >= 1, "rewards.rm_epochs", f"must be >= 1, got {self.rm_epochs}")
 
 
-METHODS = ("vcb", "dpo", "ipo", "slic", "rrhf", "rest", "sft")
+def methods() -> tuple[str, ...]:
+    """The methods notebook 03 trains: ``LossType``'s members that train a policy."""
+    from vcb_lib.losses import LossType  # torch: imported only when a config is validated
+
+    return tuple(m.value for m in LossType if m.trains_policy)
 
 
 @dataclass
@@ -201,7 +235,7 @@ class TrainingConfig:
     length_penalty: float = 1.0  # RRHF scores are log π / n_tokens^length_penalty
     top_k: int = 1  # ReST: responses per prompt kept (highest reward) for the NLL
     pairs: Literal["all", "best_worst"] = "all"  # preference pairs for order-based losses
-    learning_rate: float = 5e-6  # AdamW peak learning rate
+    learning_rate: float = 5e-6  # AdamW peak learning rate; <= 1.0
     weight_decay: float = 0.0  # AdamW weight decay
     batch_size: int = 4  # prompts per optimizer micro-batch (each with n candidates)
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -217,11 +251,12 @@ class TrainingConfig:
     num_processes: int = 1  # processes for accelerate launch
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
-        _require(not bad, "training.methods", f"unknown method(s) {bad}; allowed: {list(METHODS)}")
+        bad = [m for m in self.methods if m not in methods()]
+        _require(not bad, "training.methods", f"unknown method(s) {bad}; allowed: {list(methods())}")
         for key in ("gamma", "lam", "learning_rate", "max_grad_norm"):
             value = getattr(self, key)
             _require(value > 0, f"training.{key}", f"must be > 0, got {value}")
+        _at_most(self.learning_rate, 1.0, "training.learning_rate", "larger is a typo, e.g. 5e6 for 5e-6")
         for key in ("delta", "sft_weight", "length_penalty", "weight_decay", "warmup_steps", "max_steps", "save_every"):
             value = getattr(self, key)
             _require(value >= 0, f"training.{key}", f"must be >= 0, got {value}")
@@ -234,12 +269,12 @@ class TrainingConfig:
 class EvaluationConfig:
     """Notebooks 04-05: win rates, reward vs KL, misalignment, diversity, length, OOD."""
 
-    num_prompts: int = 0  # test prompts evaluated; 0 = all
-    ood_prompts: int = 0  # out-of-distribution prompts evaluated (Table 5); 0 = all
-    samples_per_prompt: int = 2  # samples per prompt and policy (pairs for misalignment and Self-BLEU; A.5/A.8 use 8)
+    num_prompts: int = 0  # test prompts evaluated; 0 = all; <= 10_000_000
+    ood_prompts: int = 0  # out-of-distribution prompts evaluated (Table 5); 0 = all; <= 10_000_000
+    samples_per_prompt: int = 2  # samples per prompt and policy (pairs for misalignment and Self-BLEU; A.5/A.8 use 8); <= 1024
     temperature: float = 1.0  # evaluation sampling temperature
-    max_new_tokens: int = 64  # evaluation generation length cap
-    bootstrap: int = 1000  # bootstrap resamples for confidence intervals
+    max_new_tokens: int = 64  # evaluation generation length cap; <= 32768
+    bootstrap: int = 1000  # bootstrap resamples for confidence intervals; <= 1_000_000
     curve_points: int = 0  # Fig. 5: snapshots sampled during training (evenly spaced steps; π_sft and the final model come from the evaluation); 0 = none
     curve_prompts: int = 8  # Fig. 5: test prompts sampled at each snapshot (the first ones)
     judge_url: str = ""  # OpenAI-compatible endpoint of an LLM judge (A.3); empty = off
@@ -250,6 +285,11 @@ class EvaluationConfig:
             value = getattr(self, key)
             _require(value >= 1, f"evaluation.{key}", f"must be >= 1, got {value}")
         _require(self.samples_per_prompt >= 2, "evaluation.samples_per_prompt", f"must be >= 2, got {self.samples_per_prompt}")
+        _at_most(self.samples_per_prompt, 1024, "evaluation.samples_per_prompt", "Self-BLEU scores k x (k - 1) pairs per prompt")
+        _at_most(self.max_new_tokens, 32_768, "evaluation.max_new_tokens", "the KV cache and time grow with it")
+        _at_most(self.bootstrap, 1_000_000, "evaluation.bootstrap", "each resample redraws every prompt")
+        for key in ("num_prompts", "ood_prompts"):
+            _at_most(getattr(self, key), MAX_PROMPTS, f"evaluation.{key}", "every sample is kept on disk")
         for key in ("num_prompts", "ood_prompts", "curve_points"):
             value = getattr(self, key)
             _require(value >= 0, f"evaluation.{key}", f"must be >= 0, got {value}")
@@ -312,6 +352,19 @@ class Config:
         if "run" in picked:  # where a run writes does not change what it computes
             picked["run"] = {k: v for k, v in picked["run"].items() if k not in RUN_LOCATION_KEYS}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
+
+    def slice(self, *keys: str) -> dict[str, Any]:
+        """The config slice an artefact depends on, flat: ``{"sampling.n": 4, ...}``. Each key
+        names a whole section (``"sampling"``) or one field (``"training.batch_size"``); where a
+        run writes (``RUN_LOCATION_KEYS``) is never part of it."""
+        data, out = self.to_dict(), {}
+        for key in keys:
+            section, _, name = key.partition(".")
+            if section not in data or (name and name not in data[section]):
+                raise KeyError(f"unknown config key {key!r}; sections: {list(data)}")
+            names = [name] if name else [n for n in data[section] if not (section == "run" and n in RUN_LOCATION_KEYS)]
+            out.update({f"{section}.{n}": data[section][n] for n in names})
+        return out
 
     def upstream_hash(self) -> str:
         """Hash of what the upstream stages (π_sft, the reward model, D_t) depend on: the run,
@@ -384,9 +437,10 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
                 pass
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        value = _check_float(value, key) if ok else value
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+        value = _check_int(value, key) if ok else value
     elif tp is type(None):
         ok = value is None
     else:
@@ -394,6 +448,28 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     if not ok:
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     return value
+
+
+def _check_float(value: int | float, key: str) -> float:
+    """``value`` as a float, or raise naming ``key`` on inf/NaN and magnitudes beyond
+    ``MAX_FLOAT_MAGNITUDE``: ``gamma: .inf`` would pass ``> 0`` and make every loss NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
+    if abs(value) > MAX_FLOAT_MAGNITUDE:
+        shown = f"{value:g}" if isinstance(value, float) else _int_text(value)
+        raise ConfigError(f"{key}: must be a finite number of magnitude <= {MAX_FLOAT_MAGNITUDE:g}, got {shown}")
+    return float(value)
+
+
+def _check_int(value: int, key: str) -> int:
+    """``value``, or raise naming ``key`` beyond int64 (what torch and numpy take)."""
+    if abs(value) > MAX_INT_MAGNITUDE:
+        raise ConfigError(f"{key}: must be within ±{MAX_INT_MAGNITUDE} (int64), got {_int_text(value)}")
+    return value
+
+
+def _int_text(value: int) -> str:
+    return str(value) if value.bit_length() < 128 else f"an integer of {value.bit_length()} bits"
 
 
 def _unknown_key(key: str, allowed: list[str]) -> ConfigError:
@@ -425,12 +501,30 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), _yaml(value) if value.strip() else ""
 
 
-def load_params(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+def _override_list(text: str) -> list[str]:
+    """Overrides given as one string, as papermill passes ``-p overrides '["k=v"]'``: a YAML list
+    of ``section.key=value`` strings (iterating the string would give its characters)."""
+    allowed = ("overrides given as a string must be a YAML list of 'section.key=value' strings, "
+               "e.g. '[\"training.gamma=0.1\"]' ('[]' for none)")
+    try:
+        items = _yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{allowed}; {text!r} is not valid YAML: {err}") from None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{allowed}, got {text!r}")
+    return items
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | str | dict[str, Any] | None = None) -> Config:
     """Read a params YAML file (None = defaults only), apply ``section.key=value`` overrides,
     validate types and ranges, and return the resolved ``Config``.
 
+    ``overrides``: a list of ``section.key=value`` strings, a ``{key: value}`` dict, or one string
+    holding a YAML list of them (papermill's ``-p overrides '["training.gamma=0.1"]'``).
     Raises ``ConfigError`` naming the file (or override), the key and the allowed keys/values.
     """
+    if isinstance(overrides, str):
+        overrides = _override_list(overrides)
     where = "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
@@ -439,9 +533,13 @@ def load_params(path: str | Path | None = None, overrides: list[str] | dict[str,
         if not path.is_file():
             raise ConfigError(f"params file not found: {path}")
         try:
-            raw = _yaml(path.read_text()) or {}
+            raw = _yaml(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{where} is not valid YAML: {err}") from None
+        if raw is None or raw == {}:  # empty, blank, comments only, or "{}"
+            raise ConfigError(f"{where} is empty: a params file names at least one section (run:, training:, ...); "
+                              "to run the defaults use params/default.yaml (the embedded default run), or name one "
+                              "section to keep every built-in default, e.g. 'run: {name: mine}'")
         if not isinstance(raw, dict):
             raise ConfigError(f"{where} must be a mapping of sections (run:, training:, ...), got {type(raw).__name__}")
     sections = {f.name: f.default_factory for f in _sections()}

@@ -42,13 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-TASKS = ("sentiment", "assistant")
+from vcb_lib.tasks import TASKS, get_task
+
+EMBEDDED_TASKS = tuple(name for name, t in TASKS.items() if t.source == "embedded")
 SPLITS = ("train", "test", "ood", "all")
 TEST_PERCENT = 20  # share of each group's in-distribution items (not prompts) held out for test
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 __all__ = [
-    "TASKS",
+    "EMBEDDED_TASKS",
     "SPLITS",
     "TASKS_DIR",
     "load_prompts",
@@ -137,7 +139,7 @@ def load_prompts(task: str, split: str = "train") -> list[dict]:
     ``split``: "train" | "test" | "ood" | "all" ("all" = train + test + ood, each row keeping its
     own ``split``). Rows are fresh dicts (see the module docstring) in a fixed order.
     """
-    _check_choice("task", task, TASKS)
+    _check_choice("task", task, EMBEDDED_TASKS)
     _check_choice("split", split, SPLITS)
     return [dict(r) for r in _task_rows(task) if split == "all" or r["split"] == split]
 
@@ -294,26 +296,18 @@ def load_hub_preferences(name: str, split: str, *, data_files=None, limit: int |
     return rows
 
 
-# The paper's tasks by config name (``rewards.task``): prompts, preference pairs, OOD prompts.
-PAPER_TASKS = {
-    "hh": {"prompts": "Anthropic/hh-rlhf", "preferences": "Anthropic/hh-rlhf", "ood": None},
-    "tldr": {"prompts": "CarperAI/openai_summarize_tldr", "preferences": "CarperAI/openai_summarize_comparisons",
-             "ood": "abisee/cnn_dailymail"},
-}
-
-
 def task_prompts(task: str, split: str, limit: int = 0) -> list[dict]:
-    """Prompts of a config task: an embedded one (``sentiment``, ``assistant``) or the paper's
-    (``hh``, ``tldr``; hub access needed). ``split``: train, test or ood; ``limit`` 0 = all."""
-    if task in TASKS:
+    """Prompts of a registered task (``vcb_lib.tasks``): an embedded one (``sentiment``,
+    ``assistant``) or the paper's (``hh``, ``tldr``; hub access needed). ``split``: train, test or
+    ood; ``limit`` 0 = all."""
+    t = get_task(task)
+    if t.source == "embedded":
         rows = load_prompts(task, split)
-    elif task in PAPER_TASKS:
-        name = PAPER_TASKS[task]["ood"] if split == "ood" else PAPER_TASKS[task]["prompts"]
+    else:
+        name = t.ood if split == "ood" else t.prompts
         if name is None:
             raise ValueError(f"task {task!r} has no out-of-distribution prompt set")
         rows = load_hub_prompts(name, "test" if split == "ood" else split, limit=limit or None)
-    else:
-        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(map(repr, TASKS + tuple(PAPER_TASKS)))}")
     return rows[:limit] if limit else rows
 
 
@@ -493,44 +487,3 @@ def build_candidates(prompts: Sequence[Mapping], sampler, out_dir: str | Path, *
     shards = sorted(shard_dir.glob("shard-*.parquet"))
     table = pd.concat([pd.read_parquet(p) for p in shards[:len(starts)]], ignore_index=True)
     return table[CANDIDATE_COLUMNS]
-
-
-def generate_candidates(cfg, *, log=print):
-    """Stage 02 (Sec. 4.3 step 2): n candidates per train prompt from π_sft, their reference
-    log-probs, and their rewards (``rewards.reward_model``; plus ``gold`` on embedded tasks).
-
-    Writes ``02_candidates/candidates.parquet`` and returns it as a DataFrame; a rerun with the
-    same config returns the stored table, an interrupted one resumes from its shards.
-    """
-    import pandas as pd
-
-    from vcb_lib.io import atomic_write_bytes, read_json, write_json
-    from vcb_lib.models import format_prompt, load_policy, load_tokenizer
-    from vcb_lib.rewards import gold_reward, load_reward_model
-    from vcb_lib.samplers import make_sampler
-    from vcb_lib.trainers import sft_spec
-
-    out = cfg.stage_dir("02_candidates")
-    path, stamp = out / "candidates.parquet", out / "candidates.hash"
-    key = cfg.upstream_hash()
-    if path.is_file() and stamp.is_file() and read_json(stamp) == key:
-        log(f"candidates: up to date in {path}")
-        return pd.read_parquet(path)
-    spec, s = sft_spec(cfg), cfg.sampling
-    model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
-    tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
-    sampler = make_sampler(s.backend, spec, model=model, tokenizer=tok, batch_size=s.batch_size, seed=cfg.run.seed,
-                           cache_dir=cfg.models.cache_dir, log=log)
-    prompts = task_prompts(cfg.rewards.task, "train", s.num_prompts)
-    table = build_candidates(prompts, sampler, out, n=s.n, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-                             seed=cfg.run.seed, top_p=s.top_p, ref_model=model, tokenizer=tok,
-                             format_prompt=lambda p: format_prompt(tok, p), ref_autocast_bf16=cfg.training.bf16,
-                             manifest={"config": key, "model": spec, "sampler": sampler.name})
-    sampler.close()
-    log(f"scoring {len(table)} candidates with the {cfg.rewards.reward_model} reward model")
-    table["reward"] = load_reward_model(cfg).score(list(table.prompt), list(table.response))
-    if cfg.rewards.task in TASKS:
-        table["gold"] = gold_reward(cfg.rewards.task).score(list(table.prompt), list(table.response))
-    atomic_write_bytes(path, table.to_parquet(index=False))
-    write_json(stamp, key)
-    return table

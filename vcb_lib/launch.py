@@ -17,7 +17,7 @@ Several CPU processes: ``accelerate launch --cpu --num_processes 2`` silently ru
 environment: every ``Accelerator()`` then runs on CPU with the gloo backend.
 
 Launched processes keep freed memory in glibc's heap (``MALLOC_ENV``, unless the environment sets
-those variables itself): CPU training steps ~1.1x faster (bench/README.md).
+those variables itself); what that buys is measured in bench/README.md.
 """
 from __future__ import annotations
 
@@ -39,8 +39,7 @@ from pathlib import Path
 ERRORS_ENV = "VCB_LAUNCH_ERRORS"  # folder where worker ranks write their tracebacks
 # glibc serves every allocation over 32 MB with a fresh mmap and unmaps it on free, so a training step
 # page-faults its large tensors in anew each time (a 49152 x 576 embedding gradient is 113 MB).
-# Serving them from the heap and trimming it only past 1 GiB keeps those pages: SmolLM2 VCB steps
-# 5.05 -> 4.47 s (1.13x, three interleaved runs each), peak RSS within noise (bench/README.md).
+# Serving them from the heap and trimming it only past 1 GiB keeps those pages (timings: bench/README.md).
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 TAIL_LINES = 400  # output lines kept for the error message when no rank wrote a traceback file
 
@@ -112,7 +111,7 @@ def launch_command(target: Sequence[str], num_processes: int = 1, config_file: s
             cmd += ["--cpu"]
     cmd += ["--num_processes", str(num_processes)]
     # accelerate exports OMP_NUM_THREADS=1 unless told otherwise: on a 2-core CPU that halves the
-    # training speed (measured: SmolLM2 47-56 tokens/s). Give each rank its share of the cores.
+    # training speed (bench/README.md). Give each rank its share of the cores.
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // num_processes))
     cmd += ["--num_cpu_threads_per_process", threads]
     if num_processes > 1:
@@ -190,9 +189,11 @@ def _first_traceback(lines: list[str]) -> str | None:
 
 
 def train_subprocess(params: str | os.PathLike, method: str, candidates: str | os.PathLike, out: str | os.PathLike,
-                     *, overrides: Sequence[str] = (), resume: bool = False, num_processes: int | None = None,
+                     *, model: str | None = None, overrides: Sequence[str] = (), resume: bool = False,
+                     num_processes: int | None = None,
                      config_file: str | os.PathLike | None = None, cpu: bool | None = None, **kwargs) -> int:
-    """``python -m vcb_lib.trainers`` under :func:`launch_subprocess`, with the params file's
+    """``python -m vcb_lib.trainers`` under :func:`launch_subprocess` (starting from ``model``,
+    default ``models.policy``), with the params file's
     ``training.accelerate_config`` / ``training.num_processes`` unless given; ``cpu`` defaults to
     ``run.device == "cpu"``."""
     from vcb_lib.config import load_params, resolve_path
@@ -200,6 +201,8 @@ def train_subprocess(params: str | os.PathLike, method: str, candidates: str | o
     cfg = load_params(params, list(overrides))
     args = ["-m", "vcb_lib.trainers", "--params", str(Path(params).resolve()), "--method", method,
             "--candidates", str(Path(candidates).resolve()), "--out", str(Path(out).resolve())]
+    if model is not None:
+        args += ["--model", str(model)]
     for o in overrides:
         args += ["--set", o]
     if resume:

@@ -499,6 +499,11 @@ class LossType(StrEnum):
         return self is LossType.VCB
 
     @property
+    def trains_policy(self) -> bool:
+        """True for the methods notebook 03 trains on D_t (every loss but the reward model's)."""
+        return self is not LossType.BT
+
+    @property
     def pairwise(self) -> bool:
         """True if the loss compares responses of the same prompt (needs n ≥ 2)."""
         return self not in (LossType.REST, LossType.SFT)

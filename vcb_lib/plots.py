@@ -20,14 +20,16 @@ def _save(fig, path: str | Path | None):
     return fig
 
 
-def win_rates(win_rate: dict, path=None, *, title: str = "VCB vs baselines under the gold reward (Table 2)"):
-    """Stacked win / tie / lose bars of VCB against each baseline, with the bootstrap CI of the
-    win rate (``metrics["win_rate"]``: ``{baseline: {win, tie, lose, win_rate, ci}}``)."""
+def win_rates(win_rate: dict, path=None, *, reference: str, reward: str, title: str = "Table 2"):
+    """Stacked win / tie / lose bars of ``reference`` against each other policy under ``reward``,
+    with the bootstrap CI of the win rate (``metrics["win_rate"]``: ``{other: {win, tie, lose,
+    win_rate, win_rate_ci}}``; ``reference`` and ``reward`` come from the same metrics)."""
     df = pd.DataFrame(win_rate).T[["win", "tie", "lose"]].astype(float)
     fig, ax = plt.subplots(figsize=(6, 0.45 * len(df) + 1.2))
+    title = f"{reference} vs the others under the {reward} ({title})"
     left = pd.Series(0.0, index=df.index)
     for col, color in zip(("win", "tie", "lose"), sns.color_palette("RdYlGn_r", 3)):
-        ax.barh([f"VCB vs {b}" for b in df.index], df[col], left=left, color=color, label=col)
+        ax.barh([f"{reference} vs {b}" for b in df.index], df[col], left=left, color=color, label=col)
         left += df[col]
     for i, b in enumerate(df.index):
         lo, hi = win_rate[b]["win_rate_ci"]
@@ -38,7 +40,7 @@ def win_rates(win_rate: dict, path=None, *, title: str = "VCB vs baselines under
     return _save(fig, path)
 
 
-def reward_vs_kl(reward_kl: dict, path=None, *, curve: dict | None = None):
+def reward_vs_kl(reward_kl: dict, path=None, *, reward: str = "evaluation reward", curve: dict | None = None):
     """Fig. 5: mean reward against KL(π‖π_sft), ± one standard error. Points: each final policy
     on the evaluation prompts (``metrics["reward_kl"]``); lines (when ``curve`` =
     ``metrics["reward_kl_curve"]`` is given): each method's snapshots along training, from step 0
@@ -51,7 +53,7 @@ def reward_vs_kl(reward_kl: dict, path=None, *, curve: dict | None = None):
     for method, points in (curve or {}).items():
         c = pd.DataFrame(points)
         ax.plot(c.kl, c.reward, "-", marker=".", color=palette.get(method, "k"), lw=1, alpha=0.7)
-    ax.set(xlabel="KL(π ‖ π_sft) per sequence (nats)", ylabel="mean gold reward", title="Reward vs KL (Fig. 5)")
+    ax.set(xlabel="KL(π ‖ π_sft) per sequence (nats)", ylabel=f"mean {reward}", title="Reward vs KL (Fig. 5)")
     if curve:
         ax.text(0.01, 0.01, "big dots: final policies, all evaluation prompts\nlines: π_sft → snapshots → final, "
                 "on the first evaluation.curve_prompts prompts", transform=ax.transAxes, fontsize=7, va="bottom")
@@ -111,78 +113,113 @@ def ablation_points(table: pd.DataFrame):
     return fig
 
 
-def _table(rows: dict, columns: list[str], fmt: str = "{:.3f}") -> str:
-    head = "| method | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
-    body = ""
-    for method, values in rows.items():
-        cells = [fmt.format(values[c]) if isinstance(values.get(c), (int, float)) else str(values.get(c, "")) for c in columns]
-        body += f"| {method} | " + " | ".join(cells) + " |\n"
-    return head + body
+# Notebooks 01-03: the gold reward's features, the reward model, D_t, training curves
 
 
-def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
-    """``<run>/report.md``: the scale of the run, then Tables 2, 4, 5, 6, 7 and Figs. 5, 8 as this
-    run measured them (figures linked from ``fig_dir``)."""
-    from vcb_lib.io import atomic_write_text
-
-    s, rel = metrics["scale"], lambda name: Path(fig_dir.name) / name
-    wr = {f"VCB vs {m}": v | {"95% CI": f"[{v['win_rate_ci'][0]:.2f}, {v['win_rate_ci'][1]:.2f}]"}
-          for m, v in metrics["win_rate"].items()}
-    lines = [
-        f"# Run `{cfg.run.name}`: VCB and baselines\n",
-        f"**Scale, honestly:** policy `{s['policy']}` on task `{s['task']}`, {s['prompts']} test prompts × "
-        f"{s['samples_per_prompt']} samples per policy, seed {s['seed']}; evaluation reward: `{metrics['evaluation_reward']}`. "
-        "The paper uses Pythia-2.8B, thousands of prompts and GPT-4/human judges: compare directions and confidence "
-        "intervals, not magnitudes.\n",
-        "## Table 2 analogue: win rate of VCB (gold reward)\n", _table(wr, ["win", "tie", "lose", "win_rate", "95% CI"]),
-        f"![win rates]({rel('table2_win_rates.png')})\n",
-    ]
-    if metrics.get("ood_win_rate"):
-        ood = {f"VCB vs {m}": v for m, v in metrics["ood_win_rate"].items()}
-        lines += ["## Table 5 analogue: out-of-distribution prompts\n", _table(ood, ["win", "tie", "lose", "win_rate"])]
-    if metrics.get("rm_accuracy"):
-        lines += ["## Table 4 analogue: reward model accuracy (held-out pairs)\n",
-                  _table({f"{cfg.rewards.reward_model} RM ({cfg.rewards.rm_backbone})" if cfg.rewards.reward_model == "learned"
-                else f"{cfg.rewards.reward_model} RM": metrics["rm_accuracy"]}, ["accuracy", "heldout_pairs", "spearman_gold"])]
-        if cfg.rewards.reward_model == "gold":
-            lines.append("The gold reward scored D_t here (`rewards.reward_model: gold`): its accuracy on gold-labelled "
-                         "pairs is 1 by construction; `reward_model: learned` trains the Bradley-Terry model of Eq. 18.\n")
-    if metrics.get("judge_win_rate"):
-        judge = {f"VCB vs {m}": v for m, v in metrics["judge_win_rate"].items()}
-        lines += ["## Fig. 4 analogue: LLM judge (A.3 prompts, both orders)\n",
-                  _table(judge, ["win", "tie", "lose", "win_rate", "n_malformed"])]
-    curve = {f"{m} @ step {p['step']}": p for m, points in (metrics.get("reward_kl_curve") or {}).items() for p in points}
-    lines += ["## Fig. 5: reward vs KL\n", _table(metrics["reward_kl"], ["reward", "reward_se", "kl", "kl_se"])]
-    if curve:
-        lines += ["Along training (first evaluation prompts; step 0 = π_sft):\n", _table(curve, ["reward", "reward_se", "kl", "kl_se"])]
-    lines += [f"![reward vs KL]({rel('fig5_reward_vs_kl.png')})\n",
-              "## Table 6: misalignment rate (A.5)\n",
-              _table({m: {"misalignment": v} for m, v in metrics["misalignment_rate"].items()}, ["misalignment"]),
-              "## Table 7: diversity (A.8)\n", _table(metrics["diversity"], ["ead", "self_bleu_2", "self_bleu_3"]),
-              "## Fig. 8: output length (A.7)\n", _table(metrics["length"], ["mean", "median", "q1", "q3"]),
-              f"![lengths]({rel('fig8_lengths.png')})\n"]
-    path = cfg.run_dir / "report.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
+def feature_histograms(features: pd.DataFrame, path=None):
+    """One histogram per numeric feature of a white-box gold reward (``GoldReward.features``)."""
+    numeric = features.select_dtypes("number").drop(columns=["n_words"], errors="ignore")
+    fig, axes = plt.subplots(1, len(numeric.columns), figsize=(2.4 * len(numeric.columns), 2.4), squeeze=False)
+    for ax, column in zip(axes[0], numeric.columns):
+        sns.histplot(numeric[column], ax=ax, bins=15).set(title=column, xlabel="", ylabel="")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
-ABLATION_HEADING = "## Figs. 6-7 analogues: hyper-parameter ablations (A.6)"
+def rm_vs_gold(scores: dict, spearman: float, path=None):
+    """Learned reward model against the gold reward on the held-out responses (Table 4's pairs)."""
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    sns.scatterplot(data=pd.DataFrame(scores), x="gold", y="learned", ax=ax, s=18)
+    ax.set(title=f"learned vs gold reward (Spearman {spearman:.2f})")
+    return _save(fig, path)
 
 
-def add_ablations_to_report(cfg, tables: dict[str, pd.DataFrame], fig_path: Path) -> Path:
-    """Append (or replace) the ablation section of ``<run>/report.md``: one table per sweep and
-    the figure. Notebook 05 writes the rest of the report."""
-    from vcb_lib.io import atomic_write_text
+def candidate_stats(table: pd.DataFrame, path=None):
+    """D_t as the calibration losses see it: rewards, σ_r(x) per prompt (Eq. 10), lengths."""
+    sigma = table.groupby("prompt_id").reward.std(ddof=0)  # population std, as Eq. 10
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    sns.histplot(table.reward, ax=axes[0]).set(title="reward of the candidates")
+    sns.histplot(sigma, ax=axes[1]).set(title="σ_r(x) per prompt (Eq. 10)")
+    sns.histplot(table.n_tokens, ax=axes[2]).set(title="response tokens")
+    fig.tight_layout()
+    return _save(fig, path)
 
-    path = cfg.run_dir / "report.md"
-    text = path.read_text() if path.is_file() else f"# Run `{cfg.run.name}`\n"
-    text = text.split("\n" + ABLATION_HEADING)[0].rstrip("\n") + "\n"
-    lines = ["", ABLATION_HEADING, "",
-             "Win rate of the swept method over π_sft on the test prompts (gold reward), 95% bootstrap interval.\n"]
-    for title, table in tables.items():
-        rows = {str(r["label"]): r | {"95% CI": f"[{r['win_rate_lo']:.2f}, {r['win_rate_hi']:.2f}]"}
-                for r in table.to_dict(orient="records")}
-        lines += [f"### {title}\n", _table(rows, ["win", "tie", "lose", "win_rate", "95% CI", "reward", "kl"])]
-    lines.append(f"![ablations]({Path(fig_path).parent.name}/{Path(fig_path).name})\n")
-    atomic_write_text(path, text + "\n".join(lines))
-    return path
+
+def training_curves(logs: pd.DataFrame, out_dir: Path) -> list:
+    """Loss per method (own panel each: scales differ) -> ``loss_curves.png``; where logged, the
+    share of preference pairs ordered like the reward model -> ``pair_accuracy.png``."""
+    grid = sns.relplot(data=logs, x="step", y="loss", col="method", kind="line", col_wrap=3, height=2.6,
+                       facet_kws={"sharey": False})
+    grid.savefig(Path(out_dir) / "loss_curves.png", dpi=120)
+    figs = [grid.figure]
+    if "rewards/accuracies" in logs:
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        sns.lineplot(data=logs, x="step", y="rewards/accuracies", hue="method", ax=ax)
+        figs.append(_save(fig, Path(out_dir) / "pair_accuracy.png"))
+    return figs
+
+
+# Notebook 00: theory
+
+import numpy as np  # noqa: E402
+
+
+def theorem1_scatter(t1: dict, path=None):
+    """Theorem 1: every probability of every random problem, closed form (Eq. 5) against the
+    numerical maximiser of Eq. 3 (``theory.check_theorem1``'s ``closed`` and ``numeric``)."""
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.scatter(t1["closed"].ravel(), t1["numeric"].ravel(), s=14, alpha=0.7)
+    ax.axline((1e-3, 1e-3), slope=1, color="k", ls="--", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="closed form, Eq. 5", ylabel="numerical maximiser of Eq. 3",
+           title="Theorem 1: every probability of every problem")
+    return _save(fig, path)
+
+
+def eq12_proportionality(pair_gaps: dict, path=None):
+    """Eq. 12 pair by pair, one panel per fit: scaled reward gap (r_i - r_j)/(γσ_r) against the
+    log-ratio gap Δ_i - Δ_j (``{label: theory.pair_gaps(...)}``); VCB's optimum is the diagonal."""
+    gaps = pd.concat([pd.DataFrame(g).assign(method=label) for label, g in pair_gaps.items()])
+    g = sns.relplot(data=gaps, x="reward_gap", y="log_ratio_gap", col="method", s=14, alpha=0.6, height=3.2,
+                    facet_kws={"sharey": False})
+    for ax in g.axes.flat:
+        ax.axline((0, 0), slope=1, color="k", ls="--", lw=0.8)
+        ax.axhline(0, color="grey", lw=0.5)
+    g.set_axis_labels("(r_i - r_j) / (gamma sigma_r)", "log-ratio gap  Delta_i - Delta_j")
+    return _save(g.figure, path)
+
+
+def _response_labels(rewards) -> list[str]:
+    return [f"y{i + 1} (r={r:g})" for i, r in enumerate(rewards)]
+
+
+def figure1_table(probs: dict, rewards) -> pd.DataFrame:
+    """Figure 1's fitted probabilities (``theory.figure1_example``'s ``probs``): one row per method,
+    one column per response, labelled with its reward."""
+    return pd.DataFrame(probs, index=_response_labels(rewards)).T
+
+
+def figure1_bars(probs: dict, rewards, path=None, *, gamma: float, steps: int):
+    """Figure 1: each method's fitted probability of every response, and its log-probability
+    (``gamma`` and the Adam ``steps`` go in the title)."""
+    bars = (figure1_table(probs, rewards).reset_index(names="method")
+            .melt(id_vars="method", var_name="response", value_name="probability"))
+    bars["log_probability"] = np.log(bars["probability"])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.6))
+    sns.barplot(data=bars, x="method", y="probability", hue="response", ax=axes[0])
+    sns.barplot(data=bars, x="method", y="log_probability", hue="response", ax=axes[1], legend=False)
+    axes[0].set(title=f"Figure 1: fitted probabilities (gamma = {gamma}, {steps} Adam steps)", xlabel="")
+    axes[1].set(title="the same, log-probabilities", xlabel="", ylabel="log probability")
+    return _save(fig, path)
+
+
+def figure1_trajectories(fits: dict, rewards, path=None):
+    """Figure 1 over training: each method's probabilities before every Adam step and at the end
+    (``theory.figure1_example``'s ``fits``, whose ``logps_curve`` is (T+1, 1, n)), one panel per method."""
+    curves = pd.concat([
+        pd.DataFrame(np.exp(f["logps_curve"][:, 0, :]), columns=_response_labels(rewards))  # (T+1, n)
+        .assign(step=np.arange(len(f["logps_curve"])), method=m)
+        for m, f in fits.items()
+    ]).melt(id_vars=["step", "method"], var_name="response", value_name="probability")
+    g = sns.relplot(data=curves, x="step", y="probability", hue="response", col="method", kind="line", height=2.6,
+                    col_wrap=5)
+    return _save(g.figure, path)

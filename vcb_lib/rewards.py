@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-import shutil
 import sys
 from typing import Mapping, Protocol, Sequence, runtime_checkable
 
@@ -481,14 +480,17 @@ GOLD_REWARDS = {"sentiment": SentimentGold, "assistant": AssistantGold}
 
 
 def gold_reward(task: str, **kwargs) -> RewardModel:
-    """The gold reward of an embedded task: "sentiment" -> SentimentGold, "assistant" -> AssistantGold.
-
-    ``kwargs`` go to the constructor (e.g. ``weights=`` for AssistantGold). The hub tasks (HH,
-    TL;DR) have no built-in gold reward: they use a learned or hub reward model.
+    """The gold reward of a task (``vcb_lib.tasks.Task.gold``): SentimentGold for "sentiment",
+    AssistantGold for "assistant". ``kwargs`` go to the constructor (e.g. ``weights=`` for
+    AssistantGold). The hub tasks (HH, TL;DR) have none: they use a learned or hub reward model.
     """
-    if task not in GOLD_REWARDS:
-        raise ValueError(f"no gold reward for task {task!r}; allowed: {', '.join(map(repr, GOLD_REWARDS))}")
-    return GOLD_REWARDS[task](**kwargs)
+    from vcb_lib.tasks import TASKS, get_task
+
+    gold = get_task(task).gold
+    if gold is None:
+        raise ValueError(f"task {task!r} has no gold reward; tasks with one: "
+                         f"{', '.join(repr(n) for n, t in TASKS.items() if t.gold)}")
+    return GOLD_REWARDS[gold](**kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,136 +605,3 @@ def pairwise_accuracy(rm: RewardModel, prompts: Sequence[str], chosen: Sequence[
     s_chosen = rm.score(list(prompts), list(chosen))
     s_rejected = rm.score(list(prompts), list(rejected))
     return float(np.mean(s_chosen > s_rejected))
-
-
-# --------------------------------------------------------------------------------------------
-# Stage 01 (notebook 01): preference pairs, the reward model, its accuracy
-# --------------------------------------------------------------------------------------------
-
-
-def preference_pairs(cfg, *, log=print) -> pd.DataFrame:
-    """Preference pairs for the SFT targets and the reward model, one per prompt.
-
-    Embedded tasks: two responses per train prompt sampled from ``models.policy`` and labelled by
-    the gold reward (ties dropped). The paper's tasks: the dataset's human pairs. Columns:
-    prompt_id, prompt, chosen, rejected, gold_chosen, gold_rejected, split ("train" | "heldout",
-    the ``rewards.rm_heldout`` share with the smallest stable hash of the prompt id). Cached in ``01_models/pairs.parquet`` per config hash.
-    """
-    from vcb_lib.data import PAPER_TASKS, _stable_hash, build_candidates, load_hub_preferences, task_prompts
-    from vcb_lib.io import atomic_write_bytes, read_json, write_json
-    from vcb_lib.models import format_prompt, load_policy, load_tokenizer
-    from vcb_lib.samplers import make_sampler
-
-    out = cfg.stage_dir("01_models")
-    key = cfg.hash("run", "models", "sampling", "rewards")
-    path, stamp = out / "pairs.parquet", out / "pairs.hash"
-    if path.is_file() and stamp.is_file() and read_json(stamp) == key:
-        return pd.read_parquet(path)
-    task = cfg.rewards.task
-    if task in PAPER_TASKS:
-        rows = load_hub_preferences(PAPER_TASKS[task]["preferences"], "train", limit=cfg.rewards.rm_prompts or None)
-        pairs = pd.DataFrame(rows).assign(prompt_id=lambda d: [f"pair-{i}" for i in range(len(d))],
-                                          gold_chosen=np.nan, gold_rejected=np.nan)
-    else:
-        prompts = task_prompts(task, "train", cfg.rewards.rm_prompts)
-        spec = cfg.models.policy
-        model, tok = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir), load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
-        sampler = make_sampler(cfg.sampling.backend, spec, model=model, tokenizer=tok, batch_size=cfg.sampling.batch_size,
-                               seed=cfg.run.seed, cache_dir=cfg.models.cache_dir, log=log)
-        table = build_candidates(prompts, sampler, out / "rm_samples", n=2, temperature=cfg.sampling.temperature,
-                                 max_new_tokens=cfg.sampling.max_new_tokens, seed=cfg.run.seed + 1, top_p=cfg.sampling.top_p,
-                                 format_prompt=lambda p: format_prompt(tok, p), manifest={"config": key})
-        sampler.close()
-        table["gold"] = gold_reward(task).score(list(table.prompt), list(table.response))
-        wide = table.pivot(index="prompt_id", columns="k", values=["prompt", "response", "gold"])
-        first_wins = wide[("gold", 0)] > wide[("gold", 1)]
-        pairs = pd.DataFrame({
-            "prompt_id": wide.index, "prompt": wide[("prompt", 0)].values,
-            "chosen": np.where(first_wins, wide[("response", 0)], wide[("response", 1)]),
-            "rejected": np.where(first_wins, wide[("response", 1)], wide[("response", 0)]),
-            "gold_chosen": np.where(first_wins, wide[("gold", 0)], wide[("gold", 1)]).astype(float),
-            "gold_rejected": np.where(first_wins, wide[("gold", 1)], wide[("gold", 0)]).astype(float),
-        })
-        pairs = pairs[pairs.gold_chosen != pairs.gold_rejected].reset_index(drop=True)  # ties carry no preference
-    # Hold out the ceil(rm_heldout · N) pairs with the smallest stable hash (>= 1 when N >= 2).
-    rank = pd.Series([_stable_hash(f"rm|{pid}") for pid in pairs.prompt_id]).rank(method="first").to_numpy()
-    n_held = min(max(int(np.ceil(cfg.rewards.rm_heldout * len(pairs))), 1), len(pairs) - 1) if len(pairs) >= 2 else 0
-    pairs["split"] = np.where(rank <= n_held, "heldout", "train")
-    atomic_write_bytes(path, pairs.to_parquet(index=False))
-    write_json(stamp, key)
-    log(f"preference pairs: {int((pairs.split == 'train').sum())} train, {int((pairs.split == 'heldout').sum())} held out")
-    return pairs
-
-
-def train_reward_model(cfg, pairs: pd.DataFrame, *, log=print) -> "LearnedRewardModel":
-    """Eq. 18 on the train pairs: a scalar head on the policy backbone, trained by the one
-    ``Trainer`` with ``LossType.BT``. Saved to ``01_models/reward_model/`` (skipped when a
-    complete model for the same config is there)."""
-    import dataclasses
-
-    from vcb_lib.io import read_json, write_json
-    from vcb_lib.trainers import Trainer, reward_scores
-
-    folder = cfg.stage_dir("01_models") / "reward_model"
-    key = cfg.upstream_hash()
-    stamp, work = folder / "vcb_hash.json", folder / "training"
-    if (folder / "config.json").is_file() and stamp.is_file() and read_json(stamp) == key:
-        log(f"reward model: up to date in {folder}")
-        return LearnedRewardModel.load(folder)
-    stamp.unlink(missing_ok=True)
-    if (work / "vcb_hash.json").is_file() and read_json(work / "vcb_hash.json") != key:
-        shutil.rmtree(work)  # checkpoints of another config; the same config resumes from them
-    write_json(work / "vcb_hash.json", key)
-    backbone = cfg.models.policy if cfg.rewards.rm_backbone == "policy" else cfg.rewards.rm_backbone
-    model, tok = reward_model_backbone(backbone, cache_dir=cfg.models.cache_dir)
-    rm = LearnedRewardModel(model, tok)
-    train = pairs[pairs.split == "train"]
-    if train.empty:
-        raise ValueError("no training pairs for the reward model (all held out or tied): raise rewards.rm_prompts")
-    rm_cfg = dataclasses.replace(cfg.training, learning_rate=cfg.rewards.rm_learning_rate, epochs=cfg.rewards.rm_epochs,
-                                 max_steps=0, save_every=0, warmup_steps=min(cfg.training.warmup_steps, 5))
-    trainer = Trainer(model.train(), tok, rm.groups(list(train.prompt), list(train.chosen), list(train.rejected)),
-                      "bt", rm_cfg, work, seed=cfg.run.seed, score_fn=reward_scores,
-                      max_length=cfg.models.max_prompt_tokens + cfg.sampling.max_new_tokens)
-    summary = trainer.train(resume=True)
-    rm = LearnedRewardModel(trainer.accelerator.unwrap_model(trainer.model), tok)
-    rm.save(folder)
-    write_json(folder / "vcb_hash.json", key)
-    log(f"reward model: trained {summary.get('steps', '?')} steps -> {folder}")
-    return rm
-
-
-def evaluate_reward_model(cfg, rm: RewardModel, pairs: pd.DataFrame) -> dict:
-    """Held-out pair accuracy (Table 4) and, on embedded tasks, agreement with the gold reward:
-    Pearson/Spearman correlation over the held-out responses. Writes ``accuracy.json``."""
-    from vcb_lib.io import write_json
-
-    held = pairs[pairs.split == "heldout"]
-    if held.empty:
-        raise ValueError("no held-out pairs to measure the reward model on: raise rewards.rm_prompts or rm_heldout")
-    chosen, rejected = rm.score(list(held.prompt), list(held.chosen)), rm.score(list(held.prompt), list(held.rejected))
-    result = {"accuracy": float(np.mean(chosen > rejected)), "heldout_pairs": int(len(held)),
-              "train_pairs": int((pairs.split == "train").sum())}
-    if held.gold_chosen.notna().all():
-        learned = np.concatenate([chosen, rejected])
-        gold = np.concatenate([held.gold_chosen, held.gold_rejected])
-        result["pearson_gold"] = float(np.corrcoef(learned, gold)[0, 1])
-        ranks = lambda x: pd.Series(x).rank().to_numpy()  # noqa: E731  (Spearman = Pearson of ranks)
-        result["spearman_gold"] = float(np.corrcoef(ranks(learned), ranks(gold))[0, 1])
-        result["scores"] = {"learned": learned.tolist(), "gold": gold.tolist()}
-    write_json(cfg.stage_dir("01_models") / "reward_model" / "accuracy.json", {k: v for k, v in result.items() if k != "scores"})
-    return result
-
-
-def load_reward_model(cfg) -> RewardModel:
-    """What ``rewards.reward_model`` names: "gold" (embedded tasks), "learned" (stage 01's
-    Bradley-Terry model of this run), or a folder / hub id of a sequence-classification model."""
-    choice = cfg.rewards.reward_model
-    if choice == "gold":
-        return gold_reward(cfg.rewards.task)
-    if choice == "learned":
-        folder = cfg.stage_dir("01_models", create=False) / "reward_model"
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"no learned reward model in {folder}: run notebook 01 (stage sft_and_reward) first")
-        return LearnedRewardModel.load(folder)
-    return LearnedRewardModel.load(choice)

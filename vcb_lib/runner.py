@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from vcb_lib.config import PROJECT_ROOT, Config, load_params
+from vcb_lib.io import folder_lock
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 HEADLESS_OVERRIDES = ["ablation.interactive=false"]  # widget event loops hang headless runs
@@ -129,21 +130,22 @@ def run(params_path: str | Path, overrides: list[str] | None = None, *, only: li
     for stage in stages:
         check_parameters(stage, injected)
 
-    cfg.save()
-    out_dir = cfg.run_dir / "notebooks"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log(f"run {cfg.run.name!r} -> {cfg.run_dir}  ({len(stages)} notebook(s), config hash {cfg.hash()})")
-    t_run = time.monotonic()
-    for i, stage in enumerate(stages, 1):
-        out = out_dir / stage.path.name
-        log(f"[{i}/{len(stages)}] {stage.stem} ...")
-        t0 = time.monotonic()
-        try:
-            papermill.execute_notebook(str(stage.path), str(out), parameters=injected, cwd=str(stage.path.parent),
-                                       progress_bar=sys.stderr.isatty(), log_output=False)
-        except PapermillExecutionError as err:
-            cell = source_cell_index(out, err.exec_count)
-            raise StageFailed(stage.stem, cell, f"{err.ename}: {err.evalue}", out) from None
-        log(f"[{i}/{len(stages)}] {stage.stem} done in {time.monotonic() - t0:.1f} s -> {out}")
-    log(f"run {cfg.run.name!r} finished in {time.monotonic() - t_run:.1f} s")
+    with folder_lock(cfg.run_dir):  # one writer per run folder: a second runner fails at once
+        cfg.save()
+        out_dir = cfg.run_dir / "notebooks"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log(f"run {cfg.run.name!r} -> {cfg.run_dir}  ({len(stages)} notebook(s), config hash {cfg.hash()})")
+        t_run = time.monotonic()
+        for i, stage in enumerate(stages, 1):
+            out = out_dir / stage.path.name
+            log(f"[{i}/{len(stages)}] {stage.stem} ...")
+            t0 = time.monotonic()
+            try:
+                papermill.execute_notebook(str(stage.path), str(out), parameters=injected, cwd=str(stage.path.parent),
+                                           progress_bar=sys.stderr.isatty(), log_output=False)
+            except PapermillExecutionError as err:
+                cell = source_cell_index(out, err.exec_count)
+                raise StageFailed(stage.stem, cell, f"{err.ename}: {err.evalue}", out) from None
+            log(f"[{i}/{len(stages)}] {stage.stem} done in {time.monotonic() - t0:.1f} s -> {out}")
+        log(f"run {cfg.run.name!r} finished in {time.monotonic() - t_run:.1f} s")
     return cfg.run_dir

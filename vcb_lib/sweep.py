@@ -13,13 +13,14 @@ Each point runs notebooks 03 (train) and 04 (evaluate) through the runner into
 ``outputs/<sweep>/<point>/``. Points whose upstream (π_sft, reward model, D_t: see
 ``Config.upstream_hash``) is the same share it: the base run's folder when it is current, else one
 ``<sweep>/upstream-<hash>/`` built once by notebooks 01-02. A finished point (its ``point.json``
-matches the point's config) is skipped, so a killed sweep resumes where it stopped; within a point,
+is current for the point's config, ``vcb_lib.stages.ablations``) is skipped, so a killed sweep resumes where it stopped; within a point,
 training resumes from its checkpoints when ``training.save_every`` > 0 and sampling from its shards.
 ``results.csv`` holds one row per point: VCB's (or the first method's) win rate over π_sft under
 the evaluation reward, with its bootstrap interval, and reward / KL(π‖π_sft).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import yaml
 
 from vcb_lib.config import Config, ConfigError, load_params, parse_override, resolve_path
+from vcb_lib.stages import ablations, evaluate
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -133,53 +135,17 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     return sweep
 
 
-def _upstream_current(run_dir: Path, key: str) -> bool:
-    stamp = run_dir / "02_candidates" / "candidates.hash"
-    return stamp.is_file() and json.loads(stamp.read_text()) == key
+def with_upstream(cfg: Config, upstream: str) -> Config:
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, upstream=upstream))
 
 
 def shared_upstream(base_cfg: Config, cfg: Config) -> str:
     """``run.upstream`` for a point (relative to its output root): the base run's folder when it
-    holds this point's upstream, else ``upstream-<hash>`` (to be built once, then shared)."""
-    key = cfg.upstream_hash()
-    if _upstream_current(base_cfg.run_dir, key):
-        return os.path.relpath(base_cfg.run_dir, resolve_path(cfg.run.output_root))
-    return f"upstream-{key}"
-
-
-def _point_key(cfg: Config) -> str:
-    return cfg.hash("run", "models", "sampling", "rewards", "training", "evaluation")
-
-
-def point_metrics(cfg: Config) -> dict | None:
-    """The point's row when it finished for this config, else None."""
-    done = cfg.run_dir / "point.json"
-    if not done.is_file():
-        return None
-    record = json.loads(done.read_text())
-    return record if record.get("config") == _point_key(cfg) else None
-
-
-def record_point(cfg: Config, name: str, label: str, metrics: dict, **extra: Any) -> dict:
-    """Write ``<point>/point.json`` (marks the point finished for this config) and return it: the
-    ``summarise_point`` row of notebook 04's ``metrics`` plus ``extra``."""
-    from vcb_lib.io import write_json
-
-    record = {"config": _point_key(cfg), "point": name, "label": label, **summarise_point(cfg, metrics), **extra}
-    write_json(cfg.run_dir / "point.json", record)
-    return record
-
-
-def summarise_point(cfg: Config, metrics: dict) -> dict:
-    """One row: the reference method's win rate over π_sft (± interval) and its reward / KL."""
-    method = metrics["reference"]
-    win = metrics["win_rate"].get("sft", {})
-    ci = win.get("win_rate_ci") or [None, None]
-    rk = metrics["reward_kl"].get(method, {})
-    return {"method": method, "win": win.get("win"), "tie": win.get("tie"), "lose": win.get("lose"),
-            "win_rate": win.get("win_rate"), "win_rate_lo": ci[0], "win_rate_hi": ci[1],
-            "reward": rk.get("reward"), "reward_se": rk.get("reward_se"), "kl": rk.get("kl"), "kl_se": rk.get("kl_se"),
-            "sft_reward": metrics["reward_kl"].get("sft", {}).get("reward")}
+    holds this point's upstream, current, else ``upstream-<hash>`` (to be built once, then shared)."""
+    base = os.path.relpath(base_cfg.run_dir, resolve_path(cfg.run.output_root))
+    if base != cfg.run.name and ablations.upstream_current(with_upstream(cfg, base)):
+        return base
+    return f"upstream-{cfg.upstream_hash()}"
 
 
 def run_sweep(path: str | Path, overrides: list[str] | None = None, *,
@@ -190,7 +156,7 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, *,
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from vcb_lib.io import atomic_write_text
+    from vcb_lib.io import atomic_write_text, folder_lock
     from vcb_lib.runner import run
 
     sweep = load_sweep(path, overrides)
@@ -198,28 +164,29 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, *,
     root.mkdir(parents=True, exist_ok=True)
     output_root = str(root.relative_to(resolve_path(".")) if root.is_relative_to(resolve_path(".")) else root)
     base_cfg = load_params(sweep.base, sweep.extra)  # the caller's run: its upstream may be shared
-    rows = []
-    bar = tqdm(sweep.points, desc=f"sweep {sweep.name}", unit="point")
-    for point in bar:
-        bar.set_postfix_str(point.name)
-        cfg = sweep.config(point, name=point.name, output_root=output_root)
-        record = point_metrics(cfg)
-        if record is None:
-            upstream = shared_upstream(base_cfg, cfg)
-            if not _upstream_current(root / upstream, cfg.upstream_hash()):
-                log(f"[{sweep.name}] upstream {upstream} (stages 01-02)")
-                run(sweep.base, _strings(sweep.overrides(point, name=upstream, output_root=output_root)),
-                    only=UPSTREAM_STAGES, log=log)
-            cfg = sweep.config(point, name=point.name, output_root=output_root, upstream=upstream)
-            log(f"[{sweep.name}] point {point.name}: {point.overrides}")
-            run(sweep.base, _strings(sweep.overrides(point, name=point.name, output_root=output_root, upstream=upstream)),
-                only=POINT_STAGES, log=log)
-            metrics = json.loads((cfg.run_dir / "04_eval" / "metrics.json").read_text())
-            record = record_point(cfg, point.name, point.label, metrics, overrides=point.overrides)
-        rows.append({k: v for k, v in record.items() if k not in ("config", "overrides")} |
-                    {k: _short(cfg_value(cfg, k)) for k in sweep.keys})
-    table = pd.DataFrame(rows)
-    atomic_write_text(root / "results.csv", table.to_csv(index=False))
+    with folder_lock(root):  # one writer per sweep folder (each point is locked by its run)
+        rows = []
+        bar = tqdm(sweep.points, desc=f"sweep {sweep.name}", unit="point")
+        for point in bar:
+            bar.set_postfix_str(point.name)
+            cfg = sweep.config(point, name=point.name, output_root=output_root)
+            record = ablations.point_metrics(cfg)
+            if record is None:
+                upstream = shared_upstream(base_cfg, cfg)
+                if not ablations.upstream_current(with_upstream(cfg, upstream)):
+                    log(f"[{sweep.name}] upstream {upstream} (stages 01-02)")
+                    run(sweep.base, _strings(sweep.overrides(point, name=upstream, output_root=output_root)),
+                        only=UPSTREAM_STAGES, log=log)
+                cfg = sweep.config(point, name=point.name, output_root=output_root, upstream=upstream)
+                log(f"[{sweep.name}] point {point.name}: {point.overrides}")
+                run(sweep.base, _strings(sweep.overrides(point, name=point.name, output_root=output_root, upstream=upstream)),
+                    only=POINT_STAGES, log=log)
+                metrics = evaluate.read_metrics(cfg)
+                record = ablations.record_point(cfg, point.name, point.label, metrics, overrides=point.overrides)
+            rows.append({k: v for k, v in record.items() if k not in ("config", "overrides")} |
+                        {k: _short(cfg_value(cfg, k)) for k in sweep.keys})
+        table = pd.DataFrame(rows)
+        atomic_write_text(root / "results.csv", table.to_csv(index=False))
     return table
 
 
@@ -231,43 +198,6 @@ def cfg_value(cfg: Config, key: str) -> Any:
 def _strings(overrides: dict[str, Any]) -> list[str]:
     """``{"training.gamma": 0.1}`` -> ``["training.gamma=0.1"]`` (JSON is YAML, so values round-trip)."""
     return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
-
-
-# --------------------------------------------------------------------------------------------
-# The same stages as library calls (the widget panel runs points in a thread, without papermill)
-# --------------------------------------------------------------------------------------------
-
-
-def build_upstream(cfg: Config, *, log: Callable[[str], None] = print) -> None:
-    """Notebooks 01-02 for ``cfg``'s upstream folder: π_sft, the reward model, D_t."""
-    import dataclasses
-
-    from vcb_lib import data, rewards, trainers
-
-    up = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=Path(cfg.run.upstream).name, upstream="",
-                                                          output_root=str(resolve_path(cfg.run.output_root) /
-                                                                          Path(cfg.run.upstream).parent)))
-    pairs = rewards.preference_pairs(up)
-    trainers.train_sft(up, pairs, log=log)
-    if up.rewards.reward_model == "learned":
-        rewards.evaluate_reward_model(up, rewards.train_reward_model(up, pairs, log=log), pairs)
-    data.generate_candidates(up, log=log)
-
-
-def run_point_inline(cfg: Config, *, log: Callable[[str], None] = print,
-                     step: Callable[[str], None] = lambda stage: None) -> dict:
-    """Notebooks 03-04 for one point as library calls: train ``training.methods``, sample them and
-    π_sft on the test prompts, summarise. ``step`` is called before each stage (progress)."""
-    from vcb_lib import evaluate, trainers
-    from vcb_lib.io import write_json
-
-    for method in cfg.training.methods:
-        step(f"train {method}")
-        trainers.train_method(cfg, method, log=lambda line: None)
-    step("evaluate")
-    metrics = evaluate.summarise(cfg, evaluate.sample_policies(cfg, "test", log=log))
-    write_json(cfg.stage_dir("04_eval") / "metrics.json", metrics)
-    return metrics
 
 
 def sweep_title(sweep: Sweep) -> str:

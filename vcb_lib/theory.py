@@ -19,7 +19,8 @@ be checked exactly, in float64:
   Figure 1 with fitted policies.
 * :func:`misalignment_rate`: App. A.5.
 
-The ``check_*`` functions at the end are what notebook 00 runs on random problems.
+The ``check_*`` functions at the end are what notebook 00 runs on random problems;
+:func:`run_checks` runs them all and decides pass/fail.
 Separability: every ψ here acts row by row (ψ(·|x) depends only on π(·|x)), so prompts are
 independent problems and stacking many random instances as rows of one table changes nothing.
 """
@@ -41,7 +42,9 @@ PsiFn = Callable[[Tensor], Tensor]  # log π (X, Y) -> ψ_π (X, Y)
 DTYPE = torch.float64
 
 FIGURE1_REWARDS = (0.1, 0.85, 0.9)  # Sec. 1 / Figure 1: y_1 bad, y_2 and y_3 almost equally good
-ORDER_METHODS = ("rrhf", "slic", "dpo", "ipo")  # order-based calibration losses (Table 1, A.12)
+# The order-based calibration losses (Table 1, A.12): policy losses that compare responses but
+# use only the reward ORDER, i.e. ("dpo", "ipo", "slic", "rrhf").
+ORDER_METHODS = tuple(lt.value for lt in LossType if lt.trains_policy and lt.pairwise and not lt.uses_reward_values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -758,3 +761,107 @@ def value_blindness(fig_a: dict[str, Any], fig_b: dict[str, Any]) -> dict[str, f
     the same order but other values (same budget). Order-based losses only see the preference
     pairs, so their fits are identical (0.0); VCB's move with the values."""
     return {m: float(np.abs(fig_a["probs"][m] - fig_b["probs"][m]).max()) for m in fig_a["fits"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook 00: every check, with its verdict
+# --------------------------------------------------------------------------------------------
+
+
+def hand_made_misalignment(problem: TabularProblem) -> dict[str, float]:
+    """A.5's misalignment rate on inputs whose answer is known by hand (expected value in the comment)."""
+    r = np.array([[1.0, 2.0, 3.0, 0.0], [1.0, 1.0, 0.0, 5.0]])
+    ref = np.log(np.array([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]))
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 0]], dtype=bool)
+    mixed_policy = ref + np.array([[0.0, 0.5, 0.2, 0.0], [0.0, -1.0, -1.0, 0.0]])
+    return {
+        "r_ordered": misalignment_rate(ref + 0.3 * r, ref, r, mask),  # expected 0
+        "reversed": misalignment_rate(ref - 0.3 * r, ref, r, mask),  # expected 1
+        # prompt 1: 1 of 3 pairs misaligned; prompt 2: reward tie dropped, 1 of 2 pairs is a log-ratio tie
+        "mixed": misalignment_rate(mixed_policy, ref, r, mask),  # expected 2/5
+        "sft_policy": misalignment_rate(problem.ref_logps, problem.ref_logps, problem.rewards),  # all ties: 1
+    }
+
+
+def _verdicts(numbers: dict[str, Any]) -> dict[str, bool]:
+    """Pass/fail of every check, decided from the numbers :func:`run_checks` writes (and their tolerances)."""
+    tol, fit_tol = numbers["tolerance"], numbers["fit_tolerance"]
+    order, blind, p = numbers["order_based"], numbers["value_blindness"], numbers["figure1"]
+    mis = numbers["misalignment"]
+    passed = {
+        "theorem1": numbers["theorem1_max_abs_err"] <= tol,
+        "psi_forms": all(err <= tol for err in numbers["psi_forms_max_abs_err"].values()),
+        "vcb_tabular_vs_eq15": numbers["vcb_tabular_vs_eq15_max_abs_err"] <= fit_tol,
+        "eq12": numbers["eq12_max_abs_err"] <= fit_tol,
+        "ipo_tabular_vs_closed_form": numbers["ipo_tabular_vs_closed_form_max_abs_err"] <= fit_tol,
+        # DPO, IPO and VCB order log π/π_sft (A.5's quantity); SLiC and RRHF order raw log π (Table 1)
+        "order_respected": all(order[m]["misaligned_log_ratio"] == 0 for m in ("dpo", "ipo", "vcb"))
+        and all(order[m]["misaligned_logp"] == 0 for m in ("slic", "rrhf")),
+        "order_based_value_blind": all(blind[m] == 0 for m in ORDER_METHODS) and blind["vcb"] > 1e-3,
+        "figure1_sums_to_one": all(abs(sum(q) - 1) < 1e-9 for q in p.values()),
+        "misalignment_hand_made": mis["r_ordered"] == 0 and mis["reversed"] == 1
+        and abs(mis["mixed"] - 0.4) < 1e-12 and mis["sft_policy"] == 1,
+    }
+    if numbers["figure1_rewards"] == list(FIGURE1_REWARDS):  # Figure 1's qualitative claims (paper's rewards only)
+        vcb, dpo = p["vcb"], p["dpo"]
+        passed["figure1_vcb_y2_close_to_y3"] = vcb[1] > vcb[0] and abs(vcb[2] - vcb[1]) < abs(vcb[1] - vcb[0])
+        passed["figure1_dpo_y2_close_to_y1"] = abs(dpo[1] - dpo[0]) < abs(dpo[2] - dpo[1])
+    return passed
+
+
+def run_checks(th: Any, seed: int) -> dict[str, Any]:
+    """Everything notebook 00 checks, on random problems drawn with ``seed``, with its verdict.
+
+    ``th``: a :class:`vcb_lib.config.TheoryConfig` (read by attribute: problem sizes, γ, λ, δ,
+    sft_weight, the Adam budget ``fit_steps``/``fit_lr``, Figure 1's rewards and π_sft, and the
+    tolerances ``tolerance``/``fit_tolerance``).
+    Returns ``{"checks": ..., "data": ...}``:
+
+    * ``checks``: JSON-able numbers, every error with the tolerance it is held to, ``"checks"``
+      (check name -> passed) and ``"passed"`` (all of them); the caller adds its provenance.
+    * ``data``: what the figures need: ``problem``, ``t1`` (:func:`check_theorem1`), ``psi``,
+      ``vcb``, ``ipo``, ``order`` (with the fits), ``fig1``/``fig1_cubed`` (:func:`figure1_example`
+      with the rewards and with the rewards cubed: same order, other values) and ``pair_gaps``
+      (:func:`pair_gaps` of the converged VCB fit and of the DPO, IPO, SLiC fits).
+    """
+    problem = random_problem(th.n_instances, th.n_prompts, th.n_responses, seed=seed)
+    hp = dict(delta=th.delta, sft_weight=th.sft_weight, lam=th.lam)
+    # 1. Theorem 1 and the ψ of Table 1 / Eq. 13 (closed forms vs numerical maxima)
+    t1 = check_theorem1(problem)
+    psi = check_psi_forms(problem, th.gamma)
+    # 2. The losses minimised over tabular policies: to convergence, then with the Adam budget
+    vcb = check_vcb_fit(problem, th.gamma, th.lam)
+    ipo = check_ipo_fit(problem, th.gamma)
+    order = check_order_based(problem, th.gamma, steps=th.fit_steps, lr=th.fit_lr, **hp)
+    order_summary = {m: {k: v for k, v in o.items() if k != "fit"} for m, o in order.items()}
+    # 3. Figure 1, then refitted on the cubed rewards
+    fig1_kwargs = dict(gamma=th.gamma, steps=th.fit_steps, lr=th.fit_lr, **hp)
+    fig1 = figure1_example(th.figure1_rewards, th.figure1_ref_probs or None, **fig1_kwargs)
+    fig1_cubed = figure1_example([r ** 3 for r in th.figure1_rewards], th.figure1_ref_probs or None, **fig1_kwargs)
+    # 4. A.5's misalignment rate: hand-made cases and the fitted policies
+    misalignment = {**hand_made_misalignment(problem),
+                    **{f"fitted_{m}": o["misaligned_log_ratio"] for m, o in order_summary.items()}}
+
+    numbers = {
+        "theorem1_max_abs_err": t1["max_abs_err"],
+        "psi_forms_max_abs_err": psi["errors"],
+        "vcb_tabular_vs_eq15_max_abs_err": vcb["max_abs_err"],
+        "eq12_max_abs_err": vcb["eq12_max_abs_err"],
+        "ipo_tabular_vs_closed_form_max_abs_err": ipo["max_abs_err"],
+        "order_based": order_summary,
+        "value_blindness": value_blindness(fig1, fig1_cubed),
+        "figure1": {m: q.tolist() for m, q in fig1["probs"].items()},
+        "figure1_rewards": list(th.figure1_rewards),
+        "misalignment": misalignment,
+        "tolerance": th.tolerance,
+        "fit_tolerance": th.fit_tolerance,
+    }
+    passed = _verdicts(numbers)
+    fits = {"VCB (converged)": vcb["fit"], "DPO": order["dpo"]["fit"], "IPO": order["ipo"]["fit"],
+            "SLiC": order["slic"]["fit"]}
+    data = {
+        "problem": problem, "t1": t1, "psi": psi, "vcb": vcb, "ipo": ipo, "order": order,
+        "fig1": fig1, "fig1_cubed": fig1_cubed,
+        "pair_gaps": {label: pair_gaps(f["log_ratios"], problem.rewards, th.gamma) for label, f in fits.items()},
+    }
+    return {"checks": {**numbers, "checks": passed, "passed": all(passed.values())}, "data": data}

@@ -14,8 +14,8 @@ Reference log-probs come precomputed with the groups: only the trained model is 
 Work the maths does not need is skipped (same losses and gradients, tested): candidates the loss
 never reads (best-vs-worst pairs, ReST's top_k: ``LossType.used_candidates``) are dropped from the
 groups at construction, and a policy's batch runs each prompt once for its n candidates
-(``share_prompts``, ``models.collate_shared_prompts``, also under gradient checkpointing): 1.2-1.4x
-tokens/s on SmolLM2 at 32+32 tokens, 2.1x at 128+32 with checkpointing (bench/README.md).
+(``share_prompts``, ``models.collate_shared_prompts``, also under gradient checkpointing); the
+speed-ups are measured in bench/README.md.
 
 Data order (:func:`order_groups`). An epoch is a seeded shuffle of the groups, sorted by length
 (longest first) inside mega-batches of 50 optimizer steps, like HF's ``LengthGroupedSampler``: few
@@ -79,7 +79,6 @@ ScoreFn = Callable[[torch.nn.Module, dict], Tensor]
 MEGA_BATCH_STEPS = 50  # length bucketing: sort by length inside this many optimizer steps
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint, before its rename
 KEEP_CHECKPOINTS = 2
-SFT_STAMP = "vcb_hash.json"  # config hash, written last into 01_models/sft
 _CKPT_NAME = re.compile(r"^step-(\d{6,})$")
 
 
@@ -270,8 +269,8 @@ class Trainer:
         no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # on biases/norms
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.learning_rate, fused=ds is None,  # fused kernel (CPU and CUDA): 0.62 -> 0.14 s/step on SmolLM2,
-        )  # bench/README.md; DeepSpeed builds its own
+            lr=cfg.learning_rate, fused=ds is None,  # fused kernel (CPU and CUDA; bench/README.md);
+        )  # DeepSpeed builds its own
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_lambda(
             i, warmup=cfg.warmup_steps, total=self.total_steps, schedule=cfg.lr_schedule))
         # The scheduler is not prepared: accelerate would step it once per process.
@@ -548,19 +547,8 @@ class CurveSampler:
 
 
 # --------------------------------------------------------------------------------------------
-# Stage 01: the SFT model (Sec. 4.3 step 1) with the same Trainer and LossType.SFT
+# SFT targets (stage 01 trains π_sft with the same Trainer and LossType.SFT)
 # --------------------------------------------------------------------------------------------
-
-
-def sft_spec(cfg) -> str:
-    """Model spec of π_sft: this run's ``01_models/sft`` when ``models.sft`` is on, else ``models.policy``."""
-    if not cfg.models.sft:
-        return cfg.models.policy
-    folder = cfg.stage_dir("01_models", create=False) / "sft"
-    if not (folder / SFT_STAMP).is_file():
-        raise FileNotFoundError(f"models.sft is on but {folder} holds no finished SFT model: "
-                                "run notebook 01 (stage sft_and_reward) first")
-    return str(folder)
 
 
 def sft_groups(tokenizer, prompts: Sequence[str], targets: Sequence[str], ids: Sequence[str]) -> list[CandidateGroup]:
@@ -577,53 +565,6 @@ def sft_groups(tokenizer, prompts: Sequence[str], targets: Sequence[str], ids: S
     return groups
 
 
-def train_sft(cfg, pairs, *, log=print) -> Path | None:
-    """MLE of ``models.policy`` on the SFT targets (``LossType.SFT``), saved to ``01_models/sft``.
-
-    Targets: the dataset's references for the paper's tasks, else the chosen (gold-preferred)
-    response of each train pair in ``pairs`` (``rewards.preference_pairs``). Returns None when
-    ``models.sft`` is off (``models.policy`` is π_sft); skips training when a finished model for
-    the same config is there (``vcb_hash.json`` is written last).
-    """
-    from vcb_lib.data import PAPER_TASKS, task_prompts
-    from vcb_lib.io import read_json
-    from vcb_lib.models import load_policy, load_tokenizer
-
-    if not cfg.models.sft:
-        log(f"SFT: off (models.sft: false), π_sft = {cfg.models.policy}")
-        return None
-    folder = cfg.stage_dir("01_models") / "sft"
-    key = cfg.upstream_hash()
-    if (folder / SFT_STAMP).is_file() and read_json(folder / SFT_STAMP) == key:
-        log(f"SFT: up to date in {folder}")
-        return folder
-    (folder / SFT_STAMP).unlink(missing_ok=True)
-    work = folder / "training"  # checkpoints: an interrupted run of the same config resumes
-    if (work / SFT_STAMP).is_file() and read_json(work / SFT_STAMP) != key:
-        shutil.rmtree(work)  # left by another config
-    write_json(work / SFT_STAMP, key)
-    spec = cfg.models.policy
-    model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
-    tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
-    if cfg.rewards.task in PAPER_TASKS:
-        rows = task_prompts(cfg.rewards.task, "train", cfg.sampling.num_prompts)
-        groups = sft_groups(tok, [r["prompt"] for r in rows], [r["reference"] for r in rows], [r["prompt_id"] for r in rows])
-    else:
-        train = pairs[pairs.split == "train"]
-        groups = sft_groups(tok, list(train.prompt), list(train.chosen), list(train.prompt_id))
-    sft_cfg = dataclasses.replace(cfg.training, learning_rate=cfg.models.sft_learning_rate, epochs=cfg.models.sft_epochs,
-                                  max_steps=0, save_every=0)
-    trainer = Trainer(model.train(), tok, groups, LossType.SFT, sft_cfg, work, seed=cfg.run.seed,
-                      max_length=cfg.models.max_prompt_tokens + cfg.sampling.max_new_tokens)
-    summary = trainer.train(resume=True)
-    final = Path(summary["final_dir"])
-    for f in final.iterdir():  # the model folder itself is what sft_spec names
-        shutil.copy2(f, folder / f.name)
-    write_json(folder / SFT_STAMP, key)
-    log(f"SFT: {summary['steps']} steps on {len(groups)} targets, final loss {summary['loss']} -> {folder}")
-    return folder
-
-
 def peak_memory() -> dict:
     """Peak resident memory of this process (MB) and, on CUDA, peak allocated GPU memory (MB)."""
     import resource
@@ -634,52 +575,6 @@ def peak_memory() -> dict:
     return peak
 
 
-def method_dir_name(cfg, method: str) -> str:
-    """Run folder of a method, named from what varies: ``vcb-gamma0.05-lam1.0-logsumexp-seed0``."""
-    lt = LossType(method)
-    return "-".join([lt.value] + [f"{k}{getattr(cfg.training, k)}".replace("reduction", "").replace("pairs", "pairs-")
-                                   for k in lt.hparams] + [f"seed{cfg.run.seed}"])
-
-
-def train_key(cfg) -> str:
-    """What a method's training depends on: the config up to ``training`` and, when the Fig. 5
-    curve is sampled during training, the evaluation keys that sampling uses."""
-    e = cfg.evaluation
-    curve = [e.curve_points, e.curve_prompts, e.samples_per_prompt, e.temperature, e.max_new_tokens] if e.curve_points else []
-    return cfg.hash("run", "models", "sampling", "rewards", "training") + "".join(f"-{v}" for v in curve)
-
-
-def train_method(cfg, method: str, *, log=print) -> dict:
-    """Stage 03: train π_sft with one loss on this run's candidate table D_t.
-
-    Each method runs as its own process (``python -m vcb_lib.trainers`` through
-    ``launch.train_subprocess``: ``training.num_processes`` processes under
-    ``training.accelerate_config``), its log streaming into the caller, so peak memory is per
-    method and the notebook kernel never touches CUDA. Output: ``03_train/<method_dir_name>/``
-    (log.jsonl, checkpoints/, final/, summary.json). Skipped when finished for the same config; an
-    interrupted run resumes from its last checkpoint.
-    """
-    from vcb_lib.io import read_json
-    from vcb_lib.launch import train_subprocess
-
-    table = cfg.stage_dir("02_candidates", create=False) / "candidates.parquet"
-    if not table.is_file():
-        raise FileNotFoundError(f"no candidate table at {table}: run notebook 02 (stage generate) first")
-    out = cfg.stage_dir("03_train") / method_dir_name(cfg, method)
-    key = train_key(cfg)
-    stamp = out / "vcb_hash.json"
-    if stamp.is_file() and read_json(stamp) == key and (out / "summary.json").is_file():
-        log(f"{method}: up to date in {out}")
-        return read_json(out / "summary.json")
-    if (out / "run_hash.json").is_file() and read_json(out / "run_hash.json") != key:
-        shutil.rmtree(out)  # checkpoints of another config; the same config resumes from them
-    write_json(out / "run_hash.json", key)
-    params = cfg.save(out / "params.yaml")  # the resolved config the subprocess reads
-    train_subprocess(params, method, table, out, resume=True, echo=log)
-    write_json(stamp, key)
-    return read_json(out / "summary.json")
-
-
 # --------------------------------------------------------------------------------------------
 # Command line: python -m vcb_lib.trainers (under accelerate launch for several processes)
 # --------------------------------------------------------------------------------------------
@@ -688,17 +583,17 @@ def train_method(cfg, method: str, *, log=print) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict:
     from accelerate import Accelerator
 
-    from vcb_lib.config import METHODS, load_params
+    from vcb_lib.config import load_params, methods
     from vcb_lib.models import load_policy, load_tokenizer
 
     p = argparse.ArgumentParser(prog="python -m vcb_lib.trainers", description="Train a policy on a candidate table.")
     p.add_argument("--params", default=None, help="params YAML (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a parameter")
-    p.add_argument("--method", required=True, choices=METHODS, help="loss (LossType)")
+    p.add_argument("--method", required=True, choices=methods(), help="loss (LossType)")
     p.add_argument("--candidates", required=True,
                    help="candidate table (parquet): prompt_id, model_input, k, response_ids, reward, ref_logp")
     p.add_argument("--out", required=True, help="output folder (log.jsonl, checkpoints/, final/)")
-    p.add_argument("--model", default=None, help="model spec to start from (default: π_sft, see sft_spec)")
+    p.add_argument("--model", default=None, help="model spec to start from: π_sft (stage 03 passes it; default models.policy)")
     p.add_argument("--max-length", type=int, default=None, help="truncate prompt + response to this many tokens")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     args = p.parse_args(argv)
@@ -709,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     cfg = load_params(args.params, args.set)
     accelerator = Accelerator(cpu=cfg.run.device == "cpu")  # before anything touches a device
-    spec = args.model or sft_spec(cfg)  # π starts from π_sft (Sec. 4.3)
+    spec = args.model or cfg.models.policy  # π starts from π_sft (Sec. 4.3)
     model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
     tokenizer = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
     groups = candidate_groups(pd.read_parquet(args.candidates))

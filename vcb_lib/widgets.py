@@ -1,7 +1,7 @@
 """The ablation panel of notebook 06: ipywidgets for γ, λ (and the mean "w/o" reduction), the
 sampling temperature, the loss and n; Run trains and evaluates one short point in a worker thread
-(the kernel stays responsive) through the same library calls as notebooks 01-04 (``sweep.
-build_upstream`` / ``sweep.run_point_inline``); finished points accumulate in a table drawn live
+(the kernel stays responsive) through the same stage functions as notebooks 01-04
+(``stages.ablations.build_upstream`` / ``run_point``); finished points accumulate in a table drawn live
 against π_sft (win rate with its bootstrap interval, reward vs KL) and saved with Save.
 
 Points land in ``<output_root>/<panel.name>/<point>/`` like sweep points: one upstream (π_sft,
@@ -16,9 +16,11 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from vcb_lib.config import METHODS, load_params, parse_override, resolve_path
-from vcb_lib.evaluate import reference_method
-from vcb_lib.sweep import _upstream_current, build_upstream, point_metrics, record_point, run_point_inline, shared_upstream
+from vcb_lib.config import load_params, methods, parse_override, resolve_path
+from vcb_lib.io import folder_lock
+from vcb_lib.stages import ablations
+from vcb_lib.stages.evaluate import reference_method
+from vcb_lib.sweep import shared_upstream
 
 
 def _two_digits(x: float) -> float:
@@ -41,7 +43,7 @@ class AblationPanel:
         self.reduction = W.Dropdown(options=[("logsumexp", "logsumexp"), ("mean (w/o)", "mean")], value=t.reduction,
                                     description="aggregation", style=style)
         self.temperature = W.FloatSlider(value=s.temperature, min=0.1, max=1.5, step=0.05, description="temperature", style=style)
-        self.method = W.Dropdown(options=list(METHODS), value=reference_method(self.base),
+        self.method = W.Dropdown(options=list(methods()), value=reference_method(self.base),
                                  description="loss", style=style)
         self.n = W.IntSlider(value=s.n, min=2, max=16, description="n candidates", style=style)
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
@@ -107,14 +109,16 @@ class AblationPanel:
 
         try:
             cfg = self._config(values, name=name)
-            record = point_metrics(cfg)
+            record = ablations.point_metrics(cfg)
             if record is None:
                 cfg = self._config(values, name=name, upstream=shared_upstream(self.base, cfg))
                 step("upstream")
-                if not _upstream_current(cfg.stage_dir("02_candidates", create=False).parent, cfg.upstream_hash()):
-                    build_upstream(cfg, log=lambda line: None)
-                metrics = run_point_inline(cfg, log=lambda line: None, step=step)
-                record = record_point(cfg, name, name, metrics, **values)
+                if not ablations.upstream_current(cfg):
+                    with folder_lock(ablations.upstream_config(cfg).run_dir):
+                        ablations.build_upstream(cfg, log=lambda line: None)
+                with folder_lock(cfg.run_dir):  # one writer per point folder
+                    metrics = ablations.run_point(cfg, log=lambda line: None, step=step)
+                    record = ablations.record_point(cfg, name, name, metrics, **values)
             self.results = [r for r in self.results if r["point"] != name] + [record]
             self.progress.value, self.progress.description = self.progress.max, "done"
             self.status.value = f"<b>{name}</b>: win rate over π_sft {record['win_rate']:.2f}, KL {record['kl']:.2f}"

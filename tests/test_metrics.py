@@ -1,0 +1,274 @@
+"""Evaluation metrics (vcb_lib.metrics): hand-computed examples and independent cross-checks."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sacrebleu.metrics import BLEU
+
+from vcb_lib import metrics, theory
+
+# --------------------------------------------------------------------------------------------
+# Win rate (Table 2)
+# --------------------------------------------------------------------------------------------
+
+
+def test_identical_policy_ties_everything_and_has_win_rate_one_half():
+    r = np.random.default_rng(0).normal(size=(50, 4))
+    out = metrics.win_rate(r, r.copy())
+    assert (out["win"], out["tie"], out["lose"]) == (0.0, 1.0, 0.0)
+    assert out["win_rate"] == 0.5 and out["win_minus_lose"] == 0.0
+    assert out["win_rate_ci"] == [0.5, 0.5] and out["win_minus_lose_ci"] == [0.0, 0.0]
+    assert out["n_prompts"] == 50 and out["n_pairs"] == 200
+
+
+def test_same_distribution_ci_contains_half_and_shifted_one_excludes_it():
+    # a policy equal to π_sft, sampled independently: rewards of both come from the same distribution
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=400), rng.normal(size=400)
+    out = metrics.win_rate(a, b, seed=3)
+    lo, hi = out["win_rate_ci"]
+    assert lo < 0.5 < hi
+    assert lo <= out["win_rate"] <= hi
+    lo2, hi2 = out["win_minus_lose_ci"]
+    assert lo2 <= out["win_minus_lose"] <= hi2
+    # a clearly better policy: CI above 1/2
+    better = metrics.win_rate(a + 1.0, b, seed=3)
+    assert better["win_rate_ci"][0] > 0.6
+
+
+def test_always_higher_wins_with_degenerate_ci():
+    b = np.random.default_rng(2).normal(size=(30, 3))
+    out = metrics.win_rate(b + 1e-3, b)
+    assert out["win_rate"] == 1.0 and out["win"] == 1.0 and out["win_minus_lose"] == 1.0
+    assert out["win_rate_ci"] == [1.0, 1.0]
+    assert metrics.win_rate(b, b + 1e-3)["win_rate"] == 0.0
+
+
+def test_win_rate_hand_example_index_and_all_pairings():
+    a = np.array([[3.0, 1.0], [2.0, 2.0]])
+    b = np.array([[1.0, 2.0], [2.0, 0.0]])
+    # index pairs: (3>1 win) (1<2 lose) (2=2 tie) (2>0 win) -> win 2/4, tie 1/4, lose 1/4
+    out = metrics.win_rate(a, b, bootstrap=0)
+    assert (out["win"], out["tie"], out["lose"]) == (0.5, 0.25, 0.25)
+    assert out["win_rate"] == pytest.approx(0.625) and out["win_minus_lose"] == pytest.approx(0.25)
+    assert out["win_rate_ci"] is None
+    # all pairs: prompt 0: 3>1 W, 3>2 W, 1=1 T, 1<2 L; prompt 1: 2=2 T, 2>0 W, 2=2 T, 2>0 W
+    # -> wins 2+2 = 4, ties 1+2 = 3, losses 1 -> 4/8, 3/8, 1/8
+    out = metrics.win_rate(a, b, bootstrap=0, pairing="all")
+    assert (out["win"], out["tie"], out["lose"]) == (0.5, 0.375, 0.125)
+    assert out["n_pairs"] == 8
+    # tie tolerance: |3-1|,|1-2|,|2-2|,|2-0| with tol 1 -> only 2 and 2 exceed -> wins 2/4, ties 2/4
+    out = metrics.win_rate(a, b, bootstrap=0, tie_tol=1.0)
+    assert (out["win"], out["tie"], out["lose"]) == (0.5, 0.5, 0.0)
+
+
+def test_bootstrap_reproducible_with_seed():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(60, 2)), rng.normal(size=(60, 2))
+    x, y, z = metrics.win_rate(a, b, seed=7), metrics.win_rate(a, b, seed=7), metrics.win_rate(a, b, seed=8)
+    assert x["win_rate_ci"] == y["win_rate_ci"] and x["win_minus_lose_ci"] == y["win_minus_lose_ci"]
+    assert x["win_rate_ci"] != z["win_rate_ci"]
+    assert x["win_rate"] == z["win_rate"]  # the point estimate does not depend on the seed
+    assert metrics.bootstrap_mean_ci(np.arange(10.0), seed=1) == metrics.bootstrap_mean_ci(np.arange(10.0), seed=1)
+
+
+def test_bootstrap_matches_a_plain_loop():
+    """Independent implementation of the percentile bootstrap over prompts."""
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=25), rng.normal(size=25)
+    per_prompt = (a > b) + 0.5 * (a == b)
+    gen = np.random.default_rng(11)
+    boots = [per_prompt[gen.integers(0, 25, size=25)].mean() for _ in range(200)]
+    want = np.quantile(boots, [0.05, 0.95])
+    got = metrics.win_rate(a, b, bootstrap=200, seed=11, ci=0.9)["win_rate_ci"]
+    np.testing.assert_allclose(got, want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(-3, 3), st.integers(-3, 3)), min_size=1, max_size=20))
+def test_win_rate_is_antisymmetric(pairs):
+    a, b = np.array(pairs, dtype=float).T
+    ab, ba = metrics.win_rate(a, b, bootstrap=0), metrics.win_rate(b, a, bootstrap=0)
+    assert ab["win_rate"] + ba["win_rate"] == pytest.approx(1.0)
+    assert ab["win"] == ba["lose"] and ab["tie"] == pytest.approx(ba["tie"])
+    assert ab["win"] + ab["tie"] + ab["lose"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("a, b, match", [
+    (np.zeros(3), np.zeros(4), "shape"),
+    (np.zeros((3, 2)), np.zeros((3, 3)), "shape"),
+    (np.zeros(0), np.zeros(0), "empty"),
+    (np.array([1.0, np.nan]), np.zeros(2), "NaN"),
+    (np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), "1-D or 2-D"),
+])
+def test_win_rate_rejects_bad_inputs(a, b, match):
+    with pytest.raises(ValueError, match=match):
+        metrics.win_rate(a, b)
+
+
+def test_win_rate_accepts_torch_and_all_pairing_with_different_k():
+    out = metrics.win_rate(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[2.0]]), pairing="all", bootstrap=0)
+    assert (out["win"], out["tie"], out["lose"]) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+
+
+# --------------------------------------------------------------------------------------------
+# KL and reward vs KL (Figure 5)
+# --------------------------------------------------------------------------------------------
+
+
+def test_identical_policy_has_zero_kl():
+    lp = np.random.default_rng(0).normal(-20, 5, size=(40, 4))
+    out = metrics.kl_estimate(lp, lp.copy())
+    assert out == {"kl": 0.0, "kl_se": 0.0, "kl_k3": 0.0, "n_prompts": 40, "n_samples": 160}
+
+
+def test_kl_monte_carlo_matches_exact_categorical_kl():
+    rng = np.random.default_rng(0)
+    logits_pi, logits_sft = rng.normal(size=6) * 2, rng.normal(size=6)
+    log_pi = logits_pi - np.logaddexp.reduce(logits_pi)
+    log_sft = logits_sft - np.logaddexp.reduce(logits_sft)
+    exact = float(np.sum(np.exp(log_pi) * (log_pi - log_sft)))
+    y = rng.choice(6, size=(2000, 2), p=np.exp(log_pi))  # samples from π
+    out = metrics.kl_estimate(log_pi[y], log_sft[y])
+    assert abs(out["kl"] - exact) < 4 * out["kl_se"]
+    assert out["kl_k3"] == pytest.approx(exact, abs=0.1)
+    # the SE is over prompts: std of the per-prompt means / sqrt(N)
+    per_prompt = (log_pi[y] - log_sft[y]).mean(1)
+    assert out["kl_se"] == pytest.approx(per_prompt.std(ddof=1) / math.sqrt(2000))
+    # sampling from π_sft instead would give -KL(π_sft‖π): the sign convention matters
+    y_sft = rng.choice(6, size=4000, p=np.exp(log_sft))
+    assert metrics.kl_estimate(log_pi[y_sft], log_sft[y_sft])["kl"] < 0
+
+
+def test_reward_kl_point_hand_example():
+    rewards = np.array([[1.0, 3.0], [2.0, 6.0]])  # per-prompt means 2, 4
+    pol = np.array([[-1.0, -2.0], [-3.0, -4.0]])
+    ref = np.array([[-2.0, -2.0], [-3.0, -6.0]])  # log-ratios [1, 0], [0, 2] -> per-prompt .5, 1
+    out = metrics.reward_kl_point(rewards, pol, ref)
+    assert out["mean_reward"] == 3.0 and out["reward_se"] == pytest.approx(np.std([2, 4], ddof=1) / math.sqrt(2))
+    assert out["kl"] == 0.75 and out["kl_se"] == pytest.approx(np.std([0.5, 1.0], ddof=1) / math.sqrt(2))
+    with pytest.raises(ValueError, match="shape"):
+        metrics.reward_kl_point(rewards[:1], pol, ref)
+    with pytest.raises(ValueError, match="shape"):
+        metrics.kl_estimate(pol, ref[:, :1])
+
+
+# --------------------------------------------------------------------------------------------
+# Misalignment (A.5)
+# --------------------------------------------------------------------------------------------
+
+
+def test_misalignment_wrapper_agrees_with_theory():
+    rng = np.random.default_rng(0)
+    pol, ref, r = rng.normal(size=(10, 8)), rng.normal(size=(10, 8)), rng.normal(size=(10, 8))
+    out = metrics.misalignment(pol, ref, r)
+    pooled, per = theory.misalignment_rate(pol, ref, r, per_prompt=True)
+    assert out["misalignment_rate"] == pytest.approx(pooled)
+    assert out["per_prompt_mean"] == pytest.approx(float(np.mean(per)))
+    assert out["n_prompts_with_pairs"] == 10
+    # hand example, one prompt: rewards 1 < 2 < 3, log-ratios 0, 2, 1 -> pairs (1,2) ok, (1,3) ok, (2,3) misaligned
+    hand = metrics.misalignment(np.array([[0.0, 2.0, 1.0]]), np.zeros((1, 3)), np.array([[1.0, 2.0, 3.0]]))
+    assert hand["misalignment_rate"] == pytest.approx(1 / 3)
+    # prompts with different pair counts (mask): prompt 0 as above, 1 of 3 pairs misaligned; prompt 1 keeps
+    # 2 responses, rewards 1 < 2 with log-ratios 1 > 0 -> its 1 pair misaligned.
+    # pooled (Table 6) = (1 + 1) / (3 + 1) = 0.5; mean of per-prompt rates = (1/3 + 1) / 2 = 2/3
+    masked = metrics.misalignment(np.array([[0.0, 2.0, 1.0], [1.0, 0.0, 9.0]]), np.zeros((2, 3)),
+                             np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]), mask=np.array([[1, 1, 1], [1, 1, 0]], bool))
+    assert masked["misalignment_rate"] == pytest.approx(0.5) and masked["per_prompt_mean"] == pytest.approx(2 / 3)
+    # perfectly calibrated policy: log-ratio = reward -> no misalignment
+    assert metrics.misalignment(r, np.zeros_like(r), r)["misalignment_rate"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Diversity (A.8)
+# --------------------------------------------------------------------------------------------
+
+
+def test_distinct_n_hand_example():
+    texts = ["The cat sat.", "the cat ran"]
+    # tokens: [the, cat, sat, .], [the, cat, ran]
+    # unigrams: 7 total, distinct {the, cat, sat, ., ran} = 5 -> 5/7
+    assert metrics.distinct_n(texts, 1) == pytest.approx(5 / 7)
+    # bigrams (not across texts): (the cat) (cat sat) (sat .) | (the cat) (cat ran) -> 4 distinct / 5
+    assert metrics.distinct_n(texts, 2) == pytest.approx(4 / 5)
+    assert metrics.distinct_n([[1, 2, 1, 2]], 2) == pytest.approx(2 / 3)  # token ids used as is
+    with pytest.raises(ValueError, match="no 3-gram"):
+        metrics.distinct_n(["a b", "c"], 3)
+
+
+def test_ead_hand_example():
+    texts = ["the cat sat", "the cat ran"]
+    # C = 6 unigrams, N = 4 distinct (the, cat, sat, ran), V = 10:
+    # expected distinct = 10 * (1 - 0.9**6) = 10 * (1 - 0.531441) = 4.68559
+    # EAD = 4 / 4.68559 = 0.853681...
+    assert metrics.ead(texts, 1, vocab_size=10) == pytest.approx(0.8536811799581)
+    # bigrams: (the cat) x2, (cat sat), (cat ran): C = 4, N = 3; 10 * (1 - 0.9**4) = 3.439 -> 0.872346...
+    assert metrics.ead(texts, 2, vocab_size=10) == pytest.approx(3 / 3.439)
+    # huge V: the denominator tends to C, so EAD -> distinct-n
+    assert metrics.ead(texts, 1, vocab_size=10**12) == pytest.approx(metrics.distinct_n(texts, 1), rel=1e-6)
+    with pytest.raises(ValueError, match="vocab_size"):
+        metrics.ead(texts, 1, vocab_size=1)
+
+
+def test_self_bleu_identical_is_one_and_disjoint_is_zero():
+    same = [["the cat sat on the mat"] * 4, ["a b c d"] * 3]
+    assert metrics.self_bleu(same, 2) == pytest.approx(1.0)
+    assert metrics.self_bleu(same, 3) == pytest.approx(1.0)
+    disjoint = [["alpha beta gamma", "delta epsilon zeta", "eta theta iota"]]
+    assert metrics.self_bleu(disjoint, 2) == 0.0
+
+
+def test_self_bleu_hand_value_and_sacrebleu_cross_check():
+    group = ["the cat sat", "the cat ran"]
+    # each sentence vs the other: unigram p1 = 2/3 (the, cat), bigram p2 = 1/2 (the cat), equal lengths -> BP 1
+    # BLEU-2 = sqrt(2/3 * 1/2) = 1/sqrt(3) = 0.57735
+    assert metrics.self_bleu([group], 2) == pytest.approx(1 / math.sqrt(3))
+    # BLEU-3: no trigram match -> floor smoothing p3 = 0.1/1; (2/3 * 1/2 * 0.1) ** (1/3) = (1/30) ** (1/3)
+    assert metrics.self_bleu([group], 3) == pytest.approx((1 / 30) ** (1 / 3))
+
+    groups = [["the cat sat on the mat", "a cat sat on a mat", "the dog lay on the rug"],
+              ["I like green tea", "I like black tea a lot"]]
+    for n in (2, 3):
+        bleu = BLEU(max_ngram_order=n, effective_order=True, smooth_method="floor", smooth_value=0.1)
+        per_prompt = [np.mean([bleu.sentence_score(h, g[:i] + g[i + 1:]).score for i, h in enumerate(g)])
+                      for g in groups]
+        want = np.mean(per_prompt) / 100
+        assert metrics.self_bleu(groups, n) == pytest.approx(want)
+        assert 0.0 < want < 1.0
+    # prompts weigh equally: the mean of the two one-prompt values
+    assert metrics.self_bleu(groups, 2) == pytest.approx((metrics.self_bleu(groups[:1], 2) + metrics.self_bleu(groups[1:], 2)) / 2)
+
+
+def test_self_bleu_rejects_bad_groups():
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        metrics.self_bleu([["only one"]], 2)
+    with pytest.raises(TypeError):
+        metrics.self_bleu(["a b", "c d"], 2)
+
+
+def test_diversity_row():
+    groups = [["the cat sat", "the cat ran"], ["a b", "a b"]]
+    row = metrics.diversity(groups, vocab_size=10)
+    assert row["ead"] == pytest.approx((metrics.ead(groups[0], vocab_size=10) + metrics.ead(groups[1], vocab_size=10)) / 2)
+    assert row["ead_pooled"] == pytest.approx(metrics.ead(groups[0] + groups[1], vocab_size=10))
+    assert row["distinct_2"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+    assert set(row) == {"ead", "ead_pooled", "distinct_1", "distinct_2", "self_bleu_2", "self_bleu_3"}
+
+
+# --------------------------------------------------------------------------------------------
+# Length (A.7)
+# --------------------------------------------------------------------------------------------
+
+
+def test_length_stats():
+    out = metrics.length_stats(np.array([[1, 2, 3], [4, 100, 3]]))
+    # sorted 1 2 3 3 4 100: mean 113/6, median 3, q1 at position 1.25 -> 2.25, q3 at 3.75 -> 3.75
+    assert out["n"] == 6 and out["mean"] == pytest.approx(113 / 6)
+    assert (out["q1"], out["median"], out["q3"], out["min"], out["max"]) == (2.25, 3.0, 3.75, 1.0, 100.0)
+    with pytest.raises(ValueError):
+        metrics.length_stats([])
+    with pytest.raises(ValueError):
+        metrics.length_stats([-1, 2])

@@ -1,0 +1,378 @@
+"""Evaluation metrics of arXiv 2402.16030 (VCB): pure functions on arrays and lists of strings.
+
+* :func:`win_rate` — paired win/tie/lose rates of method A vs B under a (gold) reward, with
+  bootstrap CIs over prompts (Sec. 5.2 metric (1), Table 2, Table 5, Figs. 6-7).
+* :func:`kl_estimate`, :func:`reward_kl_point` — Monte-Carlo KL(π‖π_sft) and the (reward, KL)
+  point of Figure 5 (Sec. 5.8).
+* :func:`misalignment` — App. A.5 / Table 6, a thin wrapper over
+  :func:`vcb_lib.theory.misalignment_rate`.
+* :func:`self_bleu`, :func:`ead`, :func:`distinct_n`, :func:`diversity` — App. A.8 / Table 7.
+* :func:`length_stats` — App. A.7 / Figure 8.
+
+The LLM judge (Sec. 5.2 metric (2), Figure 4) is in :mod:`vcb_lib.judge`.
+
+Shapes: N prompts, k samples per prompt. Every function returns plain floats / dicts of floats and
+lists (JSON-ready through :func:`vcb_lib.io.write_json`); CIs are ``[lo, hi]`` lists, ``None`` when
+``bootstrap=0``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from vcb_lib import theory
+
+__all__ = [
+    "bootstrap_mean_ci", "distinct_n", "diversity", "ead", "kl_estimate", "length_stats", "misalignment",
+    "ngrams", "reward_kl_point", "self_bleu", "tokenize", "win_rate",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _finite_array(x: Any, name: str, ndims: tuple[int, ...] = (1, 2)) -> np.ndarray:
+    """float64 numpy copy of ``x`` (tensor, array, list); loud about emptiness, rank and NaN/inf."""
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim not in ndims:
+        raise ValueError(f"{name}: expected {' or '.join(f'{d}-D' for d in ndims)}, got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty (shape {a.shape})")
+    if not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).sum())
+        raise ValueError(f"{name} has {bad} NaN/inf value(s); drop or fix those samples first")
+    return a
+
+
+def _as_rows(a: np.ndarray) -> np.ndarray:
+    """(N,) -> (N, 1); (N, k) unchanged."""
+    return a[:, None] if a.ndim == 1 else a
+
+
+def _check_ci(ci: float) -> None:
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+
+
+def _bootstrap_means(values: np.ndarray, bootstrap: int, seed: int) -> np.ndarray:
+    """(bootstrap, m) means of ``values`` (N, m) over prompts resampled with replacement."""
+    n = values.shape[0]
+    rng = np.random.default_rng(seed)
+    out = np.empty((bootstrap, values.shape[1]))
+    chunk = max(1, 2_000_000 // n)  # bound the (chunk, N) index matrix to ~16 MB
+    for start in range(0, bootstrap, chunk):
+        m = min(chunk, bootstrap - start)
+        idx = rng.integers(0, n, size=(m, n))  # (m, N)
+        out[start:start + m] = values[idx].mean(axis=1)  # (m, N, v) -> (m, v)
+    return out
+
+
+def _percentile_ci(samples: np.ndarray, ci: float) -> list[float]:
+    lo, hi = np.quantile(samples, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_mean_ci(values: Any, *, bootstrap: int = 1000, seed: int = 0, ci: float = 0.95) -> list[float] | None:
+    """Percentile bootstrap CI of the mean of per-prompt ``values`` (N,): prompts resampled with
+    replacement ``bootstrap`` times with ``numpy.random.default_rng(seed)``. ``None`` if bootstrap=0."""
+    v = _finite_array(values, "values", ndims=(1,))
+    _check_ci(ci)
+    if bootstrap <= 0:
+        return None
+    return _percentile_ci(_bootstrap_means(v[:, None], bootstrap, seed)[:, 0], ci)
+
+
+def _se(per_prompt: np.ndarray) -> float:
+    """Standard error of the mean over prompts: std(ddof=1)/sqrt(N); NaN for N = 1."""
+    n = per_prompt.shape[0]
+    return float(per_prompt.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# Win rate under a reward (Table 2)
+# --------------------------------------------------------------------------------------------
+
+
+def win_rate(scores_a: Any, scores_b: Any, *, bootstrap: int = 1000, seed: int = 0, ci: float = 0.95,
+             tie_tol: float = 0.0, pairing: Literal["index", "all"] = "index") -> dict[str, Any]:
+    """Paired win rate of method A over method B under one reward (Sec. 5.2 (1), Table 2).
+
+    Args:
+        scores_a, scores_b: rewards of A's and B's responses to the same N prompts in the same
+            order, shaped (N,) (one response each) or (N, k) (k samples per prompt).
+        pairing: how (N, k) inputs are compared. ``"index"`` (default): sample j of A against
+            sample j of B, i.e. N·k independent pairs, which estimates P(r_A > r_B) for one
+            response of each (what Table 2 reports); needs equal shapes. ``"all"``: every sample
+            of A against every sample of B of the same prompt (k_a·k_b pairs per prompt; the same
+            expectation, lower variance; k_a may differ from k_b). Samples are NOT averaged per
+            prompt first: that would estimate P(mean r_A > mean r_B), a different, sharper number.
+        tie_tol: |r_A - r_B| <= tie_tol counts as a tie (default 0: exact equality only).
+        bootstrap, seed, ci: percentile bootstrap over prompts (all pairs of a resampled prompt
+            travel together), ``numpy.random.default_rng(seed)``; ``bootstrap=0`` skips it.
+
+    Returns: ``win``, ``tie``, ``lose`` (fractions of pairs, summing to 1), ``win_rate`` =
+    win + tie/2, ``win_minus_lose``, their CIs ``win_rate_ci`` / ``win_minus_lose_ci`` and
+    bootstrap standard errors, ``n_prompts``, ``n_pairs``. Every prompt has the same number of
+    pairs, so pair-pooled and prompt-averaged rates coincide.
+    """
+    a = _as_rows(_finite_array(scores_a, "scores_a"))
+    b = _as_rows(_finite_array(scores_b, "scores_b"))
+    _check_ci(ci)
+    if tie_tol < 0:
+        raise ValueError(f"tie_tol must be >= 0, got {tie_tol}")
+    if pairing == "index":
+        if a.shape != b.shape:
+            raise ValueError(f"scores_a {np.shape(scores_a)} and scores_b {np.shape(scores_b)} differ in shape; "
+                             "pairing='index' compares sample j of A with sample j of B (use pairing='all' for "
+                             "different k)")
+        diff = a - b  # (N, k)
+    elif pairing == "all":
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"scores_a has {a.shape[0]} prompts, scores_b {b.shape[0]}")
+        diff = (a[:, :, None] - b[:, None, :]).reshape(a.shape[0], -1)  # (N, ka, kb) -> (N, ka*kb)
+    else:
+        raise ValueError(f"pairing must be 'index' or 'all', got {pairing!r}")
+
+    win = (diff > tie_tol).mean(axis=1)  # (N,) per-prompt fractions
+    lose = (diff < -tie_tol).mean(axis=1)
+    tie = 1.0 - win - lose
+    per_prompt = np.stack([win + tie / 2, win - lose], axis=1)  # (N, 2)
+    out: dict[str, Any] = {
+        "win": float(win.mean()), "tie": float(tie.mean()), "lose": float(lose.mean()),
+        "win_rate": float(per_prompt[:, 0].mean()), "win_minus_lose": float(per_prompt[:, 1].mean()),
+        "n_prompts": int(diff.shape[0]), "n_pairs": int(diff.size),
+        "bootstrap": int(bootstrap), "seed": int(seed), "ci": float(ci),
+        "win_rate_ci": None, "win_minus_lose_ci": None, "win_rate_se": None, "win_minus_lose_se": None,
+    }
+    if bootstrap > 0:
+        boot = _bootstrap_means(per_prompt, bootstrap, seed)  # (bootstrap, 2)
+        out["win_rate_ci"] = _percentile_ci(boot[:, 0], ci)
+        out["win_minus_lose_ci"] = _percentile_ci(boot[:, 1], ci)
+        out["win_rate_se"] = float(boot[:, 0].std(ddof=1)) if bootstrap > 1 else math.nan
+        out["win_minus_lose_se"] = float(boot[:, 1].std(ddof=1)) if bootstrap > 1 else math.nan
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reward vs KL (Figure 5)
+# --------------------------------------------------------------------------------------------
+
+
+def kl_estimate(policy_logps: Any, ref_logps: Any) -> dict[str, float]:
+    """Monte-Carlo KL(π ‖ π_sft) from responses sampled from π (Sec. 5.8, Figure 5).
+
+    Args: ``policy_logps``, ``ref_logps``: (N,) or (N, k) summed log π(y|x) and log π_sft(y|x)
+    of responses y ~ π(·|x) (k samples per prompt).
+
+    Returns ``kl`` = mean of log π(y|x) − log π_sft(y|x) (unbiased for E_x KL(π(·|x)‖π_sft(·|x));
+    a single estimate can be negative on few samples and is not clipped), ``kl_se`` = std/sqrt(N)
+    of the per-prompt means (with k > 1 the samples of one prompt are averaged first, so the SE
+    is over the N independent prompts; NaN for N = 1), ``kl_k3`` = mean of (ρ − 1) − log ρ with
+    ρ = π_sft/π (Schulman's non-negative, lower-variance estimator of the same KL), ``n_prompts``,
+    ``n_samples``. A policy identical to π_sft gives 0 with SE 0.
+    """
+    p = _as_rows(_finite_array(policy_logps, "policy_logps"))
+    r = _as_rows(_finite_array(ref_logps, "ref_logps"))
+    if p.shape != r.shape:
+        raise ValueError(f"policy_logps {p.shape} and ref_logps {r.shape} differ in shape")
+    log_ratio = p - r  # (N, k) log π/π_sft
+    per_prompt = log_ratio.mean(axis=1)  # (N,)
+    k3 = np.expm1(-log_ratio) + log_ratio  # (ρ - 1) - log ρ, ρ = exp(-log_ratio)
+    return {"kl": float(per_prompt.mean()), "kl_se": _se(per_prompt), "kl_k3": float(k3.mean()),
+            "n_prompts": int(p.shape[0]), "n_samples": int(p.size)}
+
+
+def reward_kl_point(rewards: Any, policy_logps: Any, ref_logps: Any) -> dict[str, float]:
+    """One point of Figure 5: mean reward of π's samples and KL(π‖π_sft), with standard errors.
+
+    Args: ``rewards``, ``policy_logps``, ``ref_logps``: (N,) or (N, k), same shape, for responses
+    sampled from π. SEs are over prompts (per-prompt means first), as in :func:`kl_estimate`.
+    Returns ``mean_reward``, ``reward_se``, ``kl``, ``kl_se``, ``n_prompts``.
+    """
+    rw = _as_rows(_finite_array(rewards, "rewards"))
+    kl = kl_estimate(policy_logps, ref_logps)
+    if rw.size != kl["n_samples"] or rw.shape[0] != kl["n_prompts"]:
+        raise ValueError(f"rewards {np.shape(rewards)} and log-probs {np.shape(policy_logps)} differ in shape")
+    per_prompt = rw.mean(axis=1)
+    return {"mean_reward": float(per_prompt.mean()), "reward_se": _se(per_prompt), "kl": kl["kl"],
+            "kl_se": kl["kl_se"], "n_prompts": kl["n_prompts"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Misalignment (App. A.5, Table 6)
+# --------------------------------------------------------------------------------------------
+
+
+def misalignment(policy_logps: Any, ref_logps: Any, rewards: Any, mask: Any = None) -> dict[str, float]:
+    """Misalignment rate of App. A.5 (Table 6) for k samples per prompt, shaped (N, k) (k = 8 in
+    the paper); the counting rules are those of :func:`vcb_lib.theory.misalignment_rate` (reward
+    ties form no pair, log-ratio ties count as misaligned).
+
+    Returns ``misalignment_rate`` (pooled over all prompts' pairs, what Table 6 reports),
+    ``per_prompt_mean`` (mean of the per-prompt rates over prompts that have a pair) and
+    ``n_prompts_with_pairs``. NaN rates when no prompt has a pair.
+    """
+    pooled, per_prompt = theory.misalignment_rate(policy_logps, ref_logps, rewards, mask, per_prompt=True)
+    has_pairs = np.isfinite(per_prompt)
+    return {"misalignment_rate": float(pooled),
+            "per_prompt_mean": float(per_prompt[has_pairs].mean()) if has_pairs.any() else math.nan,
+            "n_prompts_with_pairs": int(has_pairs.sum())}
+
+
+# --------------------------------------------------------------------------------------------
+# Diversity (App. A.8, Table 7)
+# --------------------------------------------------------------------------------------------
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def tokenize(text: str | Sequence[Any]) -> list[Any]:
+    """Tokens for distinct-n / EAD: a string becomes its lowercased words and single punctuation
+    marks (regex ``\\w+|[^\\w\\s]``); a sequence (e.g. generated token ids) is used as is."""
+    if isinstance(text, str):
+        return _WORD.findall(text.lower())
+    return list(text)
+
+
+def ngrams(tokens: Sequence[Any], n: int) -> list[tuple]:
+    """The len(tokens) − n + 1 contiguous n-grams of one text (none if it is shorter than n)."""
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def _corpus_ngrams(texts: Sequence[str | Sequence[Any]], n: int) -> list[tuple]:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of texts, not one string")
+    if len(texts) == 0:
+        raise ValueError("texts is empty")
+    grams = [g for t in texts for g in ngrams(tokenize(t), n)]
+    if not grams:
+        raise ValueError(f"the texts contain no {n}-gram")
+    return grams
+
+
+def distinct_n(texts: Sequence[str | Sequence[Any]], n: int = 1) -> float:
+    """Distinct-n (Li et al., 2016): distinct n-grams / total n-grams, pooled over ``texts``.
+
+    n-grams do not cross text boundaries; strings are tokenised by :func:`tokenize`.
+    Biased towards short corpora (it falls as the corpus grows); :func:`ead` corrects that.
+    """
+    grams = _corpus_ngrams(texts, n)
+    return len(set(grams)) / len(grams)
+
+
+def ead(texts: Sequence[str | Sequence[Any]], n: int = 1, *, vocab_size: int) -> float:
+    """Expectation-Adjusted Distinct (App. A.8, Table 7), from Liu et al. 2022, "Rethinking and
+    Refining the Distinct Metric" (ACL 2022):
+
+        EAD = N_distinct / (V · [1 − ((V − 1)/V)^C])
+
+    with N_distinct the number of distinct n-grams, C the total number of n-grams in ``texts``
+    (pooled; n-grams do not cross text boundaries) and V = ``vocab_size``. The denominator is the
+    expected number of distinct items when C items are drawn uniformly from V, so EAD does not
+    shrink just because the corpus is longer, as distinct-n does.
+
+    V must be given: Liu et al. recommend, for methods built on pretrained models, the
+    tokenizer's vocabulary size (the largest among the compared models); use the same V for every
+    method compared. It should match the units counted: pass generated token ids (sequences, used
+    as is) with V = ``len(tokenizer)``, or strings (lowercased word tokens, :func:`tokenize`)
+    with V = a word-vocabulary size. For n > 1 the same V is used, as in the common
+    implementations (not V**n).
+    """
+    if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 2:
+        raise ValueError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
+    grams = _corpus_ngrams(texts, n)
+    v, c = float(vocab_size), len(grams)
+    expected = v * -math.expm1(c * math.log1p(-1.0 / v))  # V·[1 − ((V−1)/V)^C], stable for large V
+    return len(set(grams)) / expected
+
+
+def _bleu(n: int, smooth_method: str, smooth_value: float | None, tokenize_: str, lowercase: bool):
+    from sacrebleu.metrics import BLEU
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return BLEU(max_ngram_order=n, effective_order=True, smooth_method=smooth_method, smooth_value=smooth_value,
+                tokenize=tokenize_, lowercase=lowercase)
+
+
+def self_bleu(texts_per_prompt: Sequence[Sequence[str]], n: int = 2, *, smooth_method: str = "floor",
+              smooth_value: float | None = 0.1, bleu_tokenizer: str = "13a", lowercase: bool = False) -> float:
+    """Self-BLEU-n (Zhu et al. 2018, Texygen) within each prompt's group of samples (App. A.8,
+    Table 7 "BLEU-2", "BLEU-3"; lower = more diverse).
+
+    For each prompt's k >= 2 samples, each sample is scored by sentence BLEU against the other
+    k − 1 samples as references; the k scores are averaged, then the prompts are averaged (equal
+    weight per prompt).
+
+    BLEU is sacrebleu's (``sacrebleu.metrics.BLEU(max_ngram_order=n, effective_order=True)``):
+    uniform weights over 1..n-grams, brevity penalty against the closest reference length,
+    sacrebleu's ``13a`` tokenisation (``bleu_tokenizer``), case-sensitive unless ``lowercase``;
+    effective order (a hypothesis shorter than n uses its available orders only). Smoothing:
+    ``floor`` with 0.1 (Chen & Cherry method 1 = NLTK ``SmoothingFunction().method1``, which
+    Texygen's Self-BLEU uses): an n-gram order without matches gets precision 0.1/total instead of
+    0. Without any unigram match the score is 0 (sacrebleu returns 0 then, whatever the smoothing).
+
+    Scale: 0–1 (sacrebleu's 0–100 divided by 100), like Table 7 (SFT BLEU-2 = 0.406): identical
+    samples give 1, samples sharing no token give 0.
+    """
+    if isinstance(texts_per_prompt, str) or any(isinstance(g, str) for g in texts_per_prompt):
+        raise TypeError("texts_per_prompt must be a list of groups (lists of samples), one per prompt")
+    if len(texts_per_prompt) == 0:
+        raise ValueError("texts_per_prompt is empty")
+    small = [i for i, g in enumerate(texts_per_prompt) if len(g) < 2]
+    if small:
+        raise ValueError(f"Self-BLEU needs >= 2 samples per prompt; prompts {small[:5]} have fewer")
+    bleu = _bleu(n, smooth_method, smooth_value, bleu_tokenizer, lowercase)
+    per_prompt = []
+    for group in texts_per_prompt:
+        scores = [bleu.sentence_score(hyp, [r for j, r in enumerate(group) if j != i]).score
+                  for i, hyp in enumerate(group)]
+        per_prompt.append(sum(scores) / len(scores))
+    return float(np.mean(per_prompt)) / 100.0
+
+
+def diversity(texts_per_prompt: Sequence[Sequence[str | Sequence[Any]]], *, vocab_size: int,
+              bleu_texts: Sequence[Sequence[str]] | None = None) -> dict[str, float]:
+    """The Table 7 row for one method: k samples per prompt (k = 8 at temperature 1 in A.8).
+
+    ``ead`` is the mean over prompts of the EAD of each prompt's group (diversity among samples
+    of one prompt, like Self-BLEU); ``ead_pooled`` pools every response of every prompt (the
+    paper's "for all responses" can be read either way). ``distinct_1``/``distinct_2`` are
+    per-prompt means too. Self-BLEU needs strings: give ``bleu_texts`` when ``texts_per_prompt``
+    holds token ids.
+    """
+    groups = list(texts_per_prompt)
+    bleu_groups = groups if bleu_texts is None else list(bleu_texts)
+    return {
+        "ead": float(np.mean([ead(g, 1, vocab_size=vocab_size) for g in groups])),
+        "ead_pooled": ead([t for g in groups for t in g], 1, vocab_size=vocab_size),
+        "distinct_1": float(np.mean([distinct_n(g, 1) for g in groups])),
+        "distinct_2": float(np.mean([distinct_n(g, 2) for g in groups])),
+        "self_bleu_2": self_bleu(bleu_groups, 2),
+        "self_bleu_3": self_bleu(bleu_groups, 3),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Length (App. A.7, Figure 8)
+# --------------------------------------------------------------------------------------------
+
+
+def length_stats(token_counts: Any) -> dict[str, float]:
+    """Response-length summary for Figure 8's boxplots: ``token_counts`` any shape (e.g. (N, k)),
+    flattened. Returns n, mean, std, min, q1, median, q3, max (numpy linear-interpolated quartiles)."""
+    a = _finite_array(token_counts, "token_counts", ndims=(0, 1, 2, 3)).ravel()
+    if (a < 0).any():
+        raise ValueError("token_counts must be >= 0")
+    q1, med, q3 = np.quantile(a, [0.25, 0.5, 0.75])
+    return {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
+            "q1": float(q1), "median": float(med), "q3": float(q3), "max": float(a.max())}

@@ -1,0 +1,114 @@
+"""What every stage writes and which slice of the config each artefact depends on: the whole
+dependency graph of a run in one page. Freshness is ``vcb_lib.manifest.Artefact``'s rule.
+
+==================  ===============================  ===========================================
+artefact            built by                         depends on (config slice)
+==================  ===============================  ===========================================
+checks.json         00_theory                        run, theory
+pairs.parquet       01_sft_and_reward                run, models, sampling, rewards
+sft/, reward_model/ 01_sft_and_reward                UPSTREAM: those + the training keys SFT/RM use
+candidates.parquet  02_generate                      UPSTREAM
+03_train/<method>/  03_train                         UPSTREAM + the method's training keys (+ the
+                                                     evaluation keys of the Fig. 5 snapshots)
+samples-<split>     04_evaluate                      the policy's slice + the evaluation sampling keys
+04_eval/metrics     04_evaluate                      run .. evaluation
+==================  ===============================  ===========================================
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from pathlib import Path
+
+from vcb_lib.config import UPSTREAM_TRAINING_KEYS, Config
+from vcb_lib.losses import LossType
+from vcb_lib.manifest import Artefact
+
+UPSTREAM = ("run", "models", "sampling", "rewards", *(f"training.{k}" for k in UPSTREAM_TRAINING_KEYS))
+LOSS_HPARAMS = sorted({h for lt in LossType for h in lt.hparams})  # training.* keys that only some losses read
+CURVE_KEYS = ("curve_points", "curve_prompts", "samples_per_prompt", "temperature", "max_new_tokens")
+EVAL_SAMPLING_KEYS = ("samples_per_prompt", "temperature", "max_new_tokens")
+METHOD_FILES = ("final/*", "summary.json", "log.jsonl", "curve/*")
+
+
+def _dir(cfg: Config, stage: str) -> Path:
+    return cfg.stage_dir(stage, create=False)
+
+
+def theory_checks(cfg: Config) -> Artefact:
+    return Artefact(_dir(cfg, "00_theory") / "checks.json", "00_theory", cfg.slice("run", "theory"))
+
+
+def pairs(cfg: Config) -> Artefact:
+    return Artefact(_dir(cfg, "01_models") / "pairs.parquet", "01_sft_and_reward",
+                    cfg.slice("run", "models", "sampling", "rewards"))
+
+
+def sft(cfg: Config) -> Artefact:
+    """π_sft's folder (only when ``models.sft`` is on); ``sft/training/`` holds its checkpoints."""
+    return Artefact(_dir(cfg, "01_models") / "sft", "01_sft_and_reward", cfg.slice(*UPSTREAM))
+
+
+def reward_model(cfg: Config) -> Artefact:
+    return Artefact(_dir(cfg, "01_models") / "reward_model", "01_sft_and_reward", cfg.slice(*UPSTREAM))
+
+
+def candidates(cfg: Config) -> Artefact:
+    """D_t."""
+    return Artefact(_dir(cfg, "02_candidates") / "candidates.parquet", "02_generate", cfg.slice(*UPSTREAM))
+
+
+def method_key(cfg: Config, method: str) -> dict:
+    """What training ``method`` depends on: the upstream, every training key but the list of
+    methods and the other losses' hyper-parameters, and, when the Fig. 5 curve is sampled during
+    training, the evaluation keys that sampling uses."""
+    own = LossType(method).hparams
+    training = [f"training.{f.name}" for f in dataclasses.fields(cfg.training)
+                if f.name != "methods" and (f.name not in LOSS_HPARAMS or f.name in own)]
+    key = cfg.slice(*UPSTREAM, *training) | {"method": method}
+    if cfg.evaluation.curve_points:
+        key |= cfg.slice(*(f"evaluation.{k}" for k in CURVE_KEYS))
+    return key
+
+
+def method_dir_name(cfg: Config, method: str) -> str:
+    """Run folder of a method, named from what varies: ``vcb-gamma0.05-lam1.0-logsumexp-seed0``."""
+    lt = LossType(method)
+    return "-".join([lt.value] + [f"{k}{getattr(cfg.training, k)}".replace("reduction", "").replace("pairs", "pairs-")
+                                   for k in lt.hparams] + [f"seed{cfg.run.seed}"])
+
+
+def method(cfg: Config, name: str) -> Artefact:
+    """``03_train/<method_dir_name>/``: final/ (the policy), log.jsonl, summary.json, curve/."""
+    return Artefact(cfg.run_dir / "03_train" / method_dir_name(cfg, name), "03_train", method_key(cfg, name),
+                    include=METHOD_FILES)
+
+
+def sft_spec(cfg: Config) -> str:
+    """Model spec of π_sft: this run's ``01_models/sft`` when ``models.sft`` is on (checked),
+    else ``models.policy``."""
+    if not cfg.models.sft:
+        return cfg.models.policy
+    return str(sft(cfg).require())
+
+
+def policy_key(cfg: Config, policy: str) -> dict:
+    return cfg.slice(*UPSTREAM) if policy == "sft" else method_key(cfg, policy)
+
+
+def policy_specs(cfg: Config) -> dict[str, str]:
+    """Evaluated policies: ``sft`` (π_sft) and each trained method's ``final/`` model (checked)."""
+    return {"sft": sft_spec(cfg), **{m: str(method(cfg, m).require() / "final") for m in cfg.training.methods}}
+
+
+def samples(cfg: Config, policy: str, split: str) -> Artefact:
+    """``04_eval/<policy>/samples-<split>.parquet``: the policy's evaluation samples, scored."""
+    prompts = "num_prompts" if split == "test" else "ood_prompts"
+    key = policy_key(cfg, policy) | cfg.slice(*(f"evaluation.{k}" for k in (prompts, *EVAL_SAMPLING_KEYS))) | \
+        {"policy": policy, "split": split}
+    return Artefact(cfg.run_dir / "04_eval" / policy / f"samples-{split}.parquet", "04_evaluate", key)
+
+
+def eval_metrics(cfg: Config) -> Artefact:
+    return Artefact(cfg.run_dir / "04_eval" / "metrics.json", "04_evaluate",
+                    cfg.slice("run", "models", "sampling", "rewards", "training", "evaluation"))

@@ -1,0 +1,232 @@
+"""Stage 04 (notebook 04): every policy (π_sft and each trained method) samples the same test and
+OOD prompts with the same seeds; the metrics of :mod:`vcb_lib.metrics` (Table 2, Fig. 5, A.5,
+A.7, A.8) and the LLM judge of :mod:`vcb_lib.judge` (Fig. 4) score them.
+
+Writes ``04_eval/<policy>/samples-<split>.parquet`` (reused while current) and
+``04_eval/metrics.json``. :func:`run` is the whole stage: notebook 04, the sweeps and the panel
+call it, so one config gives one ``metrics.json`` whichever front ran it.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+from vcb_lib.config import Config
+from vcb_lib.io import atomic_write_bytes, read_json, write_json
+from vcb_lib.judge import JudgeClient, judge_win_rate
+from vcb_lib.metrics import diversity, length_stats, misalignment, reward_kl_point, win_rate
+from vcb_lib.stages import artefacts
+from vcb_lib.stages.generate import check_rewards
+from vcb_lib.stages.sft_and_reward import load_reward_model, metrics_artefact
+from vcb_lib.tasks import get_task
+
+
+def reference_method(cfg: Config) -> str:
+    """The method the others are compared with: VCB when trained, else the first trained method."""
+    return "vcb" if "vcb" in cfg.training.methods else cfg.training.methods[0]
+
+
+def evaluation_reward(cfg: Config) -> tuple[str, str]:
+    """``(column, name)`` of the evaluation reward: the task's gold reward where it has one,
+    else the reward model's ``reward``."""
+    task = get_task(cfg.rewards.task)
+    return ("gold", task.reward_name) if task.gold else ("reward", f"{cfg.rewards.reward_model} reward model")
+
+
+def sample_policies(cfg: Config, split: str, *, log=print) -> pd.DataFrame:
+    """``evaluation.samples_per_prompt`` samples per ``split`` prompt ("test" or "ood") from every
+    policy, with what the metrics need: the reward model's ``reward``, the gold reward (tasks with
+    one), log π of each sample (the sampler's, raw) and log π_sft (for KL and misalignment).
+    Every policy samples with the same seeds on the same prompts; returns all rows, ``method``
+    naming the policy."""
+    from vcb_lib.data import build_candidates, task_prompts
+    from vcb_lib.manifest import key_hash
+    from vcb_lib.models import format_prompt, load_policy, load_tokenizer
+    from vcb_lib.rewards import gold_reward
+    from vcb_lib.samplers import HFSampler
+
+    e, specs = cfg.evaluation, artefacts.policy_specs(cfg)
+    prompts = task_prompts(cfg.rewards.task, split, e.num_prompts if split == "test" else e.ood_prompts)
+    ref_spec = specs["sft"]
+    ref, tok = None, load_tokenizer(ref_spec, cache_dir=cfg.models.cache_dir)
+    rm, gold = None, None
+    tables = []
+    for name, spec in specs.items():
+        art = artefacts.samples(cfg, name, split)
+        if art.current():
+            tables.append(check_rewards(pd.read_parquet(art.path), ("reward", "gold"), str(art.path)))
+            continue
+        art.invalidate()
+        if ref is None:
+            ref = load_policy(ref_spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
+            rm = load_reward_model(cfg)
+            gold = gold_reward(cfg.rewards.task) if get_task(cfg.rewards.task).gold else None
+        policy = ref if name == "sft" else load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
+        table = build_candidates(prompts, HFSampler(policy, tok, batch_size=cfg.sampling.batch_size),
+                                 art.path.parent / f"shards-{split}", n=e.samples_per_prompt, temperature=e.temperature,
+                                 max_new_tokens=e.max_new_tokens, seed=cfg.run.seed + 1000,
+                                 format_prompt=lambda p: format_prompt(tok, p), ref_model=ref, tokenizer=tok,
+                                 manifest={"policy": name, "config": key_hash(art.key)}, progress=False)
+        table = table.rename(columns={"sampler_logp": "policy_logp"})  # log π (raw); ref_logp = log π_sft
+        table["reward"] = rm.score(list(table.prompt), list(table.response))
+        if gold is not None:
+            table["gold"] = gold.score(list(table.prompt), list(table.response))
+        table["method"] = name
+        check_rewards(table, ("reward", "gold"), f"{name} samples [{split}]")
+        atomic_write_bytes(art.path, table.to_parquet(index=False))
+        art.seal()
+        log(f"{name} [{split}]: {len(table)} samples, mean reward {table.reward.mean():.3f}")
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True)
+
+
+def _grid(table: pd.DataFrame, column: str) -> np.ndarray:
+    """(N·k,) rows of one policy -> (N, k) by prompt (prompt order of first appearance) and k."""
+    wide = table.pivot(index="prompt_id", columns="k", values=column)
+    return wide.loc[table.prompt_id.unique()].to_numpy(dtype=np.float64)
+
+
+def reward_kl_curve(cfg: Config, samples: pd.DataFrame, *, log=print) -> dict[str, list[dict]]:
+    """Fig. 5 along training, per method, on the first ``evaluation.curve_prompts`` test prompts:
+    step 0 (π_sft) and the final step from the evaluation ``samples``, the steps between from the
+    snapshots ``trainers.CurveSampler`` sampled during training (``03_train/<method>/curve/``; log
+    π_sft and the reward are computed here). Each point: mean evaluation reward and KL(π‖π_sft),
+    both with SEs over prompts. ``{}`` when ``evaluation.curve_points`` is 0. Writes the scored
+    snapshot samples to ``04_eval/curve.parquet``."""
+    from vcb_lib.models import load_policy, load_tokenizer, sequence_logps
+    from vcb_lib.rewards import gold_reward
+
+    if not cfg.evaluation.curve_points:
+        return {}
+    judge_col, _ = evaluation_reward(cfg)
+    folders = {m: artefacts.method(cfg, m).require() for m in cfg.training.methods}
+    frames = [pd.read_parquet(f).assign(method=m) for m, folder in folders.items()
+              for f in sorted((folder / "curve").glob("step-*.parquet"))]
+    snapshots = pd.concat(frames, ignore_index=True) if frames else None
+    if snapshots is not None:
+        spec = artefacts.sft_spec(cfg)
+        ref, tok = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir), load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
+        snapshots["ref_logp"] = sequence_logps(ref, tok, list(snapshots.model_input),  # the sampler encoded the same text
+                                               [list(map(int, ids)) for ids in snapshots.response_ids], batch_size=16).numpy()
+        judge = gold_reward(cfg.rewards.task) if judge_col == "gold" else load_reward_model(cfg)
+        snapshots[judge_col] = judge.score(list(snapshots.prompt), list(snapshots.response))
+        atomic_write_bytes(cfg.stage_dir("04_eval") / "curve.parquet", snapshots.to_parquet(index=False))
+    ids = set(samples[samples.method == "sft"].prompt_id.unique()[:cfg.evaluation.curve_prompts])
+
+    def point(t, step: int) -> dict:
+        p = reward_kl_point(_grid(t, judge_col), _grid(t, "policy_logp"), _grid(t, "ref_logp"))
+        return {"step": step, "reward": p["mean_reward"], "reward_se": p["reward_se"], "kl": p["kl"], "kl_se": p["kl_se"]}
+
+    curve = {}
+    for method, folder in folders.items():
+        total = read_json(folder / "summary.json")["steps"]
+        final = samples[(samples.method == method) & samples.prompt_id.isin(ids)]
+        steps = snapshots[snapshots.method == method] if snapshots is not None else final.iloc[:0]
+        curve[method] = [point(samples[(samples.method == "sft") & samples.prompt_id.isin(ids)], 0),
+                         *(point(t, int(s)) for s, t in steps.groupby("step", sort=True)), point(final, total)]
+    log(f"Fig. 5 curve: {sum(map(len, curve.values()))} points over {len(curve)} methods")
+    return curve
+
+
+def judge_win_rates(cfg: Config, samples: pd.DataFrame, *, reference: str | None = None,
+                    client: JudgeClient | None = None, log=print) -> dict[str, dict]:
+    """Fig. 4 analogue: the LLM judge (A.3 prompts, both orders) on ``reference``'s first sample
+    per test prompt against every other policy's, on the same prompts. Off (``{}``) unless
+    ``evaluation.judge_url`` is set; the key comes from ``$VCB_JUDGE_API_KEY`` (or
+    ``$OPENAI_API_KEY``). The prompt kind is the task's (``Task.judge_kind``). Unparseable replies
+    count as ties (reported as ``n_malformed``)."""
+    e = cfg.evaluation
+    if client is None:
+        if not e.judge_url:
+            return {}
+        if not e.judge_model:
+            raise ValueError("evaluation.judge_url is set but evaluation.judge_model is empty: name the judge's model")
+        client = JudgeClient(e.judge_url, e.judge_model, api_key=os.environ.get("VCB_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    reference = reference or reference_method(cfg)
+    kind = get_task(cfg.rewards.task).judge_kind
+    first = samples[samples.k == 0]
+    by = {m: t.set_index("prompt_id") for m, t in first.groupby("method", sort=False)}
+    ref = by[reference]
+    out = {}
+    for method, t in by.items():
+        if method == reference:
+            continue
+        ids = [i for i in ref.index if i in t.index]
+        out[method] = judge_win_rate(client, list(ref.loc[ids, "prompt"]), list(ref.loc[ids, "response"]),
+                                     list(t.loc[ids, "response"]), kind, on_malformed="tie",
+                                     bootstrap=e.bootstrap, seed=cfg.run.seed)
+        log(f"judge: {reference} vs {method}: win {out[method]['win']:.2f} tie {out[method]['tie']:.2f} "
+            f"lose {out[method]['lose']:.2f} ({len(ids)} prompts)")
+    return out
+
+
+def summarise(cfg: Config, samples: pd.DataFrame, ood_samples: pd.DataFrame | None = None, *,
+              reference: str | None = None) -> dict:
+    """``04_eval/metrics.json``: stable keys, each per method.
+
+    ``win_rate`` (Table 2: ``reference`` vs every other policy under the evaluation reward),
+    ``reward_kl`` (Fig. 5), ``misalignment_rate`` (A.5, under the reward model, as in the paper),
+    ``diversity`` (A.8), ``length`` (A.7), ``ood_win_rate`` (Table 5) and ``rm_accuracy`` (Table 4);
+    ``evaluation_reward`` / ``evaluation_reward_name`` say which reward the comparisons use."""
+    from vcb_lib.models import load_tokenizer
+
+    e = cfg.evaluation
+    reference = reference or reference_method(cfg)
+    judge_col, judge_name = evaluation_reward(cfg)
+    by = {m: t for m, t in samples.groupby("method", sort=False)}
+    vocab = len(load_tokenizer(artefacts.sft_spec(cfg), cache_dir=cfg.models.cache_dir))
+    metrics: dict = {"evaluation_reward": judge_col, "evaluation_reward_name": judge_name, "reference": reference,
+                     "scale": {"prompts": int(samples.prompt_id.nunique()), "samples_per_prompt": e.samples_per_prompt,
+                               "policy": cfg.models.policy, "task": cfg.rewards.task, "seed": cfg.run.seed}}
+
+    def wins(groups):
+        return {m: win_rate(_grid(groups[reference], judge_col), _grid(t, judge_col), bootstrap=e.bootstrap, seed=cfg.run.seed)
+                for m, t in groups.items() if m != reference}
+
+    metrics["win_rate"] = wins(by) if reference in by else {}
+    metrics["reward_kl"] = {}
+    for m, t in by.items():
+        point = reward_kl_point(_grid(t, judge_col), _grid(t, "policy_logp"), _grid(t, "ref_logp"))
+        metrics["reward_kl"][m] = {"reward": point["mean_reward"], "reward_se": point["reward_se"],
+                                   "kl": point["kl"], "kl_se": point["kl_se"]}
+    metrics["misalignment_rate"] = {m: misalignment(_grid(t, "policy_logp"), _grid(t, "ref_logp"), _grid(t, "reward"))["misalignment_rate"]
+                                    for m, t in by.items()}
+    metrics["diversity"] = {  # EAD on token ids with V = the tokenizer's vocabulary (Liu et al. 2022); BLEU on text
+        m: diversity([[list(ids) for ids in g.response_ids] for _, g in t.groupby("prompt_id", sort=False)],
+                     vocab_size=vocab, bleu_texts=[list(g.response) for _, g in t.groupby("prompt_id", sort=False)])
+        for m, t in by.items()}
+    metrics["length"] = {m: length_stats(t.n_tokens.to_numpy()) for m, t in by.items()}
+    if ood_samples is not None and len(ood_samples):
+        metrics["ood_win_rate"] = wins({m: t for m, t in ood_samples.groupby("method", sort=False)})
+    rm_metrics = metrics_artefact(cfg)
+    metrics["rm_accuracy"] = {k: v for k, v in read_json(rm_metrics.path).items() if k != "sft"} \
+        if rm_metrics.current() else None  # (π_sft's path differs between runs sharing one upstream)
+    return metrics
+
+
+def run(cfg: Config, *, log=print) -> dict:
+    """The stage: sample (or reuse) every policy on the test and OOD prompts, summarise, add the
+    Fig. 5 curve and the judge, write ``04_eval/metrics.json``; returns the metrics."""
+    task = get_task(cfg.rewards.task)
+    samples = sample_policies(cfg, "test", log=log)
+    ood = sample_policies(cfg, "ood", log=log) if task.source == "embedded" or task.ood else None
+    metrics = summarise(cfg, samples, ood)
+    metrics["reward_kl_curve"] = reward_kl_curve(cfg, samples, log=log)  # {} unless evaluation.curve_points > 0
+    metrics["judge_win_rate"] = judge_win_rates(cfg, samples, log=log)  # {} unless evaluation.judge_url is set
+    art = artefacts.eval_metrics(cfg)
+    write_json(art.path, metrics)
+    art.seal()
+    return metrics
+
+
+def read_metrics(cfg: Config) -> dict:
+    """``04_eval/metrics.json``, checked current for this config."""
+    return read_json(artefacts.eval_metrics(cfg).require())
+
+
+def read_samples(cfg: Config, split: str = "test") -> pd.DataFrame:
+    """The stored evaluation samples of every policy, checked (stage 04 must have run)."""
+    return pd.concat([pd.read_parquet(artefacts.samples(cfg, p, split).require()) for p in ["sft", *cfg.training.methods]],
+                     ignore_index=True)

@@ -1,0 +1,96 @@
+"""Stage 02 (notebook 02, Sec. 4.3 step 2): the candidate table D_t: n candidates per train
+prompt from π_sft, their reference log-probs (computed once, here), their rewards
+(``rewards.reward_model``) and, where the task has one, the gold reward.
+
+Writes ``02_candidates/candidates.parquet`` (reused while current; an interrupted run resumes
+from its shards) and ``02_candidates/metrics.json``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from vcb_lib.config import Config
+from vcb_lib.io import atomic_write_bytes, write_json
+from vcb_lib.manifest import Artefact, key_hash
+from vcb_lib.stages import artefacts
+from vcb_lib.stages.sft_and_reward import load_reward_model
+
+STAGE = "02_generate"
+
+
+def check_rewards(table: pd.DataFrame, columns: tuple[str, ...], where: str) -> pd.DataFrame:
+    """Every reward column finite, else a ValueError naming the column, the rows and the file."""
+    for column in columns:
+        if column in table:
+            bad = ~np.isfinite(table[column].to_numpy(dtype=np.float64))
+            if bad.any():
+                raise ValueError(f"{where}: {int(bad.sum())} non-finite value(s) in column {column!r} "
+                                 f"(first rows {np.flatnonzero(bad)[:5].tolist()}); rewards must be finite numbers")
+    return table
+
+
+def read_candidates(cfg: Config) -> pd.DataFrame:
+    """D_t, checked: current for this config, intact, finite rewards."""
+    path = artefacts.candidates(cfg).require()
+    return check_rewards(pd.read_parquet(path), ("reward", "gold", "ref_logp"), str(path))
+
+
+def generate_candidates(cfg: Config, *, log=print) -> pd.DataFrame:
+    """D_t for ``cfg``: the stored table when current, else sampled (resuming from shards),
+    reference-scored and rewarded, then sealed."""
+    from vcb_lib.data import build_candidates, task_prompts
+    from vcb_lib.models import format_prompt, load_policy, load_tokenizer
+    from vcb_lib.rewards import gold_reward
+    from vcb_lib.samplers import make_sampler
+    from vcb_lib.tasks import get_task
+
+    art = artefacts.candidates(cfg)
+    state, detail = art.status()
+    if state == "current":
+        log(f"candidates: up to date in {art.path}")
+        return read_candidates(cfg)
+    if state == "corrupt":
+        log(f"{art.label} is corrupt ({detail}): rebuilding it")
+    art.invalidate()
+    spec, s = artefacts.sft_spec(cfg), cfg.sampling
+    model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
+    tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
+    sampler = make_sampler(s.backend, spec, model=model, tokenizer=tok, batch_size=s.batch_size, seed=cfg.run.seed,
+                           cache_dir=cfg.models.cache_dir, log=log)
+    prompts = task_prompts(cfg.rewards.task, "train", s.num_prompts)
+    table = build_candidates(prompts, sampler, cfg.stage_dir("02_candidates"), n=s.n, temperature=s.temperature,
+                             max_new_tokens=s.max_new_tokens, seed=cfg.run.seed, top_p=s.top_p, ref_model=model, tokenizer=tok,
+                             format_prompt=lambda p: format_prompt(tok, p), ref_autocast_bf16=cfg.training.bf16,
+                             manifest={"config": key_hash(art.key), "sampler": sampler.name})
+    sampler.close()
+    log(f"scoring {len(table)} candidates with the {cfg.rewards.reward_model} reward model")
+    table["reward"] = load_reward_model(cfg).score(list(table.prompt), list(table.response))
+    if get_task(cfg.rewards.task).gold:
+        table["gold"] = gold_reward(cfg.rewards.task).score(list(table.prompt), list(table.response))
+    check_rewards(table, ("reward", "gold", "ref_logp"), f"candidates for {art.path}")
+    atomic_write_bytes(art.path, table.to_parquet(index=False))
+    art.seal(sampler=sampler.name, model=spec)
+    return table
+
+
+def summary(table: pd.DataFrame) -> dict:
+    """What the calibration losses will see: sizes, lengths, rewards, σ_r(x) (Eq. 10)."""
+    sigma = table.groupby("prompt_id").reward.std(ddof=0)  # population std, as Eq. 10
+    out = {"prompts": int(table.prompt_id.nunique()), "candidates": int(len(table)),
+           "mean_tokens": float(table.n_tokens.mean()), "stopped": float((table.finish_reason == "stop").mean()),
+           "reward_mean": float(table.reward.mean()), "sigma_r_mean": float(sigma.mean())}
+    if "gold" in table:
+        out["gold_mean"] = float(table.gold.mean())
+        out["reward_gold_spearman"] = float(table.reward.rank().corr(table.gold.rank()))
+    return out
+
+
+def run(cfg: Config, *, log=print) -> tuple[pd.DataFrame, dict]:
+    """The stage: D_t and its summary (written to ``02_candidates/metrics.json``)."""
+    table = generate_candidates(cfg, log=log)
+    metrics = summary(table)
+    art = Artefact(cfg.stage_dir("02_candidates") / "metrics.json", STAGE, artefacts.candidates(cfg).key)
+    write_json(art.path, metrics)
+    art.seal()
+    return table, metrics

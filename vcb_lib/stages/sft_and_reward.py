@@ -1,0 +1,217 @@
+"""Stage 01 (notebook 01, Sec. 4.3 step 1): preference pairs, π_sft, the reward model (Eq. 18)
+and its held-out accuracy (Table 4).
+
+Writes ``01_models/pairs.parquet``, ``01_models/sft/`` (when ``models.sft`` is on),
+``01_models/reward_model/`` (when ``rewards.reward_model`` is ``learned``) and
+``01_models/metrics.json``; each is reused while current (``vcb_lib.manifest``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vcb_lib import manifest
+from vcb_lib.config import Config
+from vcb_lib.io import atomic_write_bytes, read_json, write_json
+from vcb_lib.stages import artefacts
+
+STAGE = "01_sft_and_reward"
+
+
+def preference_pairs(cfg: Config, *, log=print) -> pd.DataFrame:
+    """Preference pairs for the SFT targets and the reward model, one per prompt.
+
+    Embedded tasks: two responses per train prompt sampled from ``models.policy`` and labelled by
+    the gold reward (ties dropped). The paper's tasks: the dataset's human pairs. Columns:
+    prompt_id, prompt, chosen, rejected, gold_chosen, gold_rejected, split ("train" | "heldout",
+    the ``rewards.rm_heldout`` share with the smallest stable hash of the prompt id).
+    """
+    from vcb_lib.data import _stable_hash, build_candidates, load_hub_preferences, task_prompts
+    from vcb_lib.models import format_prompt, load_policy, load_tokenizer
+    from vcb_lib.rewards import gold_reward
+    from vcb_lib.samplers import make_sampler
+    from vcb_lib.tasks import get_task
+
+    art = artefacts.pairs(cfg)
+    if art.current():
+        return pd.read_parquet(art.path)
+    out = cfg.stage_dir("01_models")
+    task = get_task(cfg.rewards.task)
+    if task.source == "hub":
+        rows = load_hub_preferences(task.preferences, "train", limit=cfg.rewards.rm_prompts or None)
+        pairs = pd.DataFrame(rows).assign(prompt_id=lambda d: [f"pair-{i}" for i in range(len(d))],
+                                          gold_chosen=np.nan, gold_rejected=np.nan)
+    else:
+        prompts = task_prompts(task.name, "train", cfg.rewards.rm_prompts)
+        spec = cfg.models.policy
+        model, tok = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir), load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
+        sampler = make_sampler(cfg.sampling.backend, spec, model=model, tokenizer=tok, batch_size=cfg.sampling.batch_size,
+                               seed=cfg.run.seed, cache_dir=cfg.models.cache_dir, log=log)
+        table = build_candidates(prompts, sampler, out / "rm_samples", n=2, temperature=cfg.sampling.temperature,
+                                 max_new_tokens=cfg.sampling.max_new_tokens, seed=cfg.run.seed + 1, top_p=cfg.sampling.top_p,
+                                 format_prompt=lambda p: format_prompt(tok, p), manifest={"config": manifest.key_hash(art.key)})
+        sampler.close()
+        table["gold"] = gold_reward(task.name).score(list(table.prompt), list(table.response))
+        wide = table.pivot(index="prompt_id", columns="k", values=["prompt", "response", "gold"])
+        first_wins = wide[("gold", 0)] > wide[("gold", 1)]
+        pairs = pd.DataFrame({
+            "prompt_id": wide.index, "prompt": wide[("prompt", 0)].values,
+            "chosen": np.where(first_wins, wide[("response", 0)], wide[("response", 1)]),
+            "rejected": np.where(first_wins, wide[("response", 1)], wide[("response", 0)]),
+            "gold_chosen": np.where(first_wins, wide[("gold", 0)], wide[("gold", 1)]).astype(float),
+            "gold_rejected": np.where(first_wins, wide[("gold", 1)], wide[("gold", 0)]).astype(float),
+        })
+        pairs = pairs[pairs.gold_chosen != pairs.gold_rejected].reset_index(drop=True)  # ties carry no preference
+    # Hold out the ceil(rm_heldout · N) pairs with the smallest stable hash (>= 1 when N >= 2).
+    rank = pd.Series([_stable_hash(f"rm|{pid}") for pid in pairs.prompt_id]).rank(method="first").to_numpy()
+    n_held = min(max(int(np.ceil(cfg.rewards.rm_heldout * len(pairs))), 1), len(pairs) - 1) if len(pairs) >= 2 else 0
+    pairs["split"] = np.where(rank <= n_held, "heldout", "train")
+    atomic_write_bytes(art.path, pairs.to_parquet(index=False))
+    art.seal()
+    log(f"preference pairs: {int((pairs.split == 'train').sum())} train, {int((pairs.split == 'heldout').sum())} held out")
+    return pairs
+
+
+def start_folder(art: manifest.Artefact, *, log=print) -> None:
+    """Before a Trainer builds a folder artefact: keep its checkpoints when they were started for
+    this same config (the run resumes), else clear it (another config's work, or damaged)."""
+    state, detail = art.status()
+    if state == "corrupt":
+        log(f"{art.label} is corrupt ({detail}): rebuilding it")
+    if state == "corrupt" or not art.resumable():
+        manifest.remove(art.path)
+    art.begin()
+
+
+def train_sft(cfg: Config, pairs: pd.DataFrame, *, log=print) -> Path | None:
+    """MLE of ``models.policy`` on the SFT targets (``LossType.SFT``), saved to ``01_models/sft``.
+
+    Targets: the dataset's references for the paper's tasks, else the chosen (gold-preferred)
+    response of each train pair in ``pairs``. Returns None when ``models.sft`` is off
+    (``models.policy`` is π_sft)."""
+    from vcb_lib.data import task_prompts
+    from vcb_lib.losses import LossType
+    from vcb_lib.models import load_policy, load_tokenizer
+    from vcb_lib.tasks import get_task
+    from vcb_lib.trainers import Trainer, sft_groups
+
+    if not cfg.models.sft:
+        log(f"SFT: off (models.sft: false), π_sft = {cfg.models.policy}")
+        return None
+    art = artefacts.sft(cfg)
+    if art.current():
+        log(f"SFT: up to date in {art.path}")
+        return art.path
+    start_folder(art, log=log)
+    spec = cfg.models.policy
+    model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
+    tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
+    if get_task(cfg.rewards.task).source == "hub":
+        rows = task_prompts(cfg.rewards.task, "train", cfg.sampling.num_prompts)
+        groups = sft_groups(tok, [r["prompt"] for r in rows], [r["reference"] for r in rows], [r["prompt_id"] for r in rows])
+    else:
+        train = pairs[pairs.split == "train"]
+        groups = sft_groups(tok, list(train.prompt), list(train.chosen), list(train.prompt_id))
+    sft_cfg = dataclasses.replace(cfg.training, learning_rate=cfg.models.sft_learning_rate, epochs=cfg.models.sft_epochs,
+                                  max_steps=0, save_every=0)
+    trainer = Trainer(model.train(), tok, groups, LossType.SFT, sft_cfg, art.path / "training", seed=cfg.run.seed,
+                      max_length=cfg.models.max_prompt_tokens + cfg.sampling.max_new_tokens)
+    summary = trainer.train(resume=True)
+    for f in Path(summary["final_dir"]).iterdir():  # the model folder itself is what sft_spec names
+        shutil.copy2(f, art.path / f.name)
+    art.seal(steps=summary["steps"])
+    log(f"SFT: {summary['steps']} steps on {len(groups)} targets, final loss {summary['loss']} -> {art.path}")
+    return art.path
+
+
+def train_reward_model(cfg: Config, pairs: pd.DataFrame, *, log=print):
+    """Eq. 18 on the train pairs: a scalar head on the policy backbone (or ``rewards.rm_backbone``),
+    trained by the one ``Trainer`` with ``LossType.BT``, saved to ``01_models/reward_model/``."""
+    from vcb_lib.rewards import LearnedRewardModel, reward_model_backbone
+    from vcb_lib.trainers import Trainer, reward_scores
+
+    art = artefacts.reward_model(cfg)
+    if art.current():
+        log(f"reward model: up to date in {art.path}")
+        return LearnedRewardModel.load(art.path)
+    start_folder(art, log=log)
+    backbone = cfg.models.policy if cfg.rewards.rm_backbone == "policy" else cfg.rewards.rm_backbone
+    model, tok = reward_model_backbone(backbone, cache_dir=cfg.models.cache_dir)
+    rm = LearnedRewardModel(model, tok)
+    train = pairs[pairs.split == "train"]
+    if train.empty:
+        raise ValueError("no training pairs for the reward model (all held out or tied): raise rewards.rm_prompts")
+    rm_cfg = dataclasses.replace(cfg.training, learning_rate=cfg.rewards.rm_learning_rate, epochs=cfg.rewards.rm_epochs,
+                                 max_steps=0, save_every=0, warmup_steps=min(cfg.training.warmup_steps, 5))
+    trainer = Trainer(model.train(), tok, rm.groups(list(train.prompt), list(train.chosen), list(train.rejected)),
+                      "bt", rm_cfg, art.path / "training", seed=cfg.run.seed, score_fn=reward_scores,
+                      max_length=cfg.models.max_prompt_tokens + cfg.sampling.max_new_tokens)
+    summary = trainer.train(resume=True)
+    rm = LearnedRewardModel(trainer.accelerator.unwrap_model(trainer.model), tok)
+    rm.save(art.path)
+    art.seal(steps=summary.get("steps"))
+    log(f"reward model: trained {summary.get('steps', '?')} steps -> {art.path}")
+    return rm
+
+
+def load_reward_model(cfg: Config):
+    """What ``rewards.reward_model`` names: "gold" (the task's gold reward), "learned" (this run's
+    stage-01 Bradley-Terry model, checked), or a folder / hub id of a sequence-classification model."""
+    from vcb_lib.rewards import LearnedRewardModel, gold_reward
+
+    choice = cfg.rewards.reward_model
+    if choice == "gold":
+        return gold_reward(cfg.rewards.task)
+    if choice == "learned":
+        return LearnedRewardModel.load(artefacts.reward_model(cfg).require())
+    return LearnedRewardModel.load(choice)
+
+
+def evaluate_reward_model(rm, pairs: pd.DataFrame) -> dict:
+    """Held-out pair accuracy (Table 4) and, where the pairs carry gold rewards, agreement with
+    the gold reward: Pearson/Spearman correlation over the held-out responses."""
+    held = pairs[pairs.split == "heldout"]
+    if held.empty:
+        raise ValueError("no held-out pairs to measure the reward model on: raise rewards.rm_prompts or rm_heldout")
+    chosen, rejected = rm.score(list(held.prompt), list(held.chosen)), rm.score(list(held.prompt), list(held.rejected))
+    result = {"accuracy": float(np.mean(chosen > rejected)), "heldout_pairs": int(len(held)),
+              "train_pairs": int((pairs.split == "train").sum())}
+    if held.gold_chosen.notna().all():
+        learned = np.concatenate([chosen, rejected])
+        gold = np.concatenate([held.gold_chosen, held.gold_rejected])
+        result["pearson_gold"] = float(np.corrcoef(learned, gold)[0, 1])
+        ranks = lambda x: pd.Series(x).rank().to_numpy()  # noqa: E731  (Spearman = Pearson of ranks)
+        result["spearman_gold"] = float(np.corrcoef(ranks(learned), ranks(gold))[0, 1])
+        result["scores"] = {"learned": learned.tolist(), "gold": gold.tolist()}
+    return result
+
+
+def metrics_artefact(cfg: Config) -> manifest.Artefact:
+    return manifest.Artefact(cfg.stage_dir("01_models", create=False) / "metrics.json", STAGE,
+                             cfg.slice(*artefacts.UPSTREAM))
+
+
+def run(cfg: Config, *, log=print) -> dict:
+    """The whole stage: pairs, π_sft, the reward model (trained when ``learned``) and its
+    accuracy, whatever ``rewards.reward_model`` is. Returns ``{"pairs", "sft", "reward_model",
+    "metrics"}``; ``metrics`` (written to ``01_models/metrics.json``) has the accuracy, its
+    ``scores`` (learned vs gold) only in the returned dict."""
+    pairs = preference_pairs(cfg, log=log)
+    sft_dir = train_sft(cfg, pairs, log=log)
+    rm = train_reward_model(cfg, pairs, log=log) if cfg.rewards.reward_model == "learned" else load_reward_model(cfg)
+    result = evaluate_reward_model(rm, pairs)
+    metrics = {k: v for k, v in result.items() if k != "scores"} | {
+        "reward_model": cfg.rewards.reward_model, "sft": str(sft_dir or cfg.models.policy)}
+    art = metrics_artefact(cfg)
+    write_json(art.path, metrics)
+    art.seal()
+    return {"pairs": pairs, "sft": sft_dir, "reward_model": rm, "metrics": metrics | {"scores": result.get("scores")}}
+
+
+def read_metrics(cfg: Config) -> dict:
+    """Stage 01's numbers (the reward model's accuracy), checked."""
+    return read_json(metrics_artefact(cfg).require())

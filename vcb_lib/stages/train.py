@@ -1,0 +1,53 @@
+"""Stage 03 (notebook 03, Sec. 4.3 step 3): train π_sft with each of ``training.methods`` on the
+same D_t.
+
+Each method runs as its own process group (``python -m vcb_lib.trainers`` through
+``launch.train_subprocess``: ``training.num_processes`` processes under
+``training.accelerate_config``), its log streaming into the caller, so peak memory is per
+method and a notebook kernel never touches CUDA. Output: ``03_train/<method_dir_name>/``
+(log.jsonl, checkpoints/, final/, summary.json), reused while current; an interrupted run
+resumes from its last checkpoint. D_t must be current for this config: a stale one is refused.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from vcb_lib.config import Config
+from vcb_lib.io import read_json, write_json
+from vcb_lib.stages import artefacts
+from vcb_lib.stages.generate import read_candidates
+from vcb_lib.stages.sft_and_reward import start_folder
+
+SUMMARY_KEYS = ("steps", "loss", "tokens/s", "peak_rss_mb", "elapsed")
+
+
+def train_method(cfg: Config, method: str, *, log=print) -> dict:
+    """One method's training (or its stored result); returns its ``summary.json``."""
+    from vcb_lib.launch import train_subprocess
+
+    art = artefacts.method(cfg, method)
+    if art.current():
+        log(f"{method}: up to date in {art.path}")
+        return read_json(art.path / "summary.json")
+    read_candidates(cfg)  # refuses a stale, damaged or non-finite D_t before anything is trained on it
+    start_folder(art, log=log)
+    params = cfg.save(art.path / "params.yaml")  # the resolved config the subprocess reads
+    train_subprocess(params, method, artefacts.candidates(cfg).path, art.path, model=artefacts.sft_spec(cfg),
+                     resume=True, echo=log)
+    art.seal()
+    return read_json(art.path / "summary.json")
+
+
+def logs(cfg: Config) -> pd.DataFrame:
+    """Every method's ``log.jsonl`` in one table (``method`` column)."""
+    return pd.concat([pd.read_json(artefacts.method(cfg, m).require() / "log.jsonl", lines=True).assign(method=m)
+                      for m in cfg.training.methods], ignore_index=True)
+
+
+def run(cfg: Config, *, log=print) -> dict[str, dict]:
+    """The stage: every method's summary, also written to ``03_train/metrics.json``."""
+    artefacts.candidates(cfg).require()  # a stale or damaged D_t is reported even when every method is current
+    summaries = {m: train_method(cfg, m, log=log) for m in cfg.training.methods}
+    metrics = {m: {k: s[k] for k in SUMMARY_KEYS if k in s} | {"final_dir": s["final_dir"]} for m, s in summaries.items()}
+    write_json(cfg.stage_dir("03_train") / "metrics.json", metrics)
+    return summaries
