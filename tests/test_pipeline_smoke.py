@@ -113,9 +113,24 @@ def test_evaluation_and_report(smoke):
         assert abs(points[0]["kl"]) < 1e-4  # π_sft's samples under π_sft (sampler vs forward-pass log-probs)
         assert all(math.isfinite(p["kl"]) and math.isfinite(p["reward"]) for p in points)
     assert metrics["judge_win_rate"] == {}  # judge_url is off
+    pool = metrics["pool"]  # the shared held-out pool: every policy scored on the same candidates
+    e = smoke.evaluation
+    assert (pool["prompts"], pool["candidates_per_prompt"], pool["reference"]) == (e.pool_prompts, e.pool_candidates, "vcb")
+    assert set(pool["methods"]) == policies and set(pool["paired"]) == {f"vcb-vs-{m}" for m in baselines}
+    for name, m in pool["methods"].items():
+        assert {"gold", "gold_ci", "rm", "rm_ci", "ess_mean", "slope", "slope_ci", "spearman", "misalignment_rate"} <= set(m)
+        assert 1.0 <= m["ess_mean"] <= e.pool_candidates + 1e-9 and m["gold_ci"][0] <= m["gold"] <= m["gold_ci"][1]
+        assert (m["misalignment_rate"] is None) == (name == "sft")  # π_sft is the reference, not scored against itself
+    assert pool["methods"]["sft"]["ess_mean"] == pytest.approx(e.pool_candidates)  # π/π_sft = 1: every weight equal
+    for d in pool["paired"].values():
+        assert d["ci"][0] <= d["gold_diff"] <= d["ci"][1] and d["resolved"] == (d["ci"][0] > 0 or d["ci"][1] < 0)
+    assert set(metrics["dt_reward"]) == {"name", "heldout_accuracy", "heldout_pairs", "spearman_gold_on_dt"}
+    assert metrics["dt_reward"]["name"] == "learned"
+    json.dumps(metrics, allow_nan=False)
     report = (smoke.run_dir / "report.md").read_text()
     assert "Along training" in report
     assert "Scale, honestly" in report and "Table 2" in report
+    assert report.index("## Resolution") < report.index("## Table 2") and "What scored D_t" in report
     for png in ("table2_win_rates.png", "fig5_reward_vs_kl.png", "fig8_lengths.png"):
         assert (smoke.run_dir / "figures" / png).stat().st_size > 0
 

@@ -279,8 +279,17 @@ class EvaluationConfig:
     curve_prompts: int = 8  # Fig. 5: test prompts sampled at each snapshot (the first ones)
     judge_url: str = ""  # OpenAI-compatible endpoint of an LLM judge (A.3); empty = off
     judge_model: str = ""  # model name sent to the judge endpoint
+    pool_prompts: int = 0  # shared held-out pool: test prompts whose candidates every policy scores; 0 = all; <= 10_000_000
+    pool_candidates: int = 8  # m candidates per pool prompt, drawn once from π_sft at T = 1, top_p = 1 (what importance weights need); 2..1024
+    pool_max_new_tokens: int = 0  # length cap of the pool's candidates; 0 = evaluation.max_new_tokens
 
     def __post_init__(self) -> None:
+        _require(2 <= self.pool_candidates <= 1024, "evaluation.pool_candidates",
+                 f"must be in 2..1024 (pairs are needed; every policy scores them all), got {self.pool_candidates}")
+        _require(self.pool_prompts >= 0, "evaluation.pool_prompts", f"must be >= 0, got {self.pool_prompts}")
+        _at_most(self.pool_prompts, MAX_PROMPTS, "evaluation.pool_prompts", "every candidate is kept on disk")
+        _require(0 <= self.pool_max_new_tokens <= 32_768, "evaluation.pool_max_new_tokens",
+                 f"must be in 0..32768, got {self.pool_max_new_tokens}")
         for key in ("max_new_tokens", "bootstrap"):
             value = getattr(self, key)
             _require(value >= 1, f"evaluation.{key}", f"must be >= 1, got {value}")

@@ -376,3 +376,138 @@ def length_stats(token_counts: Any) -> dict[str, float]:
     q1, med, q3 = np.quantile(a, [0.25, 0.5, 0.75])
     return {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
             "q1": float(q1), "median": float(med), "q3": float(q3), "max": float(a.max())}
+
+
+# --------------------------------------------------------------------------------------------
+# Paired estimates on a shared candidate pool drawn from π_sft
+# --------------------------------------------------------------------------------------------
+#
+# P held-out prompts, m candidates each, sampled once from π_sft; every policy is scored by its
+# log π on the same candidates, so no policy samples and most of the prompt-to-prompt variance
+# cancels in paired differences.
+
+ESS_MIN_FRACTION = 0.1  # a policy whose mean ESS per prompt is below this share of m is flagged
+MDE_FACTOR = 2.8  # minimum detectable effect = 2.8 SE: 80% power at two-sided alpha = 0.05
+
+
+def snis(policy_logps: Any, ref_logps: Any, rewards: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Self-normalised importance sampling of E_π[r | x] per prompt from candidates drawn from π_sft.
+
+    Args: ``policy_logps``, ``ref_logps`` (log π_sft), ``rewards``: (P, m), finite.
+    Returns ``(estimate, ess)``, each (P,): estimate_x = Σ_j w_j r_j / Σ_j w_j with
+    w_j = π(y_j|x)/π_sft(y_j|x) (computed from log-ratios shifted by their max, so no overflow), and
+    the effective sample size (Σ w)² / Σ w² in [1, m] (m when π = π_sft). The estimate is
+    consistent (bias O(1/m)) but only informative while π stays near π_sft: a small ESS means few
+    candidates carry the weight.
+    """
+    lp = _as_rows(_finite_array(policy_logps, "policy_logps"))
+    ref = _as_rows(_finite_array(ref_logps, "ref_logps"))
+    r = _as_rows(_finite_array(rewards, "rewards"))
+    if not lp.shape == ref.shape == r.shape:
+        raise ValueError(f"shapes differ: policy_logps {lp.shape}, ref_logps {ref.shape}, rewards {r.shape}")
+    log_w = lp - ref
+    w = np.exp(log_w - log_w.max(axis=1, keepdims=True))  # (P, m), max 1 per prompt
+    estimate = (w * r).sum(1) / w.sum(1)
+    ess = w.sum(1) ** 2 / (w ** 2).sum(1)
+    return estimate, ess
+
+
+def pool_estimate(policy_logps: Any, ref_logps: Any, rewards: Any, *, bootstrap: int = 1000, seed: int = 0,
+                  ci: float = 0.95) -> dict[str, Any]:
+    """E_π[r] over the pool's prompts (:func:`snis`) with a bootstrap CI over prompts, and the ESS.
+    ``per_prompt`` (P,) is kept for paired differences (not JSON)."""
+    est, ess = snis(policy_logps, ref_logps, rewards)
+    m = np.shape(_as_rows(np.asarray(rewards, dtype=np.float64)))[1]
+    return {"mean": float(est.mean()), "ci": bootstrap_mean_ci(est, bootstrap=bootstrap, seed=seed, ci=ci),
+            "ess_mean": float(ess.mean()), "ess_min": float(ess.min()),
+            "ess_flag": bool(ess.mean() < ESS_MIN_FRACTION * m), "per_prompt": est}
+
+
+def paired_difference(per_prompt_a: Any, per_prompt_b: Any, *, bootstrap: int = 1000, seed: int = 0,
+                      ci: float = 0.95) -> dict[str, Any]:
+    """Mean of the per-prompt differences a - b (both (P,), same prompts in the same order), its
+    percentile bootstrap CI over prompts, ``resolved`` (the CI excludes 0), and the minimum
+    detectable effect at this many prompts (``MDE_FACTOR`` × the bootstrap SE)."""
+    a = _finite_array(per_prompt_a, "per_prompt_a", ndims=(1,))
+    b = _finite_array(per_prompt_b, "per_prompt_b", ndims=(1,))
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same prompts: shapes {a.shape} and {b.shape}")
+    d = a - b
+    _check_ci(ci)
+    if bootstrap <= 0:
+        return {"diff": float(d.mean()), "ci": None, "resolved": False, "mde": None}
+    means = _bootstrap_means(d[:, None], bootstrap, seed)[:, 0]
+    lo, hi = _percentile_ci(means, ci)
+    return {"diff": float(d.mean()), "ci": [lo, hi], "resolved": bool(lo > 0 or hi < 0),
+            "mde": float(MDE_FACTOR * means.std(ddof=1))}
+
+
+def _pair_gaps(policy_logps: np.ndarray, ref_logps: np.ndarray, rewards: np.ndarray, gamma: float):
+    """Per prompt with reward spread: x = (r_i - r_j)/σ_r(x), y = γ(Δ_i - Δ_j) over pairs i < j."""
+    P, m = rewards.shape
+    i, j = np.triu_indices(m, 1)
+    sigma = rewards.std(axis=1)  # population std, as Eq. 10
+    keep = sigma > 1e-12 * np.maximum(1.0, np.abs(rewards).max(axis=1))
+    delta = policy_logps - ref_logps
+    x = (rewards[:, i] - rewards[:, j]) / np.where(keep, sigma, 1.0)[:, None]  # (P, pairs)
+    y = gamma * (delta[:, i] - delta[:, j])
+    return x[keep], y[keep], int(keep.sum())
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (as Spearman's ρ needs)."""
+    ranks = np.empty(len(v))
+    ranks[np.argsort(v, kind="stable")] = np.arange(len(v), dtype=np.float64)
+    _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+    return (np.bincount(inverse, weights=ranks) / counts)[inverse]
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rx, ry = _ranks(x), _ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def calibration(policy_logps: Any, ref_logps: Any, rewards: Any, gamma: float, *, bootstrap: int = 1000,
+                seed: int = 0, ci: float = 0.95) -> dict[str, Any]:
+    """The paper's mechanism (Eq. 12) measured on candidate pairs: regress the log-ratio gap
+    y = γ(Δπ_i − Δπ_j), Δπ = log π − log π_sft, on the normalised reward gap x = (r_i − r_j)/σ_r(x),
+    over every pair i < j of every prompt. VCB's optimum (Eq. 17) is y = x: slope 1, R² 1.
+
+    Regression through the origin (pairs have no orientation: swapping i and j flips both signs):
+    slope = Σxy / Σx², R² = 1 − Σ(y − slope·x)² / Σy², Spearman ρ(x, y). CIs: percentile bootstrap
+    over prompts (a prompt's pairs travel together). Prompts whose rewards are all equal (σ_r = 0)
+    have no gap to calibrate to and are left out (``prompts_used``); when none is left the result is
+    degenerate: ``slope`` None and ``degenerate`` says why (never NaN).
+
+    Args: (P, m) arrays, finite; ``gamma`` > 0 (γ of Eq. 9, the trained one).
+    """
+    if not (gamma > 0 and math.isfinite(gamma)):
+        raise ValueError(f"gamma must be a finite number > 0, got {gamma}")
+    lp = _as_rows(_finite_array(policy_logps, "policy_logps"))
+    ref = _as_rows(_finite_array(ref_logps, "ref_logps"))
+    r = _as_rows(_finite_array(rewards, "rewards"))
+    if not lp.shape == ref.shape == r.shape:
+        raise ValueError(f"shapes differ: policy_logps {lp.shape}, ref_logps {ref.shape}, rewards {r.shape}")
+    x, y, used = _pair_gaps(lp, ref, r, gamma)  # (P', pairs)
+    out: dict[str, Any] = {"prompts_used": used, "pairs": int(x.size)}
+    if used == 0 or x.shape[1] == 0:
+        return out | {"slope": None, "slope_ci": None, "r2": None, "spearman": None, "spearman_ci": None,
+                      "degenerate": "no prompt has two candidates with different rewards: nothing to calibrate to"}
+    sxy, sxx, syy = (x * y).sum(1), (x * x).sum(1), (y * y).sum(1)  # (P',)
+    slope = float(sxy.sum() / sxx.sum())
+    resid = syy.sum() - 2 * slope * sxy.sum() + slope ** 2 * sxx.sum()
+    r2 = float(1 - resid / syy.sum()) if syy.sum() > 0 else None  # y = 0 everywhere (π = π_sft): R² undefined
+    rho = _spearman(x.ravel(), y.ravel())
+    out |= {"slope": slope, "r2": r2, "spearman": None if math.isnan(rho) else rho, "slope_ci": None, "spearman_ci": None}
+    if bootstrap > 0:
+        _check_ci(ci)
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, used, size=(bootstrap, used))  # (bootstrap, P')
+        slopes = sxy[idx].sum(1) / np.maximum(sxx[idx].sum(1), 1e-300)
+        out["slope_ci"] = _percentile_ci(slopes, ci)
+        rhos = np.array([_spearman(x[k].ravel(), y[k].ravel()) for k in idx[: min(bootstrap, 400)]])
+        rhos = rhos[np.isfinite(rhos)]
+        out["spearman_ci"] = _percentile_ci(rhos, ci) if len(rhos) else None
+    return out

@@ -19,6 +19,74 @@ def _table(rows: dict, columns: list[str], fmt: str = "{:.3f}") -> str:
     return head + body
 
 
+def _ci(ci) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "–"
+
+
+def _verdict(diff: float, ci, better: str, worse: str) -> str:
+    """A claim "a > b" judged by the CI of a - b: resolved either way, or not resolved."""
+    if not ci:
+        return "not resolved (no interval)"
+    if ci[0] > 0:
+        return f"**reproduced**: {better} (Δ = {diff:+.3f}, 95% CI {_ci(ci)})"
+    if ci[1] < 0:
+        return f"**contradicted**: {worse} (Δ = {diff:+.3f}, 95% CI {_ci(ci)})"
+    return f"not resolved: the 95% CI {_ci(ci)} of Δ = {diff:+.3f} includes 0"
+
+
+def pool_sections(metrics: dict) -> list[str]:
+    """The report's opening: the resolution table of the paired pool estimates, the paper's claims
+    judged by their CIs, the per-policy pool table, and what scored D_t."""
+    pool = metrics.get("pool")
+    if not pool:
+        return []
+    ref, gold, P, m = pool["reference"], pool["gold_name"], pool["prompts"], pool["candidates_per_prompt"]
+    rows = {k.replace("-vs-", " vs "): v | {"95% CI": _ci(v["ci"]), "resolved": "yes" if v["resolved"] else "not resolved"}
+            for k, v in pool["paired"].items()}
+    lines = [f"## Resolution: paired differences on the shared pool ({P} test prompts × {m} candidates from π_sft)\n",
+             f"Expected {gold} of each policy, estimated on the same candidates by self-normalised importance "
+             f"weights π/π_sft; Δ = {ref} − the other, 95% percentile bootstrap CI over prompts; resolved = the CI "
+             f"excludes 0. MDE = the smallest difference this many prompts detects with 80% power "
+             f"({pool['mde_factor']} SE).\n",
+             _table(rows, ["gold_diff", "95% CI", "resolved", "mde"])]
+    claims = []
+    dpo = pool["paired"].get(f"{ref}-vs-dpo")
+    if ref == "vcb" and dpo:
+        claims.append(f"- VCB ≥ DPO on the {gold}: " + _verdict(dpo["gold_diff"], dpo["ci"], "VCB scores higher",
+                                                                "DPO scores higher"))
+        if "misalignment_diff" in dpo:
+            claims.append("- VCB's misalignment rate < DPO's (A.5, on the pool, under the reward model): " + _verdict(
+                -dpo["misalignment_diff"], [-dpo["misalignment_ci"][1], -dpo["misalignment_ci"][0]] if dpo["misalignment_ci"]
+                else None, "VCB misaligns less", "VCB misaligns more"))
+    vcb = pool["methods"].get("vcb")
+    if vcb and vcb.get("slope") is not None and vcb.get("slope_ci"):
+        lo, hi = vcb["slope_ci"]
+        where = "includes 1: consistent with Eq. 12's optimum" if lo <= 1 <= hi else "excludes 1: not at Eq. 12's optimum"
+        claims.append(f"- VCB's calibration slope near 1 (Eq. 12): slope {vcb['slope']:.3f}, 95% CI {_ci(vcb['slope_ci'])}, "
+                      f"which {where} (R² {vcb['r2']:.3f})" if vcb.get("r2") is not None else
+                      f"- VCB's calibration slope: {vcb['slope']:.3f}, 95% CI {_ci(vcb['slope_ci'])} ({where})")
+    if claims:
+        lines += ["### The paper's claims, as this run measured them\n", *claims, ""]
+    per = {name: v | {"gold CI": _ci(v["gold_ci"]), "slope CI": _ci(v["slope_ci"]),
+                      "ESS": f"{v['ess_mean']:.1f}" + (" (low)" if v["ess_flag"] else ""),
+                      "misaligned": "reference" if name == "sft" else v["misalignment_rate"]}
+           for name, v in pool["methods"].items()}
+    lines += [f"### Per policy on the pool ({gold}; slope of γ·log-ratio gaps on normalised reward-model gaps)\n",
+              _table(per, ["gold", "gold CI", "rm", "ESS", "slope", "slope CI", "r2", "spearman", "misaligned"])]
+    flagged = [n for n, v in pool["methods"].items() if v["ess_flag"]]
+    if flagged:
+        lines.append(f"ESS below {pool['ess_threshold']:.1f} of {m} (low): {', '.join(flagged)} moved far from π_sft; "
+                     "their importance-sampled estimates rest on few candidates and are not reliable.\n")
+    dt = metrics.get("dt_reward")
+    if dt:
+        acc = f"held-out pair accuracy {dt['heldout_accuracy']:.3f} on {dt['heldout_pairs']} pairs" \
+            if dt.get("heldout_accuracy") is not None else "no held-out accuracy"
+        rho = f"Spearman ρ with the {gold} on D_t {dt['spearman_gold_on_dt']:.3f}" \
+            if dt.get("spearman_gold_on_dt") is not None else "no gold reward to compare with on D_t"
+        lines.append(f"**What scored D_t:** the `{dt['name']}` reward ({acc}; {rho}).\n")
+    return lines
+
+
 def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
     """``<run>/report.md``: the scale of the run, then Tables 2, 4, 5, 6, 7 and Figs. 5, 8 as this
     run measured them (figures linked from ``fig_dir``)."""
@@ -32,6 +100,7 @@ def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
         f"{s['samples_per_prompt']} samples per policy, seed {s['seed']}; evaluation reward: {reward}. "
         "The paper uses Pythia-2.8B, thousands of prompts and GPT-4/human judges: compare directions and confidence "
         "intervals, not magnitudes.\n",
+        *pool_sections(metrics),
         f"## Table 2 analogue: win rate of {ref} ({reward})\n", _table(wr, ["win", "tie", "lose", "win_rate", "95% CI"]),
         f"![win rates]({rel('table2_win_rates.png')})\n",
     ]

@@ -5,12 +5,14 @@ dependency graph of a run in one page. Freshness is ``vcb_lib.manifest.Artefact`
 artefact            built by                         depends on (config slice)
 ==================  ===============================  ===========================================
 checks.json         00_theory                        run, theory
-pairs.parquet       01_sft_and_reward                run, models, sampling, rewards
+pairs.parquet       01_sft_and_reward                run, models, sampling, rewards.task/rm_prompts/rm_heldout
 sft/, reward_model/ 01_sft_and_reward                UPSTREAM: those + the training keys SFT/RM use
 candidates.parquet  02_generate                      UPSTREAM
 03_train/<method>/  03_train                         UPSTREAM + the method's training keys (+ the
                                                      evaluation keys of the Fig. 5 snapshots)
 samples-<split>     04_evaluate                      the policy's slice + the evaluation sampling keys
+pool/candidates     04_evaluate                      UPSTREAM + the pool keys
+pool/<policy>       04_evaluate                      the policy's slice + the pool keys
 04_eval/metrics     04_evaluate                      run .. evaluation
 ==================  ===============================  ===========================================
 """
@@ -28,6 +30,7 @@ UPSTREAM = ("run", "models", "sampling", "rewards", *(f"training.{k}" for k in U
 LOSS_HPARAMS = sorted({h for lt in LossType for h in lt.hparams})  # training.* keys that only some losses read
 CURVE_KEYS = ("curve_points", "curve_prompts", "samples_per_prompt", "temperature", "max_new_tokens")
 EVAL_SAMPLING_KEYS = ("samples_per_prompt", "temperature", "max_new_tokens")
+POOL_KEYS = ("pool_prompts", "pool_candidates", "pool_max_new_tokens", "max_new_tokens")
 METHOD_FILES = ("final/*", "summary.json", "log.jsonl", "curve/*")
 
 
@@ -40,8 +43,10 @@ def theory_checks(cfg: Config) -> Artefact:
 
 
 def pairs(cfg: Config) -> Artefact:
+    """Preference pairs: they depend on how they are sampled and split, not on how the reward
+    model then trains on them (so its epochs and learning rate can be varied on the same pairs)."""
     return Artefact(_dir(cfg, "01_models") / "pairs.parquet", "01_sft_and_reward",
-                    cfg.slice("run", "models", "sampling", "rewards"))
+                    cfg.slice("run", "models", "sampling", "rewards.task", "rewards.rm_prompts", "rewards.rm_heldout"))
 
 
 def sft(cfg: Config) -> Artefact:
@@ -112,3 +117,16 @@ def samples(cfg: Config, policy: str, split: str) -> Artefact:
 def eval_metrics(cfg: Config) -> Artefact:
     return Artefact(cfg.run_dir / "04_eval" / "metrics.json", "04_evaluate",
                     cfg.slice("run", "models", "sampling", "rewards", "training", "evaluation"))
+
+
+def pool(cfg: Config) -> Artefact:
+    """``04_eval/pool/candidates.parquet``: the shared held-out pool drawn once from π_sft, scored
+    by the reward model and the evaluation reward, with log π_sft."""
+    return Artefact(cfg.run_dir / "04_eval" / "pool" / "candidates.parquet", "04_evaluate",
+                    cfg.slice(*UPSTREAM, *(f"evaluation.{k}" for k in POOL_KEYS)))
+
+
+def pool_scores(cfg: Config, policy: str) -> Artefact:
+    """``04_eval/pool/<policy>.parquet``: log π of every pool candidate under one policy."""
+    return Artefact(cfg.run_dir / "04_eval" / "pool" / f"{policy}.parquet", "04_evaluate",
+                    policy_key(cfg, policy) | cfg.slice(*(f"evaluation.{k}" for k in POOL_KEYS)) | {"policy": policy})

@@ -82,6 +82,128 @@ def sample_policies(cfg: Config, split: str, *, log=print) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True)
 
 
+def build_pool(cfg: Config, *, log=print) -> pd.DataFrame:
+    """The shared held-out pool: ``evaluation.pool_candidates`` candidates for each of the first
+    ``evaluation.pool_prompts`` test prompts, drawn once from π_sft at temperature 1 and top_p 1
+    (importance weights π/π_sft need π_sft's own distribution), with log π_sft, the reward
+    model's ``reward`` and the evaluation reward. Reused while current; resumes from its shards."""
+    from vcb_lib.data import build_candidates, task_prompts
+    from vcb_lib.manifest import key_hash
+    from vcb_lib.models import format_prompt, load_policy, load_tokenizer
+    from vcb_lib.rewards import gold_reward
+    from vcb_lib.samplers import make_sampler
+
+    art, e = artefacts.pool(cfg), cfg.evaluation
+    if art.current():
+        return check_rewards(pd.read_parquet(art.path), ("reward", "gold", "ref_logp"), str(art.path))
+    art.invalidate()
+    spec = artefacts.sft_spec(cfg)
+    model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
+    tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
+    sampler = make_sampler(cfg.sampling.backend, spec, model=model, tokenizer=tok, batch_size=cfg.sampling.batch_size,
+                           seed=cfg.run.seed, cache_dir=cfg.models.cache_dir, log=log)
+    prompts = task_prompts(cfg.rewards.task, "test", e.pool_prompts)
+    table = build_candidates(prompts, sampler, art.path.parent, n=e.pool_candidates, temperature=1.0,
+                             max_new_tokens=e.pool_max_new_tokens or e.max_new_tokens, seed=cfg.run.seed + 2000, top_p=1.0,
+                             ref_model=model, tokenizer=tok, format_prompt=lambda p: format_prompt(tok, p),
+                             ref_autocast_bf16=cfg.training.bf16, manifest={"config": key_hash(art.key), "sampler": sampler.name})
+    sampler.close()
+    table["reward"] = load_reward_model(cfg).score(list(table.prompt), list(table.response))
+    if get_task(cfg.rewards.task).gold:
+        table["gold"] = gold_reward(cfg.rewards.task).score(list(table.prompt), list(table.response))
+    check_rewards(table, ("reward", "gold", "ref_logp"), f"pool for {art.path}")
+    atomic_write_bytes(art.path, table.to_parquet(index=False))
+    art.seal(sampler=sampler.name)
+    log(f"pool: {table.prompt_id.nunique()} prompts x {cfg.evaluation.pool_candidates} candidates from π_sft")
+    return table
+
+
+def pool_logps(cfg: Config, pool: pd.DataFrame, *, log=print) -> dict[str, np.ndarray]:
+    """log π of every pool candidate (rows in the pool's order) under every policy: one scoring
+    pass per policy, each prompt forwarded once for its candidates; π_sft's are the pool's own."""
+    from vcb_lib.models import load_policy, load_tokenizer, sequence_logps
+
+    out = {"sft": pool.ref_logp.to_numpy(dtype=np.float64)}
+    specs = artefacts.policy_specs(cfg)
+    for name in cfg.training.methods:
+        art = artefacts.pool_scores(cfg, name)
+        if art.current():
+            scores = pd.read_parquet(art.path)
+        else:
+            model = load_policy(specs[name], dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
+            tok = load_tokenizer(specs[name], cache_dir=cfg.models.cache_dir)
+            lp = sequence_logps(model, tok, list(pool.model_input), [list(map(int, ids)) for ids in pool.response_ids],
+                                batch_size=16, autocast_bf16=cfg.training.bf16)
+            scores = pd.DataFrame({"prompt_id": pool.prompt_id, "k": pool.k, "logp": lp.numpy().astype(np.float64)})
+            atomic_write_bytes(art.path, scores.to_parquet(index=False))
+            art.seal()
+            log(f"pool: scored {len(scores)} candidates under {name}")
+        if not (scores.prompt_id.to_numpy() == pool.prompt_id.to_numpy()).all():
+            raise ValueError(f"{art.path} does not match the pool's rows: rebuild it (delete its manifest)")
+        out[name] = check_rewards(scores, ("logp",), str(art.path)).logp.to_numpy(dtype=np.float64)
+    return out
+
+
+def pool_metrics(cfg: Config, pool: pd.DataFrame, logps: dict[str, np.ndarray]) -> dict:
+    """``metrics["pool"]``: per policy the importance-sampled expected evaluation reward ("gold")
+    and reward-model reward ("rm") with CIs and ESS, the Eq. 12 calibration slope, R² and Spearman,
+    and the misalignment rate (A.5, π_sft excluded: it is the reference); paired differences of the
+    reference method against every other policy, with CIs over prompts and the minimum detectable
+    effect."""
+    from vcb_lib.metrics import ESS_MIN_FRACTION, MDE_FACTOR, calibration, paired_difference, pool_estimate
+    from vcb_lib.theory import misalignment_rate
+
+    e, seed = cfg.evaluation, cfg.run.seed
+    judge_col, judge_name = evaluation_reward(cfg)
+    ref, rm, gold = _grid(pool, "ref_logp"), _grid(pool, "reward"), _grid(pool, judge_col)
+    reference = reference_method(cfg)
+    methods, per_prompt = {}, {}
+    for name, lp in logps.items():
+        policy = _grid(pool.assign(_lp=lp), "_lp")
+        g = pool_estimate(policy, ref, gold, bootstrap=e.bootstrap, seed=seed)
+        r = pool_estimate(policy, ref, rm, bootstrap=e.bootstrap, seed=seed)
+        cal = calibration(policy, ref, rm, cfg.training.gamma, bootstrap=e.bootstrap, seed=seed)
+        rate, rates = misalignment_rate(policy, ref, rm, per_prompt=True) if name != "sft" else (None, None)
+        per_prompt[name] = {"gold": g.pop("per_prompt"), "rm": r.pop("per_prompt"), "misalignment": rates}
+        methods[name] = {"gold": g["mean"], "gold_ci": g["ci"], "rm": r["mean"], "rm_ci": r["ci"],
+                         "ess_mean": g["ess_mean"], "ess_min": g["ess_min"], "ess_flag": g["ess_flag"],
+                         "slope": cal["slope"], "slope_ci": cal["slope_ci"], "r2": cal["r2"], "spearman": cal["spearman"],
+                         "spearman_ci": cal["spearman_ci"], "calibration_pairs": cal["pairs"],
+                         "misalignment_rate": None if rate is None or np.isnan(rate) else float(rate)}
+        if cal.get("degenerate"):
+            methods[name]["degenerate"] = cal["degenerate"]
+    paired = {}
+    for other in methods:
+        if other == reference or reference not in methods:
+            continue
+        a, b = per_prompt[reference], per_prompt[other]
+        d = paired_difference(a["gold"], b["gold"], bootstrap=e.bootstrap, seed=seed)
+        d_rm = paired_difference(a["rm"], b["rm"], bootstrap=e.bootstrap, seed=seed)
+        entry = {"gold_diff": d["diff"], "ci": d["ci"], "resolved": d["resolved"], "mde": d["mde"],
+                 "rm_diff": d_rm["diff"], "rm_ci": d_rm["ci"], "rm_resolved": d_rm["resolved"]}
+        if a["misalignment"] is not None and b["misalignment"] is not None:
+            both = np.isfinite(a["misalignment"]) & np.isfinite(b["misalignment"])
+            if both.sum() >= 2:
+                mis = paired_difference(a["misalignment"][both], b["misalignment"][both], bootstrap=e.bootstrap, seed=seed)
+                entry |= {"misalignment_diff": mis["diff"], "misalignment_ci": mis["ci"], "misalignment_resolved": mis["resolved"]}
+        paired[f"{reference}-vs-{other}"] = entry
+    return {"prompts": int(ref.shape[0]), "candidates_per_prompt": int(ref.shape[1]), "reference": reference,
+            "gold_name": judge_name, "gamma": cfg.training.gamma, "ess_threshold": ESS_MIN_FRACTION * ref.shape[1],
+            "mde_factor": MDE_FACTOR, "methods": methods, "paired": paired}
+
+
+def dt_reward(cfg: Config) -> dict:
+    """What scored D_t and how well it agrees with the evaluation reward: the reward model's
+    held-out pair accuracy (stage 01) and its Spearman ρ with the gold reward on D_t itself."""
+    from vcb_lib.stages.generate import read_candidates
+
+    table = read_candidates(cfg)
+    s1 = read_json(metrics_artefact(cfg).path) if metrics_artefact(cfg).current() else {}
+    rho = float(table.reward.rank().corr(table.gold.rank())) if "gold" in table else None
+    return {"name": cfg.rewards.reward_model, "heldout_accuracy": s1.get("accuracy"),
+            "heldout_pairs": s1.get("heldout_pairs"), "spearman_gold_on_dt": None if rho is None or np.isnan(rho) else rho}
+
+
 def _grid(table: pd.DataFrame, column: str) -> np.ndarray:
     """(N·k,) rows of one policy -> (N, k) by prompt (prompt order of first appearance) and k."""
     wide = table.pivot(index="prompt_id", columns="k", values=column)
@@ -213,6 +335,9 @@ def run(cfg: Config, *, log=print) -> dict:
     samples = sample_policies(cfg, "test", log=log)
     ood = sample_policies(cfg, "ood", log=log) if task.source == "embedded" or task.ood else None
     metrics = summarise(cfg, samples, ood)
+    pool = build_pool(cfg, log=log)
+    metrics["pool"] = pool_metrics(cfg, pool, pool_logps(cfg, pool, log=log))
+    metrics["dt_reward"] = dt_reward(cfg)
     metrics["reward_kl_curve"] = reward_kl_curve(cfg, samples, log=log)  # {} unless evaluation.curve_points > 0
     metrics["judge_win_rate"] = judge_win_rates(cfg, samples, log=log)  # {} unless evaluation.judge_url is set
     art = artefacts.eval_metrics(cfg)
