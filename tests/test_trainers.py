@@ -20,6 +20,7 @@ from vcb_lib.launch import launch_subprocess
 from vcb_lib.losses import LossType
 from vcb_lib.models import load_policy, load_tokenizer, sequence_logps, tiny_random_config
 from vcb_lib.trainers import (
+    CheckpointWarning,
     Trainer,
     TrainingDiverged,
     lr_lambda,
@@ -334,8 +335,9 @@ def test_resume_equals_uninterrupted_run(tok, base, groups, tmp_path, monkeypatc
     (out / "checkpoints" / "step-000008").mkdir()  # ... and a folder without trainer_state.json
     with pytest.raises(FileExistsError, match="resume=True"):
         Trainer(model(), tok, groups, "vcb", cfg, out).train()
-    with pytest.raises(ValueError, match="cannot resume exactly"):
-        Trainer(model(), tok, groups, "vcb", cfg_(batch_size=3, epochs=2), out).train(resume=True)
+    with pytest.warns(CheckpointWarning, match="step-000008 is damaged: no checksums.json"):  # skipped, moved aside
+        with pytest.raises(ValueError, match="cannot resume exactly"):
+            Trainer(model(), tok, groups, "vcb", cfg_(batch_size=3, epochs=2), out).train(resume=True)
 
     torch.manual_seed(12345)  # a different RNG state: resume must restore the saved one
     resumed = Trainer(model(), tok, groups, "vcb", cfg, out)
@@ -558,3 +560,181 @@ def test_unread_candidates_are_not_trained(tok, base, tmp_path, loss, over, kept
     timing = ("elapsed", "tokens/s")
     assert [{k: v for k, v in r.items() if k not in timing} for r in runs[0][1]] == \
         [{k: v for k, v in r.items() if k not in timing} for r in runs[1][1]]
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints that cannot lie: checksums, damaged ones skipped, nothing unpickled (issue #16)
+# --------------------------------------------------------------------------------------------
+
+RESUME_CFG = dict(batch_size=2, grad_accum=2, epochs=2, save_every=2, lr_schedule="cosine", warmup_steps=2)
+
+
+def dropout_model(base):
+    m = copy.deepcopy(base)
+    for layer in m.model.layers:
+        layer.self_attn.attention_dropout = 0.1  # the RNG states must be restored too
+    return m
+
+
+@pytest.fixture(scope="module")
+def full_run(tok, base, groups, tmp_path_factory):
+    """6 uninterrupted steps (3 per epoch), checkpoints every 2: step-000004 and step-000006 kept."""
+    out = tmp_path_factory.mktemp("full")
+    trainer = Trainer(dropout_model(base), tok, groups, "vcb", cfg_(**RESUME_CFG), out)
+    trainer.train()
+    return out, params(trainer)
+
+
+def copy_run(src, dst):
+    """A run folder as the uninterrupted run left it (its checkpoints, log and config), to resume."""
+    import shutil
+
+    shutil.copytree(src / "checkpoints", dst / "checkpoints")
+    for name in ("log.jsonl", "training_config.json"):
+        shutil.copy(src / name, dst / name)
+    return dst / "checkpoints"
+
+
+class Planted:
+    """Unpickling this creates ``path``: what a planted checkpoint file would run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_checkpoint_holds_checksums_and_no_pickle(full_run):
+    from vcb_lib.trainers import verify_checkpoint
+
+    out, _ = full_run
+    folder = out / "checkpoints" / "step-000006"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["checksums.json", "model.safetensors", "optimizer.pt", "rng_state_0.json",
+                     "rng_state_0.safetensors", "scheduler.pt", "trainer_state.json"]
+    listed = json.loads((folder / "checksums.json").read_text())["files"]
+    assert sorted(listed) == [n for n in names if n != "checksums.json"]
+    assert listed["model.safetensors"]["size"] == (folder / "model.safetensors").stat().st_size
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.load(folder / name, weights_only=True)  # tensors, numbers, lists, dicts only
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert (state["step"], state["format"], state["sharded"]) == (6, 2, False)
+    assert verify_checkpoint(folder) is None
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (lambda f: (f / "model.safetensors").unlink(), "model.safetensors is missing"),
+    (lambda f: (f / "optimizer.pt").write_bytes(b""), r"optimizer.pt has 0 bytes, \d+ were saved"),
+    (lambda f: (f / "scheduler.pt").write_bytes(bytes(b ^ 0xFF if i == 100 else b for i, b in
+                                                      enumerate((f / "scheduler.pt").read_bytes()))),
+     "scheduler.pt does not match its sha256"),
+], ids=["weights-deleted", "optimizer-emptied", "byte-flipped"])
+def test_resume_skips_a_damaged_latest_checkpoint(tok, base, groups, tmp_path, full_run, damage, problem):
+    """The latest checkpoint (step 6) damaged: resume warns naming it, trains on from step 4 and
+    ends with the uninterrupted run's parameters."""
+    full_out, want = full_run
+    ckpts = copy_run(full_out, tmp_path)
+    damage(ckpts / "step-000006")
+    torch.manual_seed(12345)  # a different RNG state: resume must restore the saved one
+    resumed = Trainer(dropout_model(base), tok, groups, "vcb", cfg_(**RESUME_CFG), tmp_path)
+    with pytest.warns(CheckpointWarning, match=f"step-000006 is damaged: {problem}"):
+        summary = resumed.train(resume=True)
+    assert summary["steps_this_run"] == 2  # steps 5 and 6, from step-000004
+    assert max_diff(params(resumed), want) <= 1e-6
+    assert [r["step"] for r in read_log(resumed)] == [1, 2, 3, 4, 5, 6]
+    assert [p.name for p in resumed.checkpoints()] == ["step-000004", "step-000006"]
+    assert (ckpts / "damaged-step-000006").is_dir()  # kept for a look, out of the way of pruning
+
+
+def test_resume_never_unpickles(tok, base, groups, tmp_path, full_run):
+    """Pickle payloads planted beside an intact checkpoint (accelerate's file names) and a planted
+    newer checkpoint whose checksums are right but whose optimizer and scheduler files are
+    pickles that run code: nothing runs; the planted one is skipped, the intact one loaded."""
+    import pickle
+    import shutil
+
+    from vcb_lib.trainers import checksum_list, verify_checkpoint
+
+    full_out, want = full_run
+    ckpts = copy_run(full_out, tmp_path / "run")
+    live = tmp_path / "live"
+    pickle.loads(pickle.dumps(Planted(live)))
+    assert live.exists()  # the payload does run when unpickled
+    markers = [tmp_path / f"ran-{i}" for i in range(4)]
+    for name, marker in zip(("custom_checkpoint_0.pkl", "random_states_0.pkl"), markers):
+        (ckpts / "step-000006" / name).write_bytes(pickle.dumps(Planted(marker)))
+    planted = ckpts / "step-000008"
+    shutil.copytree(ckpts / "step-000006", planted)
+    state = json.loads((planted / "trainer_state.json").read_text())
+    (planted / "trainer_state.json").write_text(json.dumps(state | {"step": 8}))
+    torch.save({"state": {}, "param_groups": Planted(markers[2])}, planted / "optimizer.pt")
+    torch.save({"last_epoch": Planted(markers[3])}, planted / "scheduler.pt")
+    (planted / "checksums.json").write_text(json.dumps({"files": checksum_list(planted)}))
+    assert verify_checkpoint(planted) is None  # checksums catch damage, not a forger: loading must be safe
+
+    resumed = Trainer(dropout_model(base), tok, groups, "vcb", cfg_(**RESUME_CFG), tmp_path / "run")
+    refused = "step-000008 is damaged: cannot be read safely: scheduler.pt: UnpicklingError: .*Unsupported global"
+    with pytest.warns(CheckpointWarning, match=refused):
+        summary = resumed.train(resume=True)
+    assert not [m.name for m in markers if m.exists()]
+    assert summary["steps_this_run"] == 0 and max_diff(params(resumed), want) <= 1e-6  # step-000006 loaded
+
+
+def test_resume_with_every_checkpoint_damaged_starts_afresh(tok, base, groups, tmp_path, full_run):
+    full_out, want = full_run
+    ckpts = copy_run(full_out, tmp_path)
+    (ckpts / "step-000006" / "model.safetensors").unlink()
+    (ckpts / "step-000004" / "trainer_state.json").write_text("{not json")
+    (ckpts / "step-000002").mkdir()  # a folder named like a checkpoint, holding nothing
+    resumed = Trainer(dropout_model(base), tok, groups, "vcb", cfg_(**RESUME_CFG), tmp_path)
+    with pytest.warns(CheckpointWarning) as caught:
+        summary = resumed.train(resume=True)
+    messages = [str(w.message) for w in caught]
+    assert "step-000006 is damaged: model.safetensors is missing" in messages[0]
+    assert "step-000004 is damaged: trainer_state.json has" in messages[1]  # its size changed
+    assert "step-000002 is damaged: no checksums.json" in messages[2]
+    assert "no intact checkpoint" in messages[3] and "starts from scratch" in messages[3]
+    assert summary["steps_this_run"] == 6 and max_diff(params(resumed), want) <= 1e-6
+    assert [r["step"] for r in read_log(resumed)] == [1, 2, 3, 4, 5, 6]
+    assert [p.name for p in resumed.checkpoints()] == ["step-000004", "step-000006"]
+
+
+def test_two_process_checkpoints_resume_past_damage(groups, tmp_path):
+    """DDP (2 gloo processes): each rank writes its RNG state, rank 0 verifies and the ranks skip
+    the damaged latest checkpoint together; the resumed run ends like the uninterrupted one."""
+    out = tmp_path / "two"
+    launch_entry(groups[:10], out, ["training.batch_size=2", "training.save_every=1"], num_processes=2, cpu=True)
+    want = load_file(out / "final" / "model.safetensors")
+    ckpts = out / "checkpoints"
+    assert [p.name for p in sorted(ckpts.iterdir())] == ["step-000002", "step-000003"]
+    assert {"rng_state_0.safetensors", "rng_state_1.json"} <= {p.name for p in (ckpts / "step-000003").iterdir()}
+    assert not list(ckpts.rglob("*.pkl")) and not list(ckpts.rglob("*.bin"))
+    (ckpts / "step-000003" / "model.safetensors").unlink()
+    lines, overrides = [], ENTRY_OVERRIDES + ["training.batch_size=2", "training.save_every=1"]
+    launch_subprocess(["-m", "vcb_lib.trainers", "--params", str(SMOKE), "--method", "vcb", "--candidates",
+                       str(tmp_path / "two-candidates.parquet"), "--out", str(out), "--resume",
+                       *sum((["--set", o] for o in overrides), [])], echo=lines.append, num_processes=2, cpu=True)
+    assert any("step-000003 is damaged: model.safetensors is missing" in line for line in lines), lines[-20:]
+    assert any('"steps_this_run": 1' in line for line in lines)  # step 3 again, from step-000002
+    assert max_diff(load_file(out / "final" / "model.safetensors"), want) <= 1e-6
+    assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_rng_states_round_trip_through_json_and_safetensors(tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from vcb_lib.trainers import rng_states, set_rng_states
+
+    random.random(), np.random.normal(), torch.rand(1)  # numpy now holds a cached gaussian
+    tensors, plain = rng_states()
+    save_file(tensors, str(tmp_path / "rng.safetensors"))
+    (tmp_path / "rng.json").write_text(json.dumps(plain))
+
+    def draw():
+        return random.random(), random.gauss(0, 1), np.random.normal(), np.random.rand(), torch.rand(3).tolist()
+
+    first = draw()
+    set_rng_states(load_file(tmp_path / "rng.safetensors"), json.loads((tmp_path / "rng.json").read_text()))
+    assert draw() == first

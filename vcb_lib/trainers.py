@@ -31,12 +31,22 @@ does the same number of backward passes). Each micro-batch back-propagates
 ``Σ_b losses_b · num_processes · grad_accum / N_step``; accelerate divides by grad_accum and DDP
 averages over processes, which leaves ``(1/N_step) Σ losses`` whatever B each micro-batch had.
 
-Checkpoints (``out_dir/checkpoints/step-000012/``): ``accelerator.save_state`` (model, optimizer,
-LR scheduler, every rank's RNG states) plus ``trainer_state.json`` (step, epoch, position in the
-ordered group list, S, seed, data fingerprint), written into ``.tmp-step-000012`` and renamed when
-whole: a folder named ``step-*`` is always complete. The last two are kept. ``final/`` holds
-``save_pretrained`` model + tokenizer. ``train(resume=True)`` restarts from the latest checkpoint
-and reproduces the uninterrupted run.
+Checkpoints (``out_dir/checkpoints/step-000012/``), written without pickle: ``model.safetensors``
+(the unwrapped model), ``optimizer.pt`` and ``scheduler.pt`` (state dicts of tensors, numbers, lists
+and dicts, read back with ``torch.load(weights_only=True)``), ``scaler.pt`` under fp16, every rank's
+RNG states (``rng_state_<rank>.safetensors``: torch CPU and CUDA generators; ``rng_state_<rank>.json``:
+Python's ``random`` and numpy's), ``trainer_state.json`` (step, epoch, position in the ordered group
+list, S, seed, data fingerprint) and, last, ``checksums.json`` (sha256 and size of every other file).
+They are written into ``.tmp-step-000012`` and renamed when whole. The last two are kept. Under
+FSDP and DeepSpeed the model and optimizer are sharded: ``accelerator.save_state`` writes them
+in accelerate's (DCP's, DeepSpeed's) formats, whose loaders unpickle metadata; the rest is ours.
+``final/`` holds ``save_pretrained`` model + tokenizer.
+
+``train(resume=True)`` walks the checkpoints newest first and loads the first intact one
+(:func:`verify_checkpoint`: every listed file present with its size and sha256, the files the
+format needs listed, ``trainer_state.json`` readable): a damaged one is renamed
+``damaged-step-*`` with a :class:`CheckpointWarning` naming it and what is wrong, and when none is
+intact training starts from scratch with a warning. A resumed run reproduces the uninterrupted one.
 
 A non-finite loss (checked per micro-batch, before its backward) or gradient norm (before the
 optimizer step) raises :class:`TrainingDiverged` naming the step, the micro-batch and its prompt ids;
@@ -56,13 +66,17 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file, save_model
 from tqdm.auto import tqdm
 
 from vcb_lib.config import TrainingConfig
@@ -77,9 +91,20 @@ Tensor = torch.Tensor
 ScoreFn = Callable[[torch.nn.Module, dict], Tensor]
 
 MEGA_BATCH_STEPS = 50  # length bucketing: sort by length inside this many optimizer steps
-STATE_FILE = "trainer_state.json"  # written last into a checkpoint, before its rename
 KEEP_CHECKPOINTS = 2
 _CKPT_NAME = re.compile(r"^step-(\d{6,})$")
+# A checkpoint's files (module docstring). checksums.json is written last, just before the rename.
+STATE_FILE, CHECKSUMS_FILE = "trainer_state.json", "checksums.json"
+MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.pt"
+SCHEDULER_FILE, SCALER_FILE = "scheduler.pt", "scaler.pt"
+CHECKPOINT_FORMAT = 2  # 1: accelerator.save_state for everything (pickled RNG and scheduler states), no checksums
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # distributed types whose model + optimizer accelerate saves
+_STATE_KEYS = ("format", "step", "epoch", "step_in_epoch", "position", "step_size", "seed", "data", "num_processes",
+               "elapsed", "sharded", "scaler", "accelerator_step")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped on resume (damaged, or unreadable without unpickling)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -202,6 +227,101 @@ def data_fingerprint(groups: Sequence[CandidateGroup]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Checkpoint files: RNG states without pickle, checksums, verification
+# --------------------------------------------------------------------------------------------
+
+
+def rng_states() -> tuple[dict[str, Tensor], dict]:
+    """This process's RNG states: torch generators as tensors (CPU; CUDA where it is in use) for
+    safetensors, and Python's ``random`` and numpy's global states as JSON-ready values."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors |= {f"torch_cuda_{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())}
+    version, internal, gauss_next = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    plain = {"python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+             "numpy": {"bit_generator": np_state["bit_generator"], "key": np_state["state"]["key"].tolist(),
+                       "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                       "gauss": float(np_state["gauss"])}}
+    return tensors, plain
+
+
+def set_rng_states(tensors: dict[str, Tensor], plain: dict) -> None:
+    """Restore what :func:`rng_states` returned."""
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = sorted((int(k.rsplit("_", 1)[1]), t) for k, t in tensors.items() if k.startswith("torch_cuda_"))
+    if cuda and torch.cuda.is_available():
+        for i, t in cuda[:torch.cuda.device_count()]:
+            torch.cuda.set_rng_state(t, i)
+    py, npy = plain["python"], plain["numpy"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    np.random.set_state({"bit_generator": npy["bit_generator"], "has_gauss": npy["has_gauss"], "gauss": npy["gauss"],
+                         "state": {"key": np.asarray(npy["key"], dtype=np.uint32), "pos": npy["pos"]}})
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checksum_list(folder: Path) -> dict[str, dict]:
+    """``{relative path: {"size", "sha256"}}`` of every file under ``folder`` but checksums.json."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE)
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+
+
+def needed_files(state: dict) -> list[str]:
+    """The files a checkpoint with this trainer_state must hold (beyond accelerate's shards)."""
+    rng = [f"rng_state_{r}.{ext}" for r in range(state["num_processes"]) for ext in ("safetensors", "json")]
+    own = [] if state["sharded"] else [MODEL_FILE, OPTIMIZER_FILE] + ([SCALER_FILE] if state["scaler"] else [])
+    return [STATE_FILE, SCHEDULER_FILE, *own, *rng]
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """What is wrong with checkpoint ``folder``, or None when it is intact: checksums.json lists
+    every file the trainer state needs, each present with its size and sha256, and
+    trainer_state.json is this format's, for this folder's step."""
+    try:
+        listed = json.loads((folder / CHECKSUMS_FILE).read_text())["files"]
+        sizes = {name: int(v["size"]) for name, v in listed.items()}
+        hashes = {name: str(v["sha256"]) for name, v in listed.items()}
+    except FileNotFoundError:
+        return f"no {CHECKSUMS_FILE} (damaged, or written before checkpoints had one)"
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        return f"{CHECKSUMS_FILE} is unreadable ({type(e).__name__}: {e})"
+    outside = [n for n in listed if Path(n).is_absolute() or ".." in Path(n).parts]
+    if outside:
+        return f"{CHECKSUMS_FILE} lists paths outside the folder: {outside}"
+    for name, size in sizes.items():  # cheap checks first
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were saved"
+    for name, digest in hashes.items():
+        if file_sha256(folder / name) != digest:
+            return f"{name} does not match its sha256"
+    if STATE_FILE not in listed:
+        return f"{CHECKSUMS_FILE} does not list {STATE_FILE}"
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+        absent = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else ["a JSON object"]
+    except ValueError as e:
+        return f"{STATE_FILE} is unreadable ({type(e).__name__}: {e})"
+    if absent:
+        return f"{STATE_FILE} lacks {absent}"
+    if state["format"] != CHECKPOINT_FORMAT:
+        return f"{STATE_FILE} has format {state['format']!r}, this trainer reads {CHECKPOINT_FORMAT}"
+    match = _CKPT_NAME.match(folder.name)
+    if match and int(match.group(1)) != state["step"]:
+        return f"{STATE_FILE} is for step {state['step']}, the folder for step {int(match.group(1))}"
+    unlisted = [n for n in needed_files(state) if n not in listed]
+    if unlisted:
+        return f"{CHECKSUMS_FILE} does not list {unlisted}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
 
@@ -273,9 +393,9 @@ class Trainer:
         )  # DeepSpeed builds its own
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_lambda(
             i, warmup=cfg.warmup_steps, total=self.total_steps, schedule=cfg.lr_schedule))
-        # The scheduler is not prepared: accelerate would step it once per process.
+        # The scheduler is not prepared: accelerate would step it once per process. Nor is it
+        # registered for accelerate's checkpointing (a pickle): save_checkpoint writes it.
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(self.scheduler)
 
     # ---------------------------------------------------------------- one optimizer step
 
@@ -402,13 +522,14 @@ class Trainer:
         return summary
 
     def _start(self, resume: bool, set_seed) -> tuple[int, float]:
-        """Seed a fresh run, or load the latest checkpoint. Returns (steps done, elapsed seconds)."""
+        """Seed a fresh run, or load the newest intact checkpoint. Returns (steps done, elapsed seconds)."""
         acc = self.accelerator
         latest = self.latest_checkpoint()
-        if latest is None or not resume:
-            if latest is not None:
-                raise FileExistsError(f"{self.out_dir} holds checkpoints of an earlier run (latest {latest}); "
-                                      "pass resume=True to continue it, or use a fresh out_dir")
+        if latest is not None and not resume:
+            raise FileExistsError(f"{self.out_dir} holds checkpoints of an earlier run (latest {latest}); "
+                                  "pass resume=True to continue it, or use a fresh out_dir")
+        state = self._resume() if latest is not None else None
+        if state is None:
             set_seed(self.seed)
             if acc.is_main_process:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -419,27 +540,19 @@ class Trainer:
                     "share_prompts": self.share_prompts, "candidates": self.candidates})
             acc.wait_for_everyone()
             return 0, 0.0
-        state = json.loads((latest / STATE_FILE).read_text())
-        expect = {"step_size": self.step_size, "seed": self.seed, "data": self.fingerprint}
-        found = {k: state[k] for k in expect}
-        if found != expect:
-            raise ValueError(f"cannot resume exactly from {latest}: it was made with {found}, this run has "
-                             f"{expect} (step_size = batch_size · grad_accum · num_processes)")
-        acc.load_state(str(latest))  # model, optimizer, scheduler, RNG states
         if acc.is_main_process and self.log_path.exists():  # drop log lines of steps that will be redone
             keep = [ln for ln in self.log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= state["step"]]
             atomic_write_text(self.log_path, "".join(ln + "\n" for ln in keep))
         acc.wait_for_everyone()
-        log.info("resumed from %s (step %d)", latest, state["step"])
         return state["step"], state["elapsed"]
 
     # ---------------------------------------------------------------- checkpoints
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (a ``step-*`` folder holding ``trainer_state.json``)."""
+        """Checkpoint folders (``step-*``; verified only on resume), oldest first."""
         if not self.ckpt_dir.is_dir():
             return []
-        found = [p for p in self.ckpt_dir.iterdir() if _CKPT_NAME.match(p.name) and (p / STATE_FILE).is_file()]
+        found = [p for p in self.ckpt_dir.iterdir() if _CKPT_NAME.match(p.name) and p.is_dir()]
         return sorted(found, key=lambda p: int(_CKPT_NAME.match(p.name).group(1)))
 
     def latest_checkpoint(self) -> Path | None:
@@ -447,21 +560,37 @@ class Trainer:
         return found[-1] if found else None
 
     def save_checkpoint(self, step: int, *, elapsed: float = 0.0) -> Path:
-        """accelerate state + trainer_state.json into ``.tmp-step-N``, renamed to ``step-N`` when whole."""
+        """States + trainer_state.json + checksums.json into ``.tmp-step-N``, renamed to ``step-N`` when whole."""
         acc = self.accelerator
         final, tmp = self.ckpt_dir / f"step-{step:06d}", self.ckpt_dir / f".tmp-step-{step:06d}"
+        sharded = acc.distributed_type.name in SHARDED
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # every rank: its RNG state (and its shards under FSDP/DeepSpeed)
+        if sharded:  # each rank its shards, in accelerate's formats (DCP / DeepSpeed); replacing those is
+            acc.save_state(str(tmp))  # more than this needs. Its pickled RNG file goes: ours replaces it.
+            (tmp / f"random_states_{self.rank}.pkl").unlink(missing_ok=True)
+        elif acc.is_main_process:  # DDP: every rank holds the same model and optimizer state
+            save_model(acc.unwrap_model(self.model), str(tmp / MODEL_FILE), force_contiguous=True)
+            torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            if acc.scaler is not None:
+                torch.save(acc.scaler.state_dict(), tmp / SCALER_FILE)
+        if acc.is_main_process:
+            torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        tensors, plain = rng_states()
+        save_file(tensors, str(tmp / f"rng_state_{self.rank}.safetensors"))
+        (tmp / f"rng_state_{self.rank}.json").write_text(json.dumps(plain) + "\n")
         acc.wait_for_everyone()
         if acc.is_main_process:
             epoch, i = divmod(step, self.steps_per_epoch)
-            state = {"step": step, "epoch": epoch, "step_in_epoch": i, "position": i * self.step_size,
-                     "step_size": self.step_size, "seed": self.seed, "data": self.fingerprint,
-                     "num_processes": self.world, "loss_type": str(self.loss_type), "elapsed": elapsed}
-            atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
+            state = {"format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "step_in_epoch": i,
+                     "position": i * self.step_size, "step_size": self.step_size, "seed": self.seed,
+                     "data": self.fingerprint, "num_processes": self.world, "loss_type": str(self.loss_type),
+                     "elapsed": elapsed, "sharded": sharded, "scaler": not sharded and acc.scaler is not None,
+                     "accelerator_step": acc.step}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+            atomic_write_text(tmp / CHECKSUMS_FILE, json.dumps({"files": checksum_list(tmp)}, indent=2) + "\n")
             if final.exists():  # a checkpoint of the same step from an abandoned attempt
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -469,6 +598,106 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def _resume(self) -> dict | None:
+        """Load the newest intact checkpoint (every rank) and return its trainer state; None when
+        none is intact. The main process verifies (sha256 of every file); every rank then reads its
+        files without unpickling. A checkpoint that fails either is renamed ``damaged-step-*``, out of
+        the way of this run's saves and pruning, with a CheckpointWarning."""
+        acc = self.accelerator
+        candidates = self._from_main([p.name for p in reversed(self.checkpoints())])
+        skipped = []
+        for name in candidates:
+            path = self.ckpt_dir / name
+            problem = self._from_main(verify_checkpoint(path) if acc.is_main_process else None)
+            if problem is None:
+                state = json.loads((path / STATE_FILE).read_text())
+                expect = {"step_size": self.step_size, "seed": self.seed, "data": self.fingerprint}
+                found = {k: state[k] for k in expect}
+                if found != expect:
+                    raise ValueError(f"cannot resume exactly from {path}: it was made with {found}, this run has "
+                                     f"{expect} (step_size = batch_size · grad_accum · num_processes)")
+                try:
+                    loaded, error = self._read_checkpoint(path, state), None
+                except ValueError as e:
+                    loaded, error = None, str(e)
+                if not self._any_rank(error is not None):
+                    self._apply_checkpoint(path, state, loaded)
+                    log.info("resumed from %s (step %d)", path, state["step"])
+                    return state
+                problem = f"cannot be read safely: {error or 'on another rank'}"
+            skipped.append(name)
+            if acc.is_main_process:
+                aside = self.ckpt_dir / f"damaged-{name}"
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
+                warnings.warn(f"checkpoint {path} is damaged: {problem}; skipped (moved to {aside.name})",
+                              CheckpointWarning, stacklevel=4)
+            acc.wait_for_everyone()
+        if acc.is_main_process:
+            warnings.warn(f"no intact checkpoint in {self.ckpt_dir} (skipped {', '.join(skipped)}): "
+                          "training starts from scratch", CheckpointWarning, stacklevel=4)
+        return None
+
+    def _read_checkpoint(self, path: Path, state: dict) -> dict:
+        """This rank's states from a verified checkpoint, read without unpickling (safetensors,
+        JSON, ``torch.load(weights_only=True)``); nothing is applied yet. Raises ValueError naming
+        the file that cannot be read so."""
+        def read(name: str):
+            try:
+                if name.endswith(".safetensors"):
+                    return load_file(str(path / name))
+                if name.endswith(".json"):
+                    return json.loads((path / name).read_text())
+                return torch.load(path / name, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - a format error, or a global weights_only refuses
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+                why = next((ln for ln in lines if "Unsupported global" in ln), lines[0]).split(". Please")[0]
+                raise ValueError(f"{name}: {type(e).__name__}: {why}") from e
+
+        loaded = {"scheduler": read(SCHEDULER_FILE)}
+        if (path / f"rng_state_{self.rank}.safetensors").is_file():  # absent if made with fewer processes
+            loaded["rng"] = read(f"rng_state_{self.rank}.safetensors"), read(f"rng_state_{self.rank}.json")
+        if not state["sharded"]:
+            loaded["model"], loaded["optimizer"] = read(MODEL_FILE), read(OPTIMIZER_FILE)
+            if state["scaler"]:
+                loaded["scaler"] = read(SCALER_FILE)
+        return loaded
+
+    def _apply_checkpoint(self, path: Path, state: dict, loaded: dict) -> None:
+        acc = self.accelerator
+        if state["sharded"]:  # accelerate's loaders: DCP metadata and DeepSpeed files are pickles
+            acc.load_state(str(path))
+        else:
+            model = acc.unwrap_model(self.model)
+            missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
+            params = model.state_dict()  # a tied weight is saved once, under one of its names
+            loaded_ptrs = {params[k].data_ptr() for k in loaded["model"] if k in params}
+            missing = [k for k in missing if params[k].data_ptr() not in loaded_ptrs]
+            if missing or unexpected:
+                raise ValueError(f"{path / MODEL_FILE} does not fit the model: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+            self.optimizer.load_state_dict(loaded["optimizer"])
+            if acc.scaler is not None and "scaler" in loaded:
+                acc.scaler.load_state_dict(loaded["scaler"])
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        acc.step = state["accelerator_step"]
+        if "rng" in loaded:
+            set_rng_states(*loaded["rng"])
+        else:
+            from accelerate.utils import set_seed
+
+            log.warning("%s holds no RNG state for rank %d (made with %d processes): seeding it with %d",
+                        path, self.rank, state["num_processes"], self.seed + state["step"])
+            set_seed(self.seed + state["step"])
+
+    def _from_main(self, obj):
+        """The main process's ``obj``, on every rank."""
+        if self.world == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj])[0]
 
     def save_final(self) -> Path:
         """``out_dir/final``: save_pretrained model + tokenizer, through a temporary folder."""
