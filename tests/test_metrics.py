@@ -381,3 +381,13 @@ def test_degenerate_and_bad_pools_never_give_nan():
         pool_estimate(ref, ref, bad)
     with pytest.raises(ValueError, match="rewards has 1 NaN/inf"):
         calibration(ref, ref, bad, 0.1)
+
+
+def test_seed_interval_is_the_t_interval_of_the_mean():
+    from vcb_lib.metrics import seed_interval
+
+    out = seed_interval([0.1, 0.3, 0.2])  # mean 0.2, SD 0.1, t(0.975, 2) = 4.303
+    assert out["mean"] == pytest.approx(0.2) and out["sd_seeds"] == pytest.approx(0.1)
+    assert out["ci_seeds"] == pytest.approx([0.2 - 4.303 * 0.1 / 3 ** 0.5, 0.2 + 4.303 * 0.1 / 3 ** 0.5])
+    assert not out["resolved_seeds"] and seed_interval([1.0, 1.1, 0.9, 1.0])["resolved_seeds"]
+    assert seed_interval([0.5]) == {"mean": 0.5, "sd_seeds": None, "ci_seeds": None, "resolved_seeds": False}

@@ -253,3 +253,39 @@ def test_stale_and_damaged_artefacts_are_refused_or_rebuilt(smoke, tmp_path):
     assert vcb.status()[0] == "corrupt"
     train.run(cfg, log=lambda m: None)
     assert vcb.current() and (vcb.path / "final" / "model.safetensors").is_file()
+
+
+def test_training_seeds_replicate_methods_and_measure_their_spread(smoke, tmp_path):
+    """training.seeds = [0, 1]: each method gets a second replicate on the same D_t, the pool scores
+    it, and metrics["pool"]["seeds"] says how far the training seed moves each comparison."""
+    import shutil
+
+    from vcb_lib import report
+    from vcb_lib.stages import artefacts, evaluate, train
+
+    shutil.copytree(smoke.run_dir, tmp_path / "copy", symlinks=True)
+    over = [f"run.output_root={tmp_path}", "run.name=copy", "ablation.interactive=false",
+            "training.methods=[vcb, dpo]", "training.seeds=[0, 1]"]
+    cfg = load_params(PROJECT_ROOT / "params" / "smoke.yaml", over)
+    summaries = train.run(cfg, log=lambda m: None)
+    assert sorted(summaries) == ["dpo", "dpo-seed1", "vcb", "vcb-seed1"]
+    assert artefacts.method(cfg, "vcb", 1).path.name.endswith("-seed1")
+    seed0 = load_policy_state(artefacts.method(cfg, "vcb", 0).path / "final")
+    seed1 = load_policy_state(artefacts.method(cfg, "vcb", 1).path / "final")
+    assert any((seed0[k] - seed1[k]).abs().max() > 0 for k in seed0)  # another seed, another data order
+    metrics = evaluate.run(cfg, log=lambda m: None)
+    spread = metrics["pool"]["seeds"]
+    assert spread["seeds"] == [0, 1] and set(spread["paired"]) == {"vcb-vs-dpo", "vcb-vs-sft"}
+    for v in spread["paired"].values():
+        assert len(v["diffs"]) == 2 and v["mean"] == pytest.approx(sum(v["diffs"]) / 2)
+        assert v["ci_seeds"][0] <= v["mean"] <= v["ci_seeds"][1] and v["se_prompts"] > 0
+    assert set(metrics["pool"]["methods"]) == {"sft", "vcb", "dpo"}  # the main replicates
+    text = "\n".join(report.pool_sections(metrics))
+    assert "Training-seed variance (seeds [0, 1])" in text
+    json.dumps(metrics, allow_nan=False)
+
+
+def load_policy_state(folder):
+    from vcb_lib.models import load_policy
+
+    return load_policy(str(folder)).state_dict()

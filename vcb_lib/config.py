@@ -227,6 +227,7 @@ class TrainingConfig:
     """Step 3 (Sec. 4.3): calibration training of π on D_t; hyper-parameters of every loss."""
 
     methods: list[str] = field(default_factory=lambda: ["vcb", "dpo", "ipo", "slic", "rrhf", "rest"])  # losses to train, one run each
+    seeds: list[int] = field(default_factory=list)  # training seeds: each method trains once per seed on the same D_t; empty = [run.seed]; the first is the main replicate (sampled evaluation, Fig. 5), the pool scores all; <= 16
     gamma: float = 0.05  # γ, Eq. 9 (DPO's β, IPO's target is γ⁻¹/2)
     lam: float = 1.0  # λ, the logsumexp temperature of Eq. 20
     reduction: Literal["logsumexp", "mean"] = "logsumexp"  # VCB aggregation over pairs; mean = the "w/o" ablation
@@ -251,6 +252,8 @@ class TrainingConfig:
     num_processes: int = 1  # processes for accelerate launch
 
     def __post_init__(self) -> None:
+        _require(len(self.seeds) <= 16 and len(set(self.seeds)) == len(self.seeds) and all(x >= 0 for x in self.seeds),
+                 "training.seeds", f"must be at most 16 distinct seeds >= 0, got {self.seeds}")
         bad = [m for m in self.methods if m not in methods()]
         _require(not bad, "training.methods", f"unknown method(s) {bad}; allowed: {list(methods())}")
         for key in ("gamma", "lam", "learning_rate", "max_grad_norm"):

@@ -511,3 +511,21 @@ def calibration(policy_logps: Any, ref_logps: Any, rewards: Any, gamma: float, *
         rhos = rhos[np.isfinite(rhos)]
         out["spearman_ci"] = _percentile_ci(rhos, ci) if len(rhos) else None
     return out
+
+
+# Two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (beyond: 1.96).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def seed_interval(values: Sequence[float]) -> dict[str, Any]:
+    """Mean over training seeds (one value per seed), their SD and the 95% t interval of the mean
+    (``ci_seeds``; None for one seed), ``resolved_seeds`` when it excludes 0."""
+    v = _finite_array(list(values), "values", ndims=(1,))
+    k, mean = len(v), float(v.mean())
+    if k < 2:
+        return {"mean": mean, "sd_seeds": None, "ci_seeds": None, "resolved_seeds": False}
+    sd = float(v.std(ddof=1))
+    half = (_T975[k - 2] if k - 1 <= len(_T975) else 1.96) * sd / math.sqrt(k)
+    return {"mean": mean, "sd_seeds": sd, "ci_seeds": [mean - half, mean + half],
+            "resolved_seeds": bool(mean - half > 0 or mean + half < 0)}

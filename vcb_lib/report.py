@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from vcb_lib.io import atomic_write_text
+from vcb_lib.metrics import MDE_FACTOR
 
 
 def _table(rows: dict, columns: list[str], fmt: str = "{:.3f}") -> str:
@@ -77,6 +78,19 @@ def pool_sections(metrics: dict) -> list[str]:
     if flagged:
         lines.append(f"ESS below {pool['ess_threshold']:.1f} of {m} (low): {', '.join(flagged)} moved far from π_sft; "
                      "their importance-sampled estimates rest on few candidates and are not reliable.\n")
+    spread = pool.get("seeds")
+    if spread:
+        rows = {k.replace("-vs-", " vs "): v | {"95% t CI (seeds)": _ci(v["ci_seeds"]), "per seed": ", ".join(f"{d:+.3f}" for d in v["diffs"])}
+                for k, v in spread["paired"].items()}
+        lines += [f"### Training-seed variance (seeds {spread['seeds']})\n",
+                  "Each method trained once per seed on the same D_t; Δ per seed on the same pool. SD across seeds is the "
+                  "spread the training seed adds; SE over prompts is what a single seed's CI above reflects.\n",
+                  _table(rows, ["per seed", "mean", "sd_seeds", "95% t CI (seeds)", "se_prompts"])]
+        for name, v in spread["paired"].items():
+            if v["sd_seeds"] is not None and v["se_prompts"]:
+                lines.append(f"- {name}: the training seed's SD is {v['sd_seeds'] / v['se_prompts']:.1f}× the prompts' SE"
+                             + (" — the seed dominates: read the across-seed interval." if v["sd_seeds"] > v["se_prompts"] else "."))
+        lines.append("")
     dt = metrics.get("dt_reward")
     if dt:
         acc = f"held-out pair accuracy {dt['heldout_accuracy']:.3f} on {dt['heldout_pairs']} pairs" \
@@ -92,7 +106,8 @@ def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
     run measured them (figures linked from ``fig_dir``)."""
     s, rel = metrics["scale"], lambda name: Path(fig_dir.name) / name
     ref, reward = metrics["reference"], metrics.get("evaluation_reward_name", metrics["evaluation_reward"])
-    wr = {f"{ref} vs {m}": v | {"95% CI": f"[{v['win_rate_ci'][0]:.2f}, {v['win_rate_ci'][1]:.2f}]"}
+    wr = {f"{ref} vs {m}": v | {"95% CI": f"[{v['win_rate_ci'][0]:.2f}, {v['win_rate_ci'][1]:.2f}]",
+                                "MDE": MDE_FACTOR * v["win_rate_se"] if v.get("win_rate_se") is not None else None}
           for m, v in metrics["win_rate"].items()}
     lines = [
         f"# Run `{cfg.run.name}`: {', '.join(cfg.training.methods)} against π_sft\n",
@@ -101,7 +116,10 @@ def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
         "The paper uses Pythia-2.8B, thousands of prompts and GPT-4/human judges: compare directions and confidence "
         "intervals, not magnitudes.\n",
         *pool_sections(metrics),
-        f"## Table 2 analogue: win rate of {ref} ({reward})\n", _table(wr, ["win", "tie", "lose", "win_rate", "95% CI"]),
+        f"## Table 2 analogue: win rate of {ref} ({reward})\n",
+        "Sampled: every policy draws from the same prompts with the same seeds. MDE = the smallest win-rate "
+        f"departure from its value that these prompts detect with 80% power ({MDE_FACTOR} bootstrap SE).\n",
+        _table(wr, ["win", "tie", "lose", "win_rate", "95% CI", "MDE"]),
         f"![win rates]({rel('table2_win_rates.png')})\n",
     ]
     if metrics.get("ood_win_rate"):
@@ -124,7 +142,8 @@ def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
         lines += ["Along training (first evaluation prompts; step 0 = π_sft):\n", _table(curve, ["reward", "reward_se", "kl", "kl_se"])]
     lines += [f"![reward vs KL]({rel('fig5_reward_vs_kl.png')})\n",
               "## Table 6: misalignment rate (A.5)\n",
-              _table({m: {"misalignment": v} for m, v in metrics["misalignment_rate"].items()}, ["misalignment"]),
+              _table({m: {"misalignment": "reference" if v is None else v} for m, v in metrics["misalignment_rate"].items()},
+                     ["misalignment"]),
               "## Table 7: diversity (A.8)\n", _table(metrics["diversity"], ["ead", "self_bleu_2", "self_bleu_3"]),
               "## Fig. 8: output length (A.7)\n", _table(metrics["length"], ["mean", "median", "q1", "q3"]),
               f"![lengths]({rel('fig8_lengths.png')})\n"]

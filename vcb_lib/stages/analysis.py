@@ -24,7 +24,7 @@ def run(cfg: Config) -> tuple[dict, dict[str, Path]]:
     else:
         del paths["table5_ood_win_rates"]
     plots.reward_vs_kl(metrics["reward_kl"], paths["fig5_reward_vs_kl"], reward=reward, curve=metrics.get("reward_kl_curve"))
-    plots.metric_bars(metrics["misalignment_rate"], paths["table6_misalignment"], ylabel="misalignment rate",
+    plots.metric_bars({m: v for m, v in metrics["misalignment_rate"].items() if v is not None}, paths["table6_misalignment"], ylabel="misalignment rate",
                       title="Misalignment (A.5, Table 6)")
     plots.lengths(samples, paths["fig8_lengths"])
     return metrics, paths

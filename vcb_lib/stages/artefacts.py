@@ -63,29 +63,41 @@ def candidates(cfg: Config) -> Artefact:
     return Artefact(_dir(cfg, "02_candidates") / "candidates.parquet", "02_generate", cfg.slice(*UPSTREAM))
 
 
-def method_key(cfg: Config, method: str) -> dict:
-    """What training ``method`` depends on: the upstream, every training key but the list of
-    methods and the other losses' hyper-parameters, and, when the Fig. 5 curve is sampled during
-    training, the evaluation keys that sampling uses."""
+def training_seeds(cfg: Config) -> list[int]:
+    """The training seeds (``training.seeds``, else ``run.seed``); the first is the main replicate."""
+    return list(cfg.training.seeds) or [cfg.run.seed]
+
+
+def replicate(cfg: Config, method: str, seed: int | None = None) -> str:
+    """A trained policy's name: the method for the main replicate, ``<method>-seed<k>`` otherwise."""
+    return method if seed is None or seed == training_seeds(cfg)[0] else f"{method}-seed{seed}"
+
+
+def method_key(cfg: Config, method: str, seed: int | None = None) -> dict:
+    """What training ``method`` with training seed ``seed`` (default: the main one) depends on: the
+    upstream, every training key but the lists of methods and seeds and the other losses'
+    hyper-parameters, and, when the Fig. 5 curve is sampled during training, the evaluation keys
+    that sampling uses."""
     own = LossType(method).hparams
     training = [f"training.{f.name}" for f in dataclasses.fields(cfg.training)
-                if f.name != "methods" and (f.name not in LOSS_HPARAMS or f.name in own)]
-    key = cfg.slice(*UPSTREAM, *training) | {"method": method}
+                if f.name not in ("methods", "seeds") and (f.name not in LOSS_HPARAMS or f.name in own)]
+    key = cfg.slice(*UPSTREAM, *training) | {"method": method, "seed": training_seeds(cfg)[0] if seed is None else seed}
     if cfg.evaluation.curve_points:
         key |= cfg.slice(*(f"evaluation.{k}" for k in CURVE_KEYS))
     return key
 
 
-def method_dir_name(cfg: Config, method: str) -> str:
+def method_dir_name(cfg: Config, method: str, seed: int | None = None) -> str:
     """Run folder of a method, named from what varies: ``vcb-gamma0.05-lam1.0-logsumexp-seed0``."""
     lt = LossType(method)
+    seed = training_seeds(cfg)[0] if seed is None else seed
     return "-".join([lt.value] + [f"{k}{getattr(cfg.training, k)}".replace("reduction", "").replace("pairs", "pairs-")
-                                   for k in lt.hparams] + [f"seed{cfg.run.seed}"])
+                                   for k in lt.hparams] + [f"seed{seed}"])
 
 
-def method(cfg: Config, name: str) -> Artefact:
+def method(cfg: Config, name: str, seed: int | None = None) -> Artefact:
     """``03_train/<method_dir_name>/``: final/ (the policy), log.jsonl, summary.json, curve/."""
-    return Artefact(cfg.run_dir / "03_train" / method_dir_name(cfg, name), "03_train", method_key(cfg, name),
+    return Artefact(cfg.run_dir / "03_train" / method_dir_name(cfg, name, seed), "03_train", method_key(cfg, name, seed),
                     include=METHOD_FILES)
 
 
@@ -126,7 +138,8 @@ def pool(cfg: Config) -> Artefact:
                     cfg.slice(*UPSTREAM, *(f"evaluation.{k}" for k in POOL_KEYS)))
 
 
-def pool_scores(cfg: Config, policy: str) -> Artefact:
-    """``04_eval/pool/<policy>.parquet``: log π of every pool candidate under one policy."""
-    return Artefact(cfg.run_dir / "04_eval" / "pool" / f"{policy}.parquet", "04_evaluate",
-                    policy_key(cfg, policy) | cfg.slice(*(f"evaluation.{k}" for k in POOL_KEYS)) | {"policy": policy})
+def pool_scores(cfg: Config, method_name: str, seed: int | None = None) -> Artefact:
+    """``04_eval/pool/<replicate>.parquet``: log π of every pool candidate under one trained policy."""
+    name = replicate(cfg, method_name, seed)
+    return Artefact(cfg.run_dir / "04_eval" / "pool" / f"{name}.parquet", "04_evaluate",
+                    method_key(cfg, method_name, seed) | cfg.slice(*(f"evaluation.{k}" for k in POOL_KEYS)) | {"policy": name})

@@ -119,19 +119,20 @@ def build_pool(cfg: Config, *, log=print) -> pd.DataFrame:
 
 
 def pool_logps(cfg: Config, pool: pd.DataFrame, *, log=print) -> dict[str, np.ndarray]:
-    """log π of every pool candidate (rows in the pool's order) under every policy: one scoring
-    pass per policy, each prompt forwarded once for its candidates; π_sft's are the pool's own."""
+    """log π of every pool candidate (rows in the pool's order) under every policy, every training
+    seed's replicate included (``artefacts.replicate`` names them): one scoring pass per policy,
+    each prompt forwarded once for its candidates; π_sft's are the pool's own."""
     from vcb_lib.models import load_policy, load_tokenizer, sequence_logps
 
     out = {"sft": pool.ref_logp.to_numpy(dtype=np.float64)}
-    specs = artefacts.policy_specs(cfg)
-    for name in cfg.training.methods:
-        art = artefacts.pool_scores(cfg, name)
+    for method, seed in ((m, s) for m in cfg.training.methods for s in artefacts.training_seeds(cfg)):
+        name, art = artefacts.replicate(cfg, method, seed), artefacts.pool_scores(cfg, method, seed)
         if art.current():
             scores = pd.read_parquet(art.path)
         else:
-            model = load_policy(specs[name], dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
-            tok = load_tokenizer(specs[name], cache_dir=cfg.models.cache_dir)
+            spec = str(artefacts.method(cfg, method, seed).require() / "final")
+            model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
+            tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
             lp = sequence_logps(model, tok, list(pool.model_input), [list(map(int, ids)) for ids in pool.response_ids],
                                 batch_size=16, autocast_bf16=cfg.training.bf16)
             scores = pd.DataFrame({"prompt_id": pool.prompt_id, "k": pool.k, "logp": lp.numpy().astype(np.float64)})
@@ -172,6 +173,9 @@ def pool_metrics(cfg: Config, pool: pd.DataFrame, logps: dict[str, np.ndarray]) 
                          "misalignment_rate": None if rate is None or np.isnan(rate) else float(rate)}
         if cal.get("degenerate"):
             methods[name]["degenerate"] = cal["degenerate"]
+    main = {"sft", *cfg.training.methods}
+    replicates = {n: v for n, v in methods.items() if n not in main}
+    methods = {n: v for n, v in methods.items() if n in main}
     paired = {}
     for other in methods:
         if other == reference or reference not in methods:
@@ -187,9 +191,38 @@ def pool_metrics(cfg: Config, pool: pd.DataFrame, logps: dict[str, np.ndarray]) 
                 mis = paired_difference(a["misalignment"][both], b["misalignment"][both], bootstrap=e.bootstrap, seed=seed)
                 entry |= {"misalignment_diff": mis["diff"], "misalignment_ci": mis["ci"], "misalignment_resolved": mis["resolved"]}
         paired[f"{reference}-vs-{other}"] = entry
-    return {"prompts": int(ref.shape[0]), "candidates_per_prompt": int(ref.shape[1]), "reference": reference,
-            "gold_name": judge_name, "gamma": cfg.training.gamma, "ess_threshold": ESS_MIN_FRACTION * ref.shape[1],
-            "mde_factor": MDE_FACTOR, "methods": methods, "paired": paired}
+    out = {"prompts": int(ref.shape[0]), "candidates_per_prompt": int(ref.shape[1]), "reference": reference,
+           "gold_name": judge_name, "gamma": cfg.training.gamma, "ess_threshold": ESS_MIN_FRACTION * ref.shape[1],
+           "mde_factor": MDE_FACTOR, "methods": methods, "paired": paired}
+    if len(artefacts.training_seeds(cfg)) > 1:
+        out["seeds"] = seed_spread(cfg, per_prompt, replicates | methods)
+    return out
+
+
+def seed_spread(cfg: Config, per_prompt: dict[str, dict], estimates: dict[str, dict]) -> dict:
+    """How much of a comparison's spread comes from the training seed rather than from the prompts:
+    per method the pool estimate of each training seed's replicate; per comparison (the reference
+    method against each other policy, seed by seed; π_sft has one) the per-seed differences, their
+    mean with a t interval across seeds, their SD across seeds, and the SE over prompts of one seed's
+    difference (the bootstrap SE that the single-seed CIs above reflect)."""
+    from vcb_lib.metrics import seed_interval
+
+    seeds, reference = artefacts.training_seeds(cfg), reference_method(cfg)
+    names = {m: [artefacts.replicate(cfg, m, s) for s in seeds] for m in cfg.training.methods} | {"sft": ["sft"] * len(seeds)}
+    methods = {m: {"gold": [estimates[n]["gold"] for n in ns]} | seed_interval([estimates[n]["gold"] for n in ns])
+               for m, ns in names.items() if m != "sft"}
+    paired = {}
+    for other in names:
+        if other == reference:
+            continue
+        diffs, ses = [], []
+        for a, b in zip(names[reference], names[other]):
+            d = per_prompt[a]["gold"] - per_prompt[b]["gold"]
+            diffs.append(float(d.mean()))
+            ses.append(float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"))
+        paired[f"{reference}-vs-{other}"] = {"diffs": diffs, **seed_interval(diffs),
+                                             "se_prompts": float(np.nanmean(ses)) if np.isfinite(ses).any() else None}
+    return {"seeds": seeds, "methods": methods, "paired": paired}
 
 
 def dt_reward(cfg: Config) -> dict:
@@ -313,7 +346,9 @@ def summarise(cfg: Config, samples: pd.DataFrame, ood_samples: pd.DataFrame | No
         point = reward_kl_point(_grid(t, judge_col), _grid(t, "policy_logp"), _grid(t, "ref_logp"))
         metrics["reward_kl"][m] = {"reward": point["mean_reward"], "reward_se": point["reward_se"],
                                    "kl": point["kl"], "kl_se": point["kl_se"]}
-    metrics["misalignment_rate"] = {m: misalignment(_grid(t, "policy_logp"), _grid(t, "ref_logp"), _grid(t, "reward"))["misalignment_rate"]
+    # A.5; π_sft is the reference (log π/π_sft = 0 up to float noise between two log-prob paths): not scored
+    metrics["misalignment_rate"] = {m: None if m == "sft" else
+                                    misalignment(_grid(t, "policy_logp"), _grid(t, "ref_logp"), _grid(t, "reward"))["misalignment_rate"]
                                     for m, t in by.items()}
     metrics["diversity"] = {  # EAD on token ids with V = the tokenizer's vocabulary (Liu et al. 2022); BLEU on text
         m: diversity([[list(ids) for ids in g.response_ids] for _, g in t.groupby("prompt_id", sort=False)],

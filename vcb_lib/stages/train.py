@@ -10,6 +10,8 @@ resumes from its last checkpoint. D_t must be current for this config: a stale o
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 
 from vcb_lib.config import Config
@@ -21,17 +23,20 @@ from vcb_lib.stages.sft_and_reward import start_folder
 SUMMARY_KEYS = ("steps", "loss", "tokens/s", "peak_rss_mb", "elapsed")
 
 
-def train_method(cfg: Config, method: str, *, log=print) -> dict:
-    """One method's training (or its stored result); returns its ``summary.json``."""
+def train_method(cfg: Config, method: str, seed: int | None = None, *, log=print) -> dict:
+    """One method's training with one training seed (default: the main one), or its stored
+    result; returns its ``summary.json``."""
     from vcb_lib.launch import train_subprocess
 
-    art = artefacts.method(cfg, method)
+    seed = artefacts.training_seeds(cfg)[0] if seed is None else seed
+    art = artefacts.method(cfg, method, seed)
     if art.current():
-        log(f"{method}: up to date in {art.path}")
+        log(f"{method} (seed {seed}): up to date in {art.path}")
         return read_json(art.path / "summary.json")
     read_candidates(cfg)  # refuses a stale, damaged or non-finite D_t before anything is trained on it
     start_folder(art, log=log)
-    params = cfg.save(art.path / "params.yaml")  # the resolved config the subprocess reads
+    # the subprocess reads this resolved config; its run.seed is the training seed (D_t and π_sft are passed by path)
+    params = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed)).save(art.path / "params.yaml")
     train_subprocess(params, method, artefacts.candidates(cfg).path, art.path, model=artefacts.sft_spec(cfg),
                      resume=True, echo=log)
     art.seal()
@@ -45,9 +50,11 @@ def logs(cfg: Config) -> pd.DataFrame:
 
 
 def run(cfg: Config, *, log=print) -> dict[str, dict]:
-    """The stage: every method's summary, also written to ``03_train/metrics.json``."""
+    """The stage: every method × training seed; their summaries by policy name (the method for the
+    main seed, ``<method>-seed<k>`` for the others), also written to ``03_train/metrics.json``."""
     artefacts.candidates(cfg).require()  # a stale or damaged D_t is reported even when every method is current
-    summaries = {m: train_method(cfg, m, log=log) for m in cfg.training.methods}
+    summaries = {artefacts.replicate(cfg, m, seed): train_method(cfg, m, seed, log=log)
+                 for m in cfg.training.methods for seed in artefacts.training_seeds(cfg)}
     metrics = {m: {k: s[k] for k in SUMMARY_KEYS if k in s} | {"final_dir": s["final_dir"]} for m, s in summaries.items()}
     write_json(cfg.stage_dir("03_train") / "metrics.json", metrics)
     return summaries
