@@ -3,16 +3,19 @@ sees, two CPU processes really run, and the accelerate configs load."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from vcb_lib.config import PROJECT_ROOT
 from vcb_lib.launch import (
     ERRORS_ENV,
+    OWNER_ENV,
     LaunchError,
     _first_traceback,
     _worker,
@@ -22,6 +25,7 @@ from vcb_lib.launch import (
 )
 
 ACCELERATE = PROJECT_ROOT / "params" / "accelerate"
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
 
 
 def script(tmp_path, name: str, body: str):
@@ -86,6 +90,71 @@ def test_failing_rank_surfaces_its_own_exception(tmp_path):
     assert err.value.root_cause.rstrip().endswith("ValueError: boom on rank 1")
     out = "\n".join(lines)
     assert "hello from rank 0 of 2 (DistributedType.MULTI_CPU)" in out and "hello from rank 1 of 2 (DistributedType.MULTI_CPU)" in out
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@LINUX
+@pytest.mark.parametrize("config, n", [("single", 1), ("ddp", 2)])
+def test_launched_processes_die_with_the_caller(tmp_path, config, n):
+    """The caller of launch_subprocess killed by SIGKILL (a notebook kernel whose runner died): the
+    accelerate launcher and every rank end at once, although they write nothing to the closed pipe
+    (the ranks sleep) and torch's launcher starts each rank in a session of its own."""
+    path = script(tmp_path, "sleep.py", """
+        import os, time
+        print("rank pids", os.getpid(), os.getppid(), flush=True)
+        time.sleep(120)
+    """)
+    config_file = str(ACCELERATE / f"{config}.yaml")
+    caller = (f"from vcb_lib.launch import launch_subprocess\n"
+              f"launch_subprocess([{str(path)!r}], {n}, config_file={config_file!r}, cpu=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", caller], stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT,
+                            start_new_session=True)
+    pids: set[int] = set()
+    try:
+        for line in proc.stdout:
+            if "rank pids" in line:
+                pids.update(map(int, line.split("rank pids", 1)[1].split()))
+                if len(pids) == n + 1:  # every rank and their launcher
+                    break
+        assert len(pids) == n + 1, f"expected {n} rank(s) and a launcher, got pids {pids} (rc {proc.poll()})"
+        proc.kill()  # the caller only, not its process group
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in pids if alive(p)], "launcher or rank alive 5 s after the caller was killed"
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@LINUX
+def test_rank_whose_launcher_is_already_gone_ends_at_once(tmp_path):
+    """A rank asks for its death signal when it starts: if its launcher died before (the caller named
+    by OWNER_ENV is no longer among its ancestors), it ends at once instead of running unowned."""
+    path = script(tmp_path, "ran.py", "open(__file__ + '.ran', 'w').close()\n")
+    ran = Path(f"{path}.ran")
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # alive, not an ancestor
+    try:
+        lost = subprocess.run([sys.executable, "-m", "vcb_lib.launch", str(path)], cwd=PROJECT_ROOT,
+                              env={**os.environ, OWNER_ENV: str(stranger.pid)})
+        assert lost.returncode == -signal.SIGKILL and not ran.exists()
+        owned = subprocess.run([sys.executable, "-m", "vcb_lib.launch", str(path)], cwd=PROJECT_ROOT,
+                               env={**os.environ, OWNER_ENV: str(os.getpid())})
+        assert owned.returncode == 0 and ran.exists()
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_command_line_for_cpu_processes():

@@ -2,6 +2,7 @@
 sharing, and a sweep that survives being killed between points."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,6 +98,25 @@ def test_command_line_reports_a_bad_sweep(tmp_path):
     assert proc.returncode == 2 and "Did you mean 'training.gamma'?" in proc.stderr
 
 
+def test_scientific_notation_is_a_number_as_in_params_files(tmp_path):
+    """YAML 1.1 reads 5e-6 as a string; sweep files use the params files' loader."""
+    sweep = load_sweep(write(tmp_path, "name: lr\nbase: BASE\ngrid: {training.learning_rate: [5e-6, 1e-5]}\n"))
+    assert sweep.grid["training.learning_rate"] == [5e-6, 1e-5]
+    assert all(type(v) is float for v in sweep.grid["training.learning_rate"])
+    assert [sweep.config(p, name=p.name).training.learning_rate for p in sweep.points] == [5e-6, 1e-5]
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path, capsys):
+    from vcb_lib.__main__ import main
+
+    path = write(tmp_path, "name: a\nbase: BASE\ngrid: {training.gamma: [0.1, 0.5}\n", name="bad.yaml")
+    with pytest.raises(ConfigError, match=re.escape(f"{path} is not valid YAML")):
+        load_sweep(path)
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"{path} is not valid YAML" in err and "Traceback" not in err
+
+
 @pytest.mark.notebook
 def test_killed_sweep_resumes_without_redoing_finished_points(tmp_path):
     """``python -m vcb_lib sweep`` killed (SIGKILL) after its first point: a second run keeps that
@@ -138,7 +158,7 @@ grid: {{training.gamma: [0.1, 1.0]}}
     saved = pd.read_csv(root / "results.csv")
     assert list(saved["training.gamma"]) == [0.1, 1.0] and saved.win_rate.between(0, 1).all()
     for r in saved.itertuples():
-        assert sorted(p.name for p in (root / r.point / "04_eval").iterdir() if p.is_dir()) == ["sft", "vcb"]
+        assert sorted(p.name for p in (root / r.point / "04_eval").iterdir() if p.is_dir()) == ["pool", "sft", "vcb"]
         assert json.loads((root / r.point / "point.json").read_text())["win_rate"] == pytest.approx(r.win_rate)
 
 

@@ -18,6 +18,13 @@ environment: every ``Accelerator()`` then runs on CPU with the gloo backend.
 
 Launched processes keep freed memory in glibc's heap (``MALLOC_ENV``, unless the environment sets
 those variables itself); what that buys is measured in bench/README.md.
+
+Launched processes die with their caller, even when it is killed by SIGKILL (Linux; elsewhere
+nothing is done): the ``accelerate launch`` process is started with :func:`die_with_parent`, and
+each rank, when it starts, asks for the same signal from the launcher that started it (``OWNER_ENV``
+names the caller, so a rank whose launcher is already gone ends at once). Without this a killed
+``python -m vcb_lib run`` left the launcher and the trainer running until the trainer next wrote
+to its closed output pipe (one more training step).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import json
 import os
 import re
 import runpy
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +50,8 @@ ERRORS_ENV = "VCB_LAUNCH_ERRORS"  # folder where worker ranks write their traceb
 # Serving them from the heap and trimming it only past 1 GiB keeps those pages (timings: bench/README.md).
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 TAIL_LINES = 400  # output lines kept for the error message when no rank wrote a traceback file
+OWNER_ENV = "VCB_LAUNCH_OWNER"  # pid of the process that called launch_subprocess: its ranks die with it
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal this process gets when the thread that forked it ends
 
 
 class LaunchError(RuntimeError):
@@ -94,6 +104,39 @@ def launch_in_notebook(fn: Callable, args: tuple = (), num_processes: int = 1, *
 # --------------------------------------------------------------------------------------------
 
 
+def _prctl() -> Callable[..., int] | None:
+    """libc's ``prctl`` on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets SIGKILL when this process dies,
+    however it dies (Linux ``PR_SET_PDEATHSIG``); None on other platforms.
+
+    The signal comes when the THREAD that started the child ends, so start it from a thread that
+    outlives it (``launch_subprocess`` waits for its child in the thread that started it). If this
+    process died before the request took effect, the child kills itself at once.
+    """
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:  # runs in the child between fork and exec: no imports, no locks
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
 def launch_command(target: Sequence[str], num_processes: int = 1, config_file: str | os.PathLike | None = None,
                    cpu: bool = False, port: int | None = None) -> list[str]:
     """The ``accelerate launch`` command line that runs ``target`` (script + args, or ``-m module``
@@ -133,14 +176,15 @@ def launch_subprocess(script_or_module_args: Sequence[str] | str, num_processes:
     """Run ``accelerate launch`` on ``script_or_module_args`` (``["train.py", "--x", "1"]`` or
     ``["-m", "vcb_lib.trainers", ...]``), streaming every output line to ``echo`` (default: print
     and flush) as it arrives. Returns 0; raises :class:`LaunchError` with the first failing rank's
-    traceback otherwise.
+    traceback otherwise. The launcher and its ranks are killed if this process dies (Linux).
     """
     target = script_or_module_args.split() if isinstance(script_or_module_args, str) else list(script_or_module_args)
     if not target:
         raise ValueError("nothing to launch: pass a script path or -m module, with its arguments")
     echo = echo or (lambda line: print(line, flush=True))
     with tempfile.TemporaryDirectory(prefix="vcb-launch-") as errors:
-        run_env = {**MALLOC_ENV, **os.environ, **(env or {}), ERRORS_ENV: errors, "PYTHONUNBUFFERED": "1"}
+        run_env = {**MALLOC_ENV, **os.environ, **(env or {}), ERRORS_ENV: errors, "PYTHONUNBUFFERED": "1",
+                   OWNER_ENV: str(os.getpid())}
         if cpu:
             run_env["ACCELERATE_USE_CPU"] = "true"
         root = str(Path(__file__).resolve().parents[1])  # vcb_lib importable from any cwd
@@ -148,7 +192,7 @@ def launch_subprocess(script_or_module_args: Sequence[str] | str, num_processes:
         cmd = launch_command(target, num_processes, config_file, cpu)
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                              env=run_env, cwd=cwd, errors="replace") as proc:
+                              env=run_env, cwd=cwd, errors="replace", preexec_fn=die_with_parent()) as proc:
             for line in proc.stdout:
                 line = line.rstrip("\n")
                 tail.append(line)
@@ -247,5 +291,34 @@ def _record(text: str) -> None:
         Path(folder, f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "time": time.time(), "traceback": text}))
 
 
+def _die_with_launcher() -> None:
+    """In a rank that :func:`launch_subprocess` started (``OWNER_ENV`` set), on Linux: SIGKILL when
+    the launcher that started this rank dies. A launcher that died before the request took effect
+    left this rank re-parented (to init or a sub-reaper), whose ancestors no longer include the
+    owner: the rank then ends at once."""
+    owner, prctl = os.environ.get(OWNER_ENV, ""), _prctl()
+    if not owner.isdigit() or prctl is None:
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if not _has_ancestor(os.getppid(), int(owner)):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _has_ancestor(pid: int, ancestor: int, depth: int = 8) -> bool:
+    """Whether ``ancestor`` is ``pid`` or one of its first ``depth`` ancestors (read from /proc)."""
+    for _ in range(depth):
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # fields after "(comm)": state, ppid, ...
+    return False
+
+
 if __name__ == "__main__":
+    _die_with_launcher()  # here, not in _worker: it concerns this rank process (tests call _worker in-process)
     _worker(sys.argv[1:])

@@ -4,9 +4,15 @@ Each notebook ``notebooks/NN_<name>.ipynb`` is one stage. The runner validates t
 writes the resolved config to ``outputs/<run>/config.yaml``, checks that every parameter it
 injects is declared in each notebook's ``parameters`` cell (papermill itself only warns), then
 executes the notebooks in order into ``outputs/<run>/notebooks/``.
+
+Every process of a run dies with the runner, even when it is killed by SIGKILL (Linux): each
+notebook's kernel is started with ``launch.die_with_parent`` (ipykernel alone would notice only at
+its next 1 s poll of its parent), and the training processes it launches die with the kernel
+(``vcb_lib.launch``).
 """
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import time
@@ -98,6 +104,24 @@ def check_parameters(stage: Stage, injected: dict) -> None:
                           f"its parameters cell declares {sorted(declared)}")
 
 
+@functools.cache
+def kernel_manager_class() -> type:
+    """jupyter_client's ``AsyncKernelManager`` (nbclient's default), starting the kernel so that it
+    gets SIGKILL the moment this process dies; ``start_kernel``'s keywords go to ``Popen``."""
+    from jupyter_client import AsyncKernelManager
+
+    from vcb_lib.launch import die_with_parent
+
+    class KernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            preexec = die_with_parent()
+            if preexec is not None:
+                kw.setdefault("preexec_fn", preexec)
+            return await super().start_kernel(**kw)
+
+    return KernelManager
+
+
 def source_cell_index(executed: Path, exec_count: int | None) -> int | None:
     """Index, in the source notebook, of the executed cell numbered ``exec_count``: papermill's
     own index counts the cells it inserted (injected parameters, error banners)."""
@@ -142,7 +166,8 @@ def run(params_path: str | Path, overrides: list[str] | None = None, *, only: li
             t0 = time.monotonic()
             try:
                 papermill.execute_notebook(str(stage.path), str(out), parameters=injected, cwd=str(stage.path.parent),
-                                           progress_bar=sys.stderr.isatty(), log_output=False)
+                                           progress_bar=sys.stderr.isatty(), log_output=False,
+                                           kernel_manager_class=kernel_manager_class())
             except PapermillExecutionError as err:
                 cell = source_cell_index(out, err.exec_count)
                 raise StageFailed(stage.stem, cell, f"{err.ename}: {err.evalue}", out) from None

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
-from vcb_lib.config import Config, ConfigError, load_params, parse_override, resolve_path
+from vcb_lib.config import Config, ConfigError, _yaml, load_params, parse_override, resolve_path
 from vcb_lib.stages import ablations, evaluate
 
 if TYPE_CHECKING:
@@ -94,7 +94,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = _yaml(path.read_text()) or {}  # the params files' loader: 5e-6 is a number
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping with keys {list(SWEEP_KEYS)}")
     unknown = sorted(set(raw) - set(SWEEP_KEYS))
