@@ -1,4 +1,4 @@
-"""Reference log-prob pass speed: ``models.sequence_logps`` tokens/s, fp32 vs bf16 autocast, by batch
+"""Reference log-prob pass speed: ``logps.sequence_logps`` tokens/s, fp32 vs bf16 autocast, by batch
 size, with each prompt run once for its n candidates (``shared``, the library's way) or once per pair
 (``flat``, ``share_prompts=False``).
 
@@ -86,7 +86,8 @@ def run_child(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from vcb_lib.models import encode_pairs, load_policy, load_tokenizer, sequence_logps
+    from vcb_lib.logps import encode_pairs, sequence_logps
+    from vcb_lib.models import load_policy, load_tokenizer
 
     layout, precision, batch_size = args.child.split(":")
     batch_size = int(batch_size)

@@ -141,7 +141,8 @@ def peak_rss_mib() -> float:
 
 def exact_length_prompt(tok, text: str, length: int) -> str:
     """``format_prompt(text')`` whose token ids (as our trainer encodes them) number exactly ``length``."""
-    from vcb_lib.models import encode_pairs, format_prompt
+    from vcb_lib.logps import encode_pairs
+    from vcb_lib.models import format_prompt
 
     def n_ids(user: str) -> int:
         return len(encode_pairs(tok, [format_prompt(tok, user)], [[]])[0][0])
@@ -165,7 +166,8 @@ def build_data(args, path: Path) -> dict:
     import torch
 
     from vcb_lib.data import task_prompts
-    from vcb_lib.models import encode_pairs, load_policy, load_tokenizer, sequence_logps
+    from vcb_lib.logps import encode_pairs, sequence_logps
+    from vcb_lib.models import load_policy, load_tokenizer
     from vcb_lib.samplers import HFSampler
 
     set_threads(args.threads)

@@ -217,7 +217,7 @@ def test_notebook_06_panel_in_jupyterlab(tmp_path):
 
     data = screenshot.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 20_000, f"{screenshot} is not a real screenshot ({len(data)} bytes)"
-    points = sorted((outputs / "panel").glob("*/point.json"))
-    assert len(points) == 1, f"expected one finished point under {outputs / 'panel'}, found {points}"
+    points = sorted((outputs / "smoke" / "panel").glob("*/point.json"))
+    assert len(points) == 1, f"expected one finished point under {outputs / 'smoke' / 'panel'}, found {points}"
     record = json.loads(points[0].read_text())
     assert 0.0 <= record["win_rate"] <= 1.0 and record["point"] == points[0].parent.name

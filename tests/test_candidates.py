@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from vcb_lib.data import CANDIDATE_COLUMNS, build_candidates, candidate_groups, collate_groups, load_prompts
-from vcb_lib.models import load_policy, load_tokenizer, sequence_logps
+from vcb_lib.logps import sequence_logps
+from vcb_lib.models import load_policy, load_tokenizer
 from vcb_lib.samplers import HFSampler
 
 BUILD = r'''

@@ -10,7 +10,7 @@ from vcb_lib.config import PROJECT_ROOT
 LIB = PROJECT_ROOT / "vcb_lib"
 LAYERS = {
     1: ["io", "config", "losses", "theory", "manifest", "tasks", "launch"],  # ground: pure functions, typed config
-    2: ["models"],  # model specs and loading, log-prob kernels
+    2: ["models", "logps"],  # model specs and loading; log-prob kernels
     3: ["data", "samplers"],  # prompt sets, hub loaders, D_t builder
     4: ["rewards", "trainers", "metrics", "judge", "plots"],  # methods and measures
     5: ["stages"],  # one module per notebook

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import DEVICES
 
+from vcb_lib import logps as L
 from vcb_lib import models as M
 from vcb_lib.config import PROJECT_ROOT
 
@@ -67,7 +68,7 @@ def test_sequence_logps_matches_unpadded_loop(model, tok):
     tok.padding_side = "left"  # what samplers set; log-probs pad right regardless
     try:
         for bs in (1, 2, 8):
-            got = M.sequence_logps(model, tok, prompts, RESPONSES, batch_size=bs)
+            got = L.sequence_logps(model, tok, prompts, RESPONSES, batch_size=bs)
             assert got.shape == (len(prompts),) and got.dtype == torch.float32
             # 1e-5 nats, plus 1e-6 relative: a float32 sum near -150 is only resolved to 1.5e-5
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-6)
@@ -82,12 +83,12 @@ def test_pad_equals_eos_is_counted_and_padding_is_not(model, tok):
     prompt = ids(tok, "Answer briefly:")
     responses = [a + [eos], a + [eos] + b + [eos], a, b + b + b + b]  # eos inside and at the end
     prompts = [prompt] * len(responses)
-    got, n = M.sequence_logps(model, tok, prompts, responses, batch_size=4, return_n_tokens=True)
+    got, n = L.sequence_logps(model, tok, prompts, responses, batch_size=4, return_n_tokens=True)
     assert n.tolist() == [len(r) for r in responses]
     want = torch.tensor([reference_logp(model, prompt, r) for r in responses], dtype=torch.float64)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-6)
     # the same counts come out of the batch masks (built from lengths, not from ids == pad)
-    batch = M.tokenize_pairs(tok, prompts, responses)
+    batch = L.tokenize_pairs(tok, prompts, responses)
     assert batch["response_mask"].sum(-1).tolist() == n.tolist()
     assert batch["attention_mask"].sum(-1).tolist() == [len(prompt) + len(r) for r in responses]
 
@@ -96,8 +97,8 @@ def test_add_eos_appends_once(model, tok):
     eos = tok.eos_token_id
     r = ids(tok, " fine")
     p = ids(tok, "How are you?")
-    plain, n0 = M.sequence_logps(model, tok, [p, p], [r, r + [eos]], return_n_tokens=True)
-    added, n1 = M.sequence_logps(model, tok, [p, p], [r, r + [eos]], add_eos=True, return_n_tokens=True)
+    plain, n0 = L.sequence_logps(model, tok, [p, p], [r, r + [eos]], return_n_tokens=True)
+    added, n1 = L.sequence_logps(model, tok, [p, p], [r, r + [eos]], add_eos=True, return_n_tokens=True)
     assert n0.tolist() == [len(r), len(r) + 1] and n1.tolist() == [len(r) + 1, len(r) + 1]
     torch.testing.assert_close(added[0], plain[1])  # appended eos == explicit eos
     torch.testing.assert_close(added[1], plain[1])  # not appended twice
@@ -109,7 +110,7 @@ def test_prompt_tokens_are_excluded(model, tok):
     p2 = p1[:-1] + ids(tok, " knight")[-1:]
     assert p1 != p2 and len(p1) == len(p2)
     r = ids(tok, " Once upon a time there was a dragon.")
-    got, n = M.sequence_logps(model, tok, [p1, p2], [r, r], return_n_tokens=True)
+    got, n = L.sequence_logps(model, tok, [p1, p2], [r, r], return_n_tokens=True)
     assert n.tolist() == [len(r), len(r)]
     assert abs(got[0] - got[1]) > 1e-4  # the prompt conditions the response
     assert abs(got[0].item() - reference_logp(model, p1, r)) < 1e-5
@@ -118,8 +119,8 @@ def test_prompt_tokens_are_excluded(model, tok):
 
 
 def test_text_and_ids_give_the_same_result(model, tok):
-    by_text = M.sequence_logps(model, tok, PROMPTS, RESPONSES)
-    by_ids = M.sequence_logps(model, tok, [ids(tok, p) for p in PROMPTS], [ids(tok, r) for r in RESPONSES])
+    by_text = L.sequence_logps(model, tok, PROMPTS, RESPONSES)
+    by_ids = L.sequence_logps(model, tok, [ids(tok, p) for p in PROMPTS], [ids(tok, r) for r in RESPONSES])
     torch.testing.assert_close(by_text, by_ids, atol=0, rtol=0)
 
 
@@ -127,25 +128,25 @@ def test_accepts_series_and_id_arrays(model, tok):
     """What a candidates table hands over: pandas columns, numpy id arrays."""
     pd = pytest.importorskip("pandas")
     np = pytest.importorskip("numpy")
-    want = M.sequence_logps(model, tok, PROMPTS[:2], RESPONSES[:2])
-    got = M.sequence_logps(model, tok, pd.Series(PROMPTS[:2]), [np.array(ids(tok, r)) for r in RESPONSES[:2]])
+    want = L.sequence_logps(model, tok, PROMPTS[:2], RESPONSES[:2])
+    got = L.sequence_logps(model, tok, pd.Series(PROMPTS[:2]), [np.array(ids(tok, r)) for r in RESPONSES[:2]])
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_max_length_cuts_prompt_start_then_response_end(model, tok):
     p, r = ids(tok, " ".join(["word"] * 20)), ids(tok, " a b c")
-    got, n = M.sequence_logps(model, tok, [p], [r], max_length=10, return_n_tokens=True)
+    got, n = L.sequence_logps(model, tok, [p], [r], max_length=10, return_n_tokens=True)
     assert n.item() == len(r)
     assert abs(got.item() - reference_logp(model, p[-(10 - len(r)):], r)) < 1e-5
     long_r = ids(tok, " one two three four five six seven eight nine ten eleven")
-    got, n = M.sequence_logps(model, tok, [p], [long_r], max_length=6, return_n_tokens=True)
+    got, n = L.sequence_logps(model, tok, [p], [long_r], max_length=6, return_n_tokens=True)
     assert n.item() == 5
     assert abs(got.item() - reference_logp(model, p[-1:], long_r[:5])) < 1e-5
 
 
 def test_bf16_autocast_close_to_fp32(model, tok):
-    fp32 = M.sequence_logps(model, tok, PROMPTS, RESPONSES)
-    bf16 = M.sequence_logps(model, tok, PROMPTS, RESPONSES, autocast_bf16=True)
+    fp32 = L.sequence_logps(model, tok, PROMPTS, RESPONSES)
+    bf16 = L.sequence_logps(model, tok, PROMPTS, RESPONSES, autocast_bf16=True)
     assert bf16.dtype == torch.float32
     assert not torch.equal(bf16, fp32)  # autocast really ran
     # bf16 has an 8-bit mantissa: allow 1% of the summed log-prob plus 0.05 nats
@@ -155,18 +156,18 @@ def test_bf16_autocast_close_to_fp32(model, tok):
 
 def test_batch_logps_keeps_grad_and_matches(model, tok):
     m = copy.deepcopy(model).train()
-    batch = M.tokenize_pairs(tok, PROMPTS, RESPONSES)
-    out = M.batch_logps(m, batch)  # (B,)
+    batch = L.tokenize_pairs(tok, PROMPTS, RESPONSES)
+    out = L.batch_logps(m, batch)  # (B,)
     assert out.requires_grad and out.shape == (len(PROMPTS),)
     out.sum().backward()
     assert m.model.embed_tokens.weight.grad.abs().sum() > 0
-    torch.testing.assert_close(out.detach(), M.sequence_logps(m, tok, PROMPTS, RESPONSES), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out.detach(), L.sequence_logps(m, tok, PROMPTS, RESPONSES), atol=1e-5, rtol=1e-6)
 
 
 def test_sequence_logps_restores_mode_and_has_no_grad(model, tok):
     model.train()
     try:
-        out = M.sequence_logps(model, tok, PROMPTS[:2], RESPONSES[:2])
+        out = L.sequence_logps(model, tok, PROMPTS[:2], RESPONSES[:2])
         assert model.training and not out.requires_grad
     finally:
         model.eval()
@@ -174,22 +175,22 @@ def test_sequence_logps_restores_mode_and_has_no_grad(model, tok):
 
 def test_empty_prompt_gets_bos(model, tok):
     r = ids(tok, " hello")
-    got, n = M.sequence_logps(model, tok, [""], [r], return_n_tokens=True)
+    got, n = L.sequence_logps(model, tok, [""], [r], return_n_tokens=True)
     assert n.item() == len(r)
     assert abs(got.item() - reference_logp(model, [tok.bos_token_id], r)) < 1e-5
 
 
 def test_input_errors(model, tok):
     with pytest.raises(ValueError, match="no \\(prompt, response\\) pairs"):
-        M.sequence_logps(model, tok, [], [])
+        L.sequence_logps(model, tok, [], [])
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
-        M.sequence_logps(model, tok, ["a", "b"], ["c"])
+        L.sequence_logps(model, tok, ["a", "b"], ["c"])
     with pytest.raises(TypeError, match="prompts must be a list"):
-        M.sequence_logps(model, tok, "a", ["c"])
+        L.sequence_logps(model, tok, "a", ["c"])
     with pytest.raises(ValueError, match="batch_size"):
-        M.sequence_logps(model, tok, ["a"], ["c"], batch_size=0)
+        L.sequence_logps(model, tok, ["a"], ["c"], batch_size=0)
     with pytest.raises(ValueError, match="max_length"):
-        M.tokenize_pairs(tok, ["a"], ["c"], max_length=1)
+        L.tokenize_pairs(tok, ["a"], ["c"], max_length=1)
 
 
 # -----------------------------------------------------------------------------
@@ -285,7 +286,7 @@ def test_random_pythia_loads_seeded_with_the_smollm2_tokenizer(tok):
     assert pythia_tok("Hello there").input_ids == tok("Hello there").input_ids
     assert len(pythia_tok) <= a.config.vocab_size and a.config.eos_token_id == pythia_tok.eos_token_id
     prompts, responses = ["Say hi.", "Count to three, slowly."], [[5, 6, 7], [8, 9]]
-    logps = M.sequence_logps(a, pythia_tok, prompts, responses)
+    logps = L.sequence_logps(a, pythia_tok, prompts, responses)
     assert logps.shape == (2,) and torch.isfinite(logps).all() and (logps < 0).all()
 
 
@@ -417,12 +418,12 @@ def test_smollm2_logps_are_sensible():
     model = M.load_policy("packaged:smollm2-135m-instruct")
     tok = M.load_tokenizer("packaged:smollm2-135m-instruct")
     prompt = M.format_prompt(tok, "What is the capital of France? Answer in one word.")
-    good, bad = M.sequence_logps(model, tok, [prompt, prompt], ["Paris", "Banana"])
+    good, bad = L.sequence_logps(model, tok, [prompt, prompt], ["Paris", "Banana"])
     assert good > bad
     # batching on a real model: equals the unpadded loop
     prompts = [M.format_prompt(tok, p) for p in PROMPTS]
-    got = M.sequence_logps(model, tok, prompts, RESPONSES, batch_size=3)
-    one = M.sequence_logps(model, tok, prompts, RESPONSES, batch_size=1)
+    got = L.sequence_logps(model, tok, prompts, RESPONSES, batch_size=3)
+    one = L.sequence_logps(model, tok, prompts, RESPONSES, batch_size=1)
     torch.testing.assert_close(got, one, atol=1e-4, rtol=0)  # measured <= 8e-6
     # float32 log_softmax over 49152 logits (|logit| up to ~40) is off by ~1e-5 nats per token
     # against the float64 loop; measured <= 2.7e-4 on ~20-token responses
@@ -452,19 +453,19 @@ def test_shared_prompt_logps_equal_flat_batch_and_grads(model, family, checkpoin
     m = (copy.deepcopy(model) if family == "llama" else tiny_gpt_neox()).double().train().to(device)
     if checkpointing:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert M.can_share_prompts(m)
+    assert L.can_share_prompts(m)
     g = torch.Generator().manual_seed(1)
     rand = lambda k: torch.randint(3, 250, (k,), generator=g).tolist()  # noqa: E731
     prompts = [rand(7), rand(3), rand(1)]  # different lengths: left padding of 6 and 4 in the shared batch
     responses = [rand(5), rand(2), rand(9), rand(1), rand(4), rand(6)]
     index = [0, 0, 0, 1, 2, 2]
-    shared = M.collate_shared_prompts(prompts, responses, index, pad_id=0)
-    flat = M.collate_pairs([(prompts[b], r) for b, r in zip(index, responses)], pad_id=0)
-    assert M.sequence_tokens(shared) == M.sequence_tokens(flat) == sum(len(prompts[b]) + len(r) for b, r in zip(index, responses))
+    shared = L.collate_shared_prompts(prompts, responses, index, pad_id=0)
+    flat = L.collate_pairs([(prompts[b], r) for b, r in zip(index, responses)], pad_id=0)
+    assert L.sequence_tokens(shared) == L.sequence_tokens(flat) == sum(len(prompts[b]) + len(r) for b, r in zip(index, responses))
     grads = []
     for batch in (shared, flat):
         m.zero_grad(set_to_none=True)
-        out = M.batch_logps(m, {k: v.to(device) for k, v in batch.items()})  # (R,)
+        out = L.batch_logps(m, {k: v.to(device) for k, v in batch.items()})  # (R,)
         (out * torch.arange(1.0, 7.0, dtype=out.dtype, device=device)).sum().backward()  # rows weighted differently
         grads.append((out.detach().cpu(), torch.cat([p.grad.flatten() for p in m.parameters()]).cpu()))
     # Llama's RMSNorm computes in float32 even in a float64 model. On the CPU a row gives the same
@@ -489,21 +490,21 @@ def test_sliding_window_models_score_in_plain_rows(tok):
     torch.manual_seed(0)
     m = MistralForCausalLM(MistralConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, sliding_window=4)).eval()
-    assert not M.can_share_prompts(m)
+    assert not L.can_share_prompts(m)
     prompts, responses = [[5, 6, 7, 8, 9], [5, 6, 7, 8, 9], [10, 11]], [[12, 13, 14], [15], [16, 17, 18, 19, 20]]
-    got = M.sequence_logps(m, tok, prompts, responses, batch_size=3)
+    got = L.sequence_logps(m, tok, prompts, responses, batch_size=3)
     want = torch.tensor([reference_logp(m, p, r) for p, r in zip(prompts, responses)])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
 def test_collate_shared_prompts_layout_and_bad_input():
-    b = M.collate_shared_prompts([[5, 6, 7], [8]], [[1, 2], [3], []], [0, 1, 1], pad_id=0)
+    b = L.collate_shared_prompts([[5, 6, 7], [8]], [[1, 2], [3], []], [0, 1, 1], pad_id=0)
     assert b["prompt_ids"].tolist() == [[5, 6, 7], [0, 0, 8]] and b["prompt_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert b["completion_ids"].tolist() == [[1, 2], [3, 0], [0, 0]] and b["n_tokens"].tolist() == [2, 1, 0]
     with pytest.raises(ValueError, match="prompt is empty"):
-        M.collate_shared_prompts([[]], [[1]], [0], pad_id=0)
+        L.collate_shared_prompts([[]], [[1]], [0], pad_id=0)
     with pytest.raises(ValueError, match="one prompt_index per response"):
-        M.collate_shared_prompts([[1]], [[1], [2]], [0], pad_id=0)
+        L.collate_shared_prompts([[1]], [[1], [2]], [0], pad_id=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -517,7 +518,7 @@ def test_sequence_logps_shares_repeated_prompts(model, tok, batch_size, device):
     p0, p1 = rand(6), rand(2)
     prompts = [p0, p0, p1, p0, p1, p0]
     responses = [rand(4), rand(7), rand(3), [], rand(5), rand(2)]
-    got = M.sequence_logps(model, tok, prompts, responses, batch_size=batch_size, max_length=11)
+    got = L.sequence_logps(model, tok, prompts, responses, batch_size=batch_size, max_length=11)
     want = []
     for p, r in zip(prompts, responses):
         p = p[-max(1, 11 - len(r)):]  # encode_pairs keeps the end of a prompt that does not fit

@@ -138,7 +138,7 @@ def test_evaluation_and_report(smoke):
 def test_ablation_sweep_shares_the_run_upstream(smoke):
     """Notebook 06 ran params/sweeps/smoke.yaml: one row per point, each point trained only VCB on
     this run's D_t (no upstream of its own), and the figure and report section exist."""
-    root = smoke.run_dir.parent / "sweep-smoke"
+    root = smoke.run_dir / "sweeps" / "sweep-smoke"
     results = pd.read_csv(root / "results.csv")
     assert list(results.label) == ["0.5", "w/o"] and set(results.method) == {"vcb"}
     assert list(results["training.gamma"].astype(float)) == [0.5, smoke.training.gamma]
@@ -173,7 +173,7 @@ def test_panel_runs_a_point_headless(smoke):
     row = table.iloc[0]
     assert row["training.gamma"] == pytest.approx(0.2, rel=1e-3) and row["training.methods"] == ["dpo"]
     assert 0 <= row.win_rate_lo <= row.win_rate <= row.win_rate_hi <= 1 and np.isfinite(row.kl)
-    folder = smoke.run_dir.parent / "panel" / row.point
+    folder = smoke.run_dir / "panel" / row.point
     assert json.loads((folder / "point.json").read_text())["win_rate"] == pytest.approx(row.win_rate)
     assert (folder / "03_train").is_dir() and not (folder / "02_candidates").exists()  # shares the run's D_t
     assert panel.image.value[:8] == b"\x89PNG\r\n\x1a\n" and "dpo" in panel.table.value
@@ -213,8 +213,8 @@ def test_panel_and_runner_give_the_same_metrics(smoke):
     panel.run_button.click()
     panel.wait(timeout=600)
     point = panel.plot_data().iloc[-1].point
-    by_panel = json.loads((smoke.run_dir.parent / "panel" / point / "04_eval" / "metrics.json").read_text())
-    by_runner = json.loads((smoke.run_dir.parent / "sweep-smoke" / "gamma-0.5" / "04_eval" / "metrics.json").read_text())
+    by_panel = json.loads((smoke.run_dir / "panel" / point / "04_eval" / "metrics.json").read_text())
+    by_runner = json.loads((smoke.run_dir / "sweeps" / "sweep-smoke" / "gamma-0.5" / "04_eval" / "metrics.json").read_text())
     _close(by_runner, by_panel)
 
 

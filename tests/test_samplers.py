@@ -1,4 +1,4 @@
-"""Samplers: both backends report log-probs that agree with models.sequence_logps; seeding."""
+"""Samplers: both backends report log-probs that agree with logps.sequence_logps; seeding."""
 import copy
 import json
 import subprocess
@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import DEVICES
 
-from vcb_lib.models import format_prompt, load_policy, load_tokenizer, sequence_logps
+from vcb_lib.logps import sequence_logps
+from vcb_lib.models import format_prompt, load_policy, load_tokenizer
 from vcb_lib.samplers import HFSampler, resolve_backend, vllm_available
 
 PROMPTS = ["Write a short review of the film 'Jaws'.", "How do I boil an egg?", "Name three rivers."]
@@ -76,7 +77,8 @@ def test_backend_resolution():
 
 VLLM_AGREEMENT = r'''
 import json, sys, torch
-from vcb_lib.models import load_policy, load_tokenizer, sequence_logps, ensure_model_folder
+from vcb_lib.logps import sequence_logps
+from vcb_lib.models import load_policy, load_tokenizer, ensure_model_folder
 from vcb_lib.samplers import VLLMSampler
 if __name__ == "__main__":
     folder = ensure_model_folder("tiny-random")
@@ -111,7 +113,7 @@ def test_hf_prefill_once_samples_what_generate_samples(tiny, device):
     """The sampler's prompt-once prefill draws the same tokens as ``generate(num_return_sequences=n)``
     with the same seed: prompts of different lengths (left padding), a float64 model so that no
     rounding can flip a draw."""
-    from vcb_lib.models import _pad_id, encode_pairs
+    from vcb_lib.logps import _pad_id, encode_pairs
     from vcb_lib.samplers import _seed
 
     model, tok = tiny

@@ -33,3 +33,25 @@ def test_judge_win_rates_compares_the_reference_with_every_policy(fake_judge):
     assert "Dialogue: q0\nResponse A: vcb-0-0\nResponse B: sft-0-0" in first  # k = 0 samples only
     with pytest.raises(ValueError, match="judge_model is empty"):
         ev.judge_win_rates(load_params(None, {"evaluation.judge_url": fake_judge.url}), samples)
+
+
+def test_non_finite_rewards_are_refused_naming_column_and_rows():
+    import numpy as np
+    import pandas as pd
+
+    from vcb_lib.stages.generate import check_rewards
+
+    table = pd.DataFrame({"reward": [0.1, np.inf, 0.3, -np.inf], "gold": [0.0, 0.1, 0.2, 0.3]})
+    with pytest.raises(ValueError, match=r"D_t: 2 non-finite value\(s\) in column 'reward' \(first rows \[1, 3\]\)"):
+        check_rewards(table, ("reward", "gold"), "D_t")
+    assert check_rewards(table.iloc[[0, 2]], ("reward", "gold"), "D_t") is not None
+
+
+@pytest.mark.notebook
+def test_a_later_stage_on_a_fresh_run_names_the_stage_to_run_first(tmp_path):
+    """Issue #16: `--only 05` on a fresh run used to end in a bare FileNotFoundError."""
+    from vcb_lib.config import PROJECT_ROOT
+    from vcb_lib.runner import StageFailed, run
+
+    with pytest.raises(StageFailed, match=r"metrics.json is not built yet.*run stage 04_evaluate first"):
+        run(PROJECT_ROOT / "params" / "smoke.yaml", [f"run.output_root={tmp_path}"], only=["05"], log=lambda m: None)

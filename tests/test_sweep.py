@@ -128,7 +128,7 @@ base: BASE
 set: {{training.methods: [vcb], run.output_root: {out}}}
 grid: {{training.gamma: [0.1, 1.0]}}
 """)
-    root = out / "abl"
+    root = out / "smoke" / "sweeps" / "abl"  # inside the base run's folder
     first = root / "gamma-0.1" / "point.json"
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "vcb_lib", "sweep", str(path)], cwd=PROJECT_ROOT, env=env,

@@ -18,7 +18,8 @@ from vcb_lib.config import PROJECT_ROOT, TrainingConfig, load_params
 from vcb_lib.data import CandidateGroup, candidate_groups
 from vcb_lib.launch import launch_subprocess
 from vcb_lib.losses import LossType
-from vcb_lib.models import load_policy, load_tokenizer, sequence_logps, tiny_random_config
+from vcb_lib.logps import sequence_logps
+from vcb_lib.models import load_policy, load_tokenizer, tiny_random_config
 from vcb_lib.trainers import (
     CheckpointWarning,
     Trainer,
@@ -147,7 +148,7 @@ def test_reward_model_learns_preferences(tok, tmp_path):
 def test_reward_scores_read_the_last_real_token(tok):
     """The score sits at each row's last attended token, even when that token equals the pad id
     (SmolLM2: pad == eos), where HF's own pooling would read one token too early."""
-    from vcb_lib.models import tokenize_pairs
+    from vcb_lib.logps import tokenize_pairs
 
     rm = tiny_reward_model().eval()
     eos = tok.eos_token_id

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--only", nargs="+", metavar="STAGE", help="run only these notebooks (e.g. 00_theory or theory)")
     group.add_argument("--from", dest="start", metavar="STAGE", help="run this notebook and every later one")
 
-    p_sweep = sub.add_parser("sweep", help="run every unfinished point of a sweep file into outputs/<sweep>/<point>/")
+    p_sweep = sub.add_parser("sweep", help="run every unfinished point of a sweep file into outputs/<run>/sweeps/<sweep>/<point>/")
     p_sweep.add_argument("sweep", help="sweep file, e.g. params/sweeps/gamma.yaml")
 
     p_list = sub.add_parser("list-params", help="print the resolved parameters with their documentation")

@@ -371,13 +371,13 @@ def collate_groups(tokenizer, groups: Sequence[CandidateGroup], *, max_length: i
 
     ``share_prompts``: when every group's responses share its prompt ids (always, unless
     ``max_length`` cut a prompt differently for two of them), the rows come as a
-    ``models.collate_shared_prompts`` batch instead (``prompt_ids``/``prompt_mask`` (B, Tp),
+    ``logps.collate_shared_prompts`` batch instead (``prompt_ids``/``prompt_mask`` (B, Tp),
     ``completion_ids``/``completion_mask`` (R, Tc), ``prompt_index`` (R,)): ``batch_logps`` then
     runs each prompt once for its n candidates. Otherwise the flat batch above.
     """
     import torch
 
-    from vcb_lib.models import _pad_id, collate_pairs, collate_shared_prompts, encode_pairs
+    from vcb_lib.logps import _pad_id, collate_pairs, collate_shared_prompts, encode_pairs
 
     if not groups:
         raise ValueError("collate_groups needs at least one group")
@@ -433,7 +433,7 @@ def build_candidates(prompts: Sequence[Mapping], sampler, out_dir: str | Path, *
     from tqdm.auto import tqdm
 
     from vcb_lib.io import atomic_write_bytes, read_json, write_json
-    from vcb_lib.models import sequence_logps
+    from vcb_lib.logps import sequence_logps
 
     prompts = list(prompts)
     if not prompts:

@@ -553,7 +553,7 @@ class LearnedRewardModel:
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], *, show_progress: bool | None = None) -> np.ndarray:
-        from vcb_lib.models import collate_pairs, encode_pairs
+        from vcb_lib.logps import collate_pairs, encode_pairs
         from vcb_lib.trainers import reward_scores
 
         prompts, responses = check_inputs(prompts, responses)

@@ -3,7 +3,7 @@
 ``Sampler.generate(prompts, n, temperature, max_new_tokens, seed, top_p)`` returns, per prompt,
 n ``Completion`` s with token ids, text, finish reason and the sampler's own summed log-prob of
 the tokens under the model's raw distribution (before temperature / top-p), which equals
-``models.sequence_logps`` of the same response under the same model.
+``logps.sequence_logps`` of the same response under the same model.
 
 Seeding is per prompt (HF: per batch of prompts at fixed boundaries), so a resumed run that starts
 from prompt k draws exactly what the uninterrupted run drew.
@@ -18,7 +18,8 @@ from typing import Sequence
 
 import torch
 
-from vcb_lib.models import _pad_id, encode_pairs, forked_rng, prompt_cache
+from vcb_lib.logps import _pad_id, encode_pairs, prompt_cache
+from vcb_lib.models import forked_rng
 
 BACKENDS = ("auto", "hf", "vllm")
 

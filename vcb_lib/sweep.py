@@ -10,7 +10,7 @@ config keys (their cartesian product) and optional extra points::
     points: [{label: w/o, set: {training.reduction: mean}}]   # optional, beside the grid
 
 Each point runs notebooks 03 (train) and 04 (evaluate) through the runner into
-``outputs/<sweep>/<point>/``. Points whose upstream (π_sft, reward model, D_t: see
+``outputs/<run>/sweeps/<sweep>/<point>/``. Points whose upstream (π_sft, reward model, D_t: see
 ``Config.upstream_hash``) is the same share it: the base run's folder when it is current, else one
 ``<sweep>/upstream-<hash>/`` built once by notebooks 01-02. A finished point (its ``point.json``
 is current for the point's config, ``vcb_lib.stages.ablations``) is skipped, so a killed sweep resumes where it stopped; within a point,
@@ -77,7 +77,9 @@ class Sweep:
             raise ConfigError(f"{self.source}, point {point.name!r}: {err}") from None
 
     def root(self) -> Path:
-        return resolve_path(load_params(self.base, self.overrides()).run.output_root) / self.name
+        """``<run>/sweeps/<name>/``: inside the folder of the run it belongs to (the base file's,
+        with the caller's overrides), so runs with other names never share a sweep."""
+        return load_params(self.base, self.overrides()).run_dir / "sweeps" / self.name
 
 
 def _folder(text: str) -> str:

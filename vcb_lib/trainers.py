@@ -14,7 +14,7 @@ Reference log-probs come precomputed with the groups: only the trained model is 
 Work the maths does not need is skipped (same losses and gradients, tested): candidates the loss
 never reads (best-vs-worst pairs, ReST's top_k: ``LossType.used_candidates``) are dropped from the
 groups at construction, and a policy's batch runs each prompt once for its n candidates
-(``share_prompts``, ``models.collate_shared_prompts``, also under gradient checkpointing); the
+(``share_prompts``, ``logps.collate_shared_prompts``, also under gradient checkpointing); the
 speed-ups are measured in bench/README.md.
 
 Data order (:func:`order_groups`). An epoch is a seeded shuffle of the groups, sorted by length
@@ -83,7 +83,7 @@ from vcb_lib.config import TrainingConfig
 from vcb_lib.data import CandidateGroup, collate_groups
 from vcb_lib.io import atomic_write_text, write_json
 from vcb_lib.losses import LossType
-from vcb_lib.models import batch_logps, can_share_prompts, sequence_tokens
+from vcb_lib.logps import batch_logps, can_share_prompts, sequence_tokens
 
 log = logging.getLogger(__name__)
 
@@ -337,9 +337,9 @@ class Trainer:
     ``max_length`` truncation of prompt + response tokens (None = none); ``on_step(step, trainer)``
     called on every rank after each optimizer step and once with step 0 before the first (e.g.
     ``CurveSampler``, Fig. 5); ``share_prompts`` (causal LMs scored by ``policy_scores``) runs
-    each prompt once for its n candidates (``models.batch_logps``, same log-probs and gradients,
+    each prompt once for its n candidates (``logps.batch_logps``, same log-probs and gradients,
     with gradient checkpointing too) where it can: a full-attention model
-    (``models.can_share_prompts``), not under FSDP or DeepSpeed, which then get the flat batch.
+    (``logps.can_share_prompts``), not under FSDP or DeepSpeed, which then get the flat batch.
 
     Candidates the loss never reads (``LossType.used_candidates``: best-vs-worst pairs, ReST's
     top_k) are dropped from ``groups`` here, so they cost no forward or backward pass.

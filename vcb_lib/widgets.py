@@ -35,7 +35,7 @@ class AblationPanel:
     def __init__(self, params_path: str | Path, overrides: list[str] | None = None, *, name: str = "panel"):
         self.params_path, self.overrides = str(params_path), list(overrides or [])
         self.base = load_params(self.params_path, self.overrides)
-        self.output_root = str(Path(self.base.run.output_root) / name)
+        self.output_root = str(self.base.run_dir / name)  # <run>/panel/: the run's own points
         t, s = self.base.training, self.base.sampling
         style = {"description_width": "110px"}
         self.gamma = W.FloatLogSlider(value=t.gamma, base=10, min=-3, max=0.5, step=0.05, description="γ (Eq. 9)", style=style)

@@ -23,7 +23,7 @@ def upstream_config(cfg: Config) -> Config:
     """The config that builds ``cfg``'s upstream folder (``run.upstream``) as a run of its own."""
     if not cfg.run.upstream:
         return cfg
-    up = resolve_path(cfg.run.output_root) / cfg.run.upstream
+    up = (resolve_path(cfg.run.output_root) / cfg.run.upstream).resolve()
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=up.name, upstream="", output_root=str(up.parent)))
 
 

@@ -122,7 +122,8 @@ def pool_logps(cfg: Config, pool: pd.DataFrame, *, log=print) -> dict[str, np.nd
     """log π of every pool candidate (rows in the pool's order) under every policy, every training
     seed's replicate included (``artefacts.replicate`` names them): one scoring pass per policy,
     each prompt forwarded once for its candidates; π_sft's are the pool's own."""
-    from vcb_lib.models import load_policy, load_tokenizer, sequence_logps
+    from vcb_lib.logps import sequence_logps
+    from vcb_lib.models import load_policy, load_tokenizer
 
     out = {"sft": pool.ref_logp.to_numpy(dtype=np.float64)}
     for method, seed in ((m, s) for m in cfg.training.methods for s in artefacts.training_seeds(cfg)):
@@ -250,7 +251,8 @@ def reward_kl_curve(cfg: Config, samples: pd.DataFrame, *, log=print) -> dict[st
     π_sft and the reward are computed here). Each point: mean evaluation reward and KL(π‖π_sft),
     both with SEs over prompts. ``{}`` when ``evaluation.curve_points`` is 0. Writes the scored
     snapshot samples to ``04_eval/curve.parquet``."""
-    from vcb_lib.models import load_policy, load_tokenizer, sequence_logps
+    from vcb_lib.logps import sequence_logps
+    from vcb_lib.models import load_policy, load_tokenizer
     from vcb_lib.rewards import gold_reward
 
     if not cfg.evaluation.curve_points:
