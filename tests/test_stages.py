@@ -55,3 +55,14 @@ def test_a_later_stage_on_a_fresh_run_names_the_stage_to_run_first(tmp_path):
 
     with pytest.raises(StageFailed, match=r"metrics.json is not built yet.*run stage 04_evaluate first"):
         run(PROJECT_ROOT / "params" / "smoke.yaml", [f"run.output_root={tmp_path}"], only=["05"], log=lambda m: None)
+
+
+def test_stage_01_with_the_gold_scorer_and_no_sft_samples_nothing(tmp_path):
+    from vcb_lib.config import load_params
+    from vcb_lib.rewards import SentimentGold
+    from vcb_lib.stages import sft_and_reward
+
+    cfg = load_params(None, {"run.output_root": str(tmp_path), "rewards.reward_model": "gold"})
+    out = sft_and_reward.run(cfg, log=lambda m: None)
+    assert out["pairs"] is None and out["sft"] is None and isinstance(out["reward_model"], SentimentGold)
+    assert sft_and_reward.read_metrics(cfg)["accuracy"] is None and not (cfg.run_dir / "01_models" / "pairs.parquet").exists()

@@ -97,7 +97,12 @@ def pool_sections(metrics: dict) -> list[str]:
             if dt.get("heldout_accuracy") is not None else "no held-out accuracy"
         rho = f"Spearman ρ with the {gold} on D_t {dt['spearman_gold_on_dt']:.3f}" \
             if dt.get("spearman_gold_on_dt") is not None else "no gold reward to compare with on D_t"
-        lines.append(f"**What scored D_t:** the `{dt['name']}` reward ({acc}; {rho}).\n")
+        if dt["name"] == "gold":
+            lines.append(f"**What scored D_t:** the {gold} itself (`rewards.reward_model: gold`): every method calibrates "
+                         "to the reward it is evaluated with, an oracle-reward setting. The paper scores D_t with a learned "
+                         "reward model (`rewards.reward_model: learned`, Eq. 18), whose errors this run does not include.\n")
+        else:
+            lines.append(f"**What scored D_t:** the `{dt['name']}` reward ({acc}; {rho}).\n")
     return lines
 
 
@@ -125,13 +130,17 @@ def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
     if metrics.get("ood_win_rate"):
         ood = {f"{ref} vs {m}": v for m, v in metrics["ood_win_rate"].items()}
         lines += ["## Table 5 analogue: out-of-distribution prompts\n", _table(ood, ["win", "tie", "lose", "win_rate"])]
-    if metrics.get("rm_accuracy"):
+    if (metrics.get("rm_accuracy") or {}).get("accuracy") is not None:
         lines += ["## Table 4 analogue: reward model accuracy (held-out pairs)\n",
                   _table({f"{cfg.rewards.reward_model} RM ({cfg.rewards.rm_backbone})" if cfg.rewards.reward_model == "learned"
                 else f"{cfg.rewards.reward_model} RM": metrics["rm_accuracy"]}, ["accuracy", "heldout_pairs", "spearman_gold"])]
         if cfg.rewards.reward_model == "gold":
             lines.append("The gold reward scored D_t here (`rewards.reward_model: gold`): its accuracy on gold-labelled "
                          "pairs is 1 by construction; `reward_model: learned` trains the Bradley-Terry model of Eq. 18.\n")
+    elif cfg.rewards.reward_model == "gold":
+        lines += ["## Table 4 analogue: no reward model was trained\n",
+                  "The gold reward scored D_t (`rewards.reward_model: gold`), so no Bradley-Terry model was needed; "
+                  "`rewards.reward_model: learned` trains the paper's (Eq. 18) and this table then shows its accuracy.\n"]
     if metrics.get("judge_win_rate"):
         judge = {f"{ref} vs {m}": v for m, v in metrics["judge_win_rate"].items()}
         lines += ["## Fig. 4 analogue: LLM judge (A.3 prompts, both orders)\n",

@@ -197,13 +197,19 @@ def metrics_artefact(cfg: Config) -> manifest.Artefact:
 
 def run(cfg: Config, *, log=print) -> dict:
     """The whole stage: pairs, π_sft, the reward model (trained when ``learned``) and its
-    accuracy, whatever ``rewards.reward_model`` is. Returns ``{"pairs", "sft", "reward_model",
+    accuracy, whatever ``rewards.reward_model`` is (with the gold reward and no SFT nothing needs
+    pairs: ``pairs`` is None, the accuracy None). Returns ``{"pairs", "sft", "reward_model",
     "metrics"}``; ``metrics`` (written to ``01_models/metrics.json``) has the accuracy, its
     ``scores`` (learned vs gold) only in the returned dict."""
-    pairs = preference_pairs(cfg, log=log)
-    sft_dir = train_sft(cfg, pairs, log=log)
-    rm = train_reward_model(cfg, pairs, log=log) if cfg.rewards.reward_model == "learned" else load_reward_model(cfg)
-    result = evaluate_reward_model(rm, pairs)
+    if not cfg.models.sft and cfg.rewards.reward_model == "gold":  # nothing here needs pairs: skip sampling them
+        log(f"stage 01: π_sft = {cfg.models.policy} (models.sft off) and the gold reward scores D_t: no pairs, no reward model")
+        pairs, sft_dir, rm = None, None, load_reward_model(cfg)
+        result = {"accuracy": None, "heldout_pairs": 0, "train_pairs": 0}
+    else:
+        pairs = preference_pairs(cfg, log=log)
+        sft_dir = train_sft(cfg, pairs, log=log)
+        rm = train_reward_model(cfg, pairs, log=log) if cfg.rewards.reward_model == "learned" else load_reward_model(cfg)
+        result = evaluate_reward_model(rm, pairs)
     metrics = {k: v for k, v in result.items() if k != "scores"} | {
         "reward_model": cfg.rewards.reward_model, "sft": str(sft_dir or cfg.models.policy)}
     art = metrics_artefact(cfg)
