@@ -378,14 +378,6 @@ class Config:
             out.update({f"{section}.{n}": data[section][n] for n in names})
         return out
 
-    def upstream_hash(self) -> str:
-        """Hash of what the upstream stages (π_sft, the reward model, D_t) depend on: the run,
-        models, sampling and rewards sections and ``UPSTREAM_TRAINING_KEYS``. Runs with equal
-        upstream hashes can share one upstream folder (``run.upstream``)."""
-        training = {k: getattr(self.training, k) for k in UPSTREAM_TRAINING_KEYS}
-        return self.hash("run", "models", "sampling", "rewards") + "-" + \
-            hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest()[:8]
-
     def save(self, path: Path | None = None) -> Path:
         """Write the resolved config (with its hash) to ``<run_dir>/config.yaml`` atomically."""
         from vcb_lib.io import atomic_write_text

@@ -11,7 +11,7 @@ config keys (their cartesian product) and optional extra points::
 
 Each point runs notebooks 03 (train) and 04 (evaluate) through the runner into
 ``outputs/<run>/sweeps/<sweep>/<point>/``. Points whose upstream (π_sft, reward model, D_t: see
-``Config.upstream_hash``) is the same share it: the base run's folder when it is current, else one
+``upstream_key``) is the same share it: the base run's folder when it is current, else one
 ``<sweep>/upstream-<hash>/`` built once by notebooks 01-02. A finished point (its ``point.json``
 is current for the point's config, ``vcb_lib.stages.ablations``) is skipped, so a killed sweep resumes where it stopped; within a point,
 training resumes from its checkpoints when ``training.save_every`` > 0 and sampling from its shards.
@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import yaml
 
 from vcb_lib.config import Config, ConfigError, _yaml, load_params, parse_override, resolve_path
-from vcb_lib.stages import ablations, evaluate
+from vcb_lib.manifest import key_hash
+from vcb_lib.stages import ablations, artefacts, evaluate
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -150,7 +151,13 @@ def shared_upstream(base_cfg: Config, cfg: Config) -> str:
     base = os.path.relpath(base_cfg.run_dir, resolve_path(cfg.run.output_root))
     if base != cfg.run.name and ablations.upstream_current(with_upstream(cfg, base)):
         return base
-    return f"upstream-{cfg.upstream_hash()}"
+    return f"upstream-{upstream_key(cfg)}"
+
+
+def upstream_key(cfg: Config) -> str:
+    """Short hash of what a point's upstream (π_sft, reward model, D_t) depends on: points with
+    equal keys share one upstream folder (``vcb_lib.stages.artefacts.UPSTREAM``)."""
+    return key_hash(artefacts.candidates(cfg).key)
 
 
 def run_sweep(path: str | Path, overrides: list[str] | None = None, *,
