@@ -89,7 +89,9 @@ def pool_sections(metrics: dict) -> list[str]:
         for name, v in spread["paired"].items():
             if v["sd_seeds"] is not None and v["se_prompts"]:
                 lines.append(f"- {name}: the training seed's SD is {v['sd_seeds'] / v['se_prompts']:.1f}× the prompts' SE"
-                             + (" — the seed dominates: read the across-seed interval." if v["sd_seeds"] > v["se_prompts"] else "."))
+                             + (" — the seed dominates: read the across-seed interval." if v["sd_seeds"] > v["se_prompts"] else
+                                " — the prompts dominate: read the bootstrap CI over prompts (the across-seed interval "
+                                "holds the pool's prompts fixed)."))
         lines.append("")
     dt = metrics.get("dt_reward")
     if dt:
