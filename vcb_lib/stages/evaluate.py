@@ -18,7 +18,7 @@ from vcb_lib.io import atomic_write_bytes, read_json, write_json
 from vcb_lib.judge import JudgeClient, judge_win_rate
 from vcb_lib.metrics import diversity, length_stats, misalignment, reward_kl_point, win_rate
 from vcb_lib.stages import artefacts
-from vcb_lib.stages.generate import check_rewards
+from vcb_lib.stages.generate import check_rewards, sample_from_sft
 from vcb_lib.stages.sft_and_reward import load_reward_model, metrics_artefact
 from vcb_lib.tasks import get_task
 
@@ -87,33 +87,12 @@ def build_pool(cfg: Config, *, log=print) -> pd.DataFrame:
     ``evaluation.pool_prompts`` test prompts, drawn once from π_sft at temperature 1 and top_p 1
     (importance weights π/π_sft need π_sft's own distribution), with log π_sft, the reward
     model's ``reward`` and the evaluation reward. Reused while current; resumes from its shards."""
-    from vcb_lib.data import build_candidates, task_prompts
-    from vcb_lib.manifest import key_hash
-    from vcb_lib.models import format_prompt, load_policy, load_tokenizer
-    from vcb_lib.rewards import gold_reward
-    from vcb_lib.samplers import make_sampler
-
     art, e = artefacts.pool(cfg), cfg.evaluation
     if art.current():
         return check_rewards(pd.read_parquet(art.path), ("reward", "gold", "ref_logp"), str(art.path))
-    art.invalidate()
-    spec = artefacts.sft_spec(cfg)
-    model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
-    tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
-    sampler = make_sampler(cfg.sampling.backend, spec, model=model, tokenizer=tok, batch_size=cfg.sampling.batch_size,
-                           seed=cfg.run.seed, cache_dir=cfg.models.cache_dir, log=log)
-    prompts = task_prompts(cfg.rewards.task, "test", e.pool_prompts)
-    table = build_candidates(prompts, sampler, art.path.parent, n=e.pool_candidates, temperature=1.0,
-                             max_new_tokens=e.pool_max_new_tokens or e.max_new_tokens, seed=cfg.run.seed + 2000, top_p=1.0,
-                             ref_model=model, tokenizer=tok, format_prompt=lambda p: format_prompt(tok, p),
-                             ref_autocast_bf16=cfg.training.bf16, manifest={"config": key_hash(art.key), "sampler": sampler.name})
-    sampler.close()
-    table["reward"] = load_reward_model(cfg).score(list(table.prompt), list(table.response))
-    if get_task(cfg.rewards.task).gold:
-        table["gold"] = gold_reward(cfg.rewards.task).score(list(table.prompt), list(table.response))
-    check_rewards(table, ("reward", "gold", "ref_logp"), f"pool for {art.path}")
-    atomic_write_bytes(art.path, table.to_parquet(index=False))
-    art.seal(sampler=sampler.name)
+    table = sample_from_sft(cfg, art, "test", e.pool_prompts, n=e.pool_candidates, temperature=1.0,
+                            max_new_tokens=e.pool_max_new_tokens or e.max_new_tokens, seed=cfg.run.seed + 2000,
+                            top_p=1.0, log=log)
     log(f"pool: {table.prompt_id.nunique()} prompts x {cfg.evaluation.pool_candidates} candidates from π_sft")
     return table
 

@@ -36,31 +36,27 @@ def read_candidates(cfg: Config) -> pd.DataFrame:
     return check_rewards(pd.read_parquet(path), ("reward", "gold", "ref_logp"), str(path))
 
 
-def generate_candidates(cfg: Config, *, log=print) -> pd.DataFrame:
-    """D_t for ``cfg``: the stored table when current, else sampled (resuming from shards),
-    reference-scored and rewarded, then sealed."""
+def sample_from_sft(cfg: Config, art: Artefact, split: str, limit: int, *, n: int, temperature: float,
+                    max_new_tokens: int, seed: int, top_p: float, log=print) -> pd.DataFrame:
+    """Build ``art`` (a candidate table): ``n`` candidates for each of the first ``limit``
+    ``split`` prompts from π_sft (resuming from shards beside it), their log π_sft, the reward
+    model's ``reward`` and, where the task has one, the gold reward; checked finite, then sealed.
+    D_t and the evaluation pool are both built by it."""
     from vcb_lib.data import build_candidates, task_prompts
     from vcb_lib.models import format_prompt, load_policy, load_tokenizer
     from vcb_lib.rewards import gold_reward
     from vcb_lib.samplers import make_sampler
     from vcb_lib.tasks import get_task
 
-    art = artefacts.candidates(cfg)
-    state, detail = art.status()
-    if state == "current":
-        log(f"candidates: up to date in {art.path}")
-        return read_candidates(cfg)
-    if state == "corrupt":
-        log(f"{art.label} is corrupt ({detail}): rebuilding it")
     art.invalidate()
-    spec, s = artefacts.sft_spec(cfg), cfg.sampling
+    spec = artefacts.sft_spec(cfg)
     model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
     tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
-    sampler = make_sampler(s.backend, spec, model=model, tokenizer=tok, batch_size=s.batch_size, seed=cfg.run.seed,
-                           cache_dir=cfg.models.cache_dir, log=log)
-    prompts = task_prompts(cfg.rewards.task, "train", s.num_prompts)
-    table = build_candidates(prompts, sampler, cfg.stage_dir("02_candidates"), n=s.n, temperature=s.temperature,
-                             max_new_tokens=s.max_new_tokens, seed=cfg.run.seed, top_p=s.top_p, ref_model=model, tokenizer=tok,
+    sampler = make_sampler(cfg.sampling.backend, spec, model=model, tokenizer=tok, batch_size=cfg.sampling.batch_size,
+                           seed=cfg.run.seed, cache_dir=cfg.models.cache_dir, log=log)
+    prompts = task_prompts(cfg.rewards.task, split, limit)
+    table = build_candidates(prompts, sampler, art.path.parent, n=n, temperature=temperature,
+                             max_new_tokens=max_new_tokens, seed=seed, top_p=top_p, ref_model=model, tokenizer=tok,
                              format_prompt=lambda p: format_prompt(tok, p), ref_autocast_bf16=cfg.training.bf16,
                              manifest={"config": key_hash(art.key), "sampler": sampler.name})
     sampler.close()
@@ -72,6 +68,21 @@ def generate_candidates(cfg: Config, *, log=print) -> pd.DataFrame:
     atomic_write_bytes(art.path, table.to_parquet(index=False))
     art.seal(sampler=sampler.name, model=spec)
     return table
+
+
+def generate_candidates(cfg: Config, *, log=print) -> pd.DataFrame:
+    """D_t for ``cfg``: the stored table when current, else sampled (resuming from shards),
+    reference-scored and rewarded, then sealed."""
+    art = artefacts.candidates(cfg)
+    state, detail = art.status()
+    if state == "current":
+        log(f"candidates: up to date in {art.path}")
+        return read_candidates(cfg)
+    if state == "corrupt":
+        log(f"{art.label} is corrupt ({detail}): rebuilding it")
+    s = cfg.sampling
+    return sample_from_sft(cfg, art, "train", s.num_prompts, n=s.n, temperature=s.temperature,
+                           max_new_tokens=s.max_new_tokens, seed=cfg.run.seed, top_p=s.top_p, log=log)
 
 
 def summary(table: pd.DataFrame) -> dict:
