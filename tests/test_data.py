@@ -13,21 +13,23 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 # The split is part of the experiment: these numbers change only when someone edits
 # vcb_lib/tasks/*.json on purpose (then update them here and say so in the change).
+# Issue #17: 30% of the subjects held out and 40 sentiment subjects added (69 -> 138 test prompts),
+# so that the shared evaluation pool has the prompts its paired CIs need.
 EXPECTED_COUNTS = {
-    ("sentiment", "train"): 291,
-    ("sentiment", "test"): 69,
+    ("sentiment", "train"): 342,
+    ("sentiment", "test"): 138,
     ("sentiment", "ood"): 80,
-    ("assistant", "train"): 255,
-    ("assistant", "test"): 63,
+    ("assistant", "train"): 221,
+    ("assistant", "test"): 97,
     ("assistant", "ood"): 77,
 }
 # sha256 of the sorted prompt ids of each split, first 16 hex digits: pins split membership
 EXPECTED_DIGESTS = {
-    ("sentiment", "train"): "1bdca3dd4b79949d",
-    ("sentiment", "test"): "bb6a46be95aded76",
+    ("sentiment", "train"): "d422bf308c97c1a9",
+    ("sentiment", "test"): "b3235506f4a166d0",
     ("sentiment", "ood"): "27a7bc51fa42a529",
-    ("assistant", "train"): "512e64a3472064b4",
-    ("assistant", "test"): "539fb34fd493ed38",
+    ("assistant", "train"): "b95208304498bfd7",
+    ("assistant", "test"): "077f150d4939a28b",
     ("assistant", "ood"): "66a82bd308c57e09",
 }
 QTYPES = {"short_fact", "explain", "howto", "list", "creative"}
@@ -53,9 +55,9 @@ def test_split_is_fixed(task, split):
 
 
 @pytest.mark.parametrize("task", EMBEDDED_TASKS)
-def test_split_is_about_80_20(task):
+def test_split_is_about_70_30(task):
     n_train, n_test = len(load_prompts(task, "train")), len(load_prompts(task, "test"))
-    assert 0.15 <= n_test / (n_train + n_test) <= 0.25
+    assert 0.25 <= n_test / (n_train + n_test) <= 0.35
 
 
 @pytest.mark.parametrize("task", EMBEDDED_TASKS)

@@ -391,3 +391,46 @@ def test_seed_interval_is_the_t_interval_of_the_mean():
     assert out["ci_seeds"] == pytest.approx([0.2 - 4.303 * 0.1 / 3 ** 0.5, 0.2 + 4.303 * 0.1 / 3 ** 0.5])
     assert not out["resolved_seeds"] and seed_interval([1.0, 1.1, 0.9, 1.0])["resolved_seeds"]
     assert seed_interval([0.5]) == {"mean": 0.5, "sd_seeds": None, "ci_seeds": None, "resolved_seeds": False}
+
+
+def _tilted_pool(P, m, rng, betas):
+    """Prompts share 6 responses and π_sft = p; policy a tilts p by exp(β_x r) with β_x per prompt
+    (so the a − π_sft difference varies across prompts), policy b is π_sft."""
+    r = np.array([0.0, 0.2, 0.5, 0.9, 1.0, 0.3])
+    p = np.array([0.3, 0.25, 0.2, 0.1, 0.05, 0.1])
+    q = p[None] * np.exp(betas[:P, None] * r[None])
+    q /= q.sum(1, keepdims=True)
+    idx = rng.choice(6, size=(P, m), p=p)
+    return np.log(q[np.arange(P)[:, None], idx]), np.log(p)[idx], r[idx]
+
+
+def test_power_curve_predicts_the_half_width_of_a_larger_pool():
+    """The half-width predicted for 2m candidates from an m-candidate pool matches the one measured
+    on freshly drawn 2m-candidate pools; more prompts scale it exactly by 1/√(ratio)."""
+    from vcb_lib.metrics import power_curve, snis
+
+    rng = np.random.default_rng(0)
+    P, m = 300, 4
+    betas = rng.uniform(0.0, 3.0, P)
+    a, ref, r = _tilted_pool(P, m, rng, betas)
+    out = power_curve(a, ref, ref, r, prompts=(P, 4 * P), candidates=(m, 2 * m), repeats=100)
+    hw = {(g["prompts"], g["candidates"]): g for g in out["grid"]}
+    assert hw[P, m]["measured"] and not hw[P, 2 * m]["measured"] and not hw[4 * P, m]["measured"]
+    assert hw[4 * P, m]["half_width"] == pytest.approx(hw[P, m]["half_width"] / 2)
+    assert out["fit"]["s2_candidates"] > 0 and out["fit"]["s2_prompts"] > 0
+
+    variances = []
+    for _ in range(200):  # the truth at 2m: fresh pools, same prompts
+        a2, ref2, r2 = _tilted_pool(P, 2 * m, rng, betas)
+        variances.append((snis(a2, ref2, r2)[0] - snis(ref2, ref2, r2)[0]).var(ddof=1))
+    truth = 1.96 * np.sqrt(np.mean(variances) / P)
+    assert hw[P, 2 * m]["half_width"] == pytest.approx(truth, rel=0.15), (hw[P, 2 * m], truth)
+    assert hw[P, 2 * m]["half_width"] < hw[P, m]["half_width"]
+
+
+def test_power_curve_refuses_a_pool_too_small_to_fit():
+    from vcb_lib.metrics import power_curve
+
+    x = np.zeros((5, 1))
+    with pytest.raises(ValueError, match=r">= 2 candidates per prompt, got 5 x 1"):
+        power_curve(x, x, x, x)

@@ -66,3 +66,29 @@ def test_stage_01_with_the_gold_scorer_and_no_sft_samples_nothing(tmp_path):
     out = sft_and_reward.run(cfg, log=lambda m: None)
     assert out["pairs"] is None and out["sft"] is None and isinstance(out["reward_model"], SentimentGold)
     assert sft_and_reward.read_metrics(cfg)["accuracy"] is None and not (cfg.run_dir / "01_models" / "pairs.parquet").exists()
+
+
+def test_edited_task_data_makes_every_artefact_built_from_it_stale(tmp_path, monkeypatch):
+    """The prompts are an input like the config: a D_t built from the old sentiment.json must not be
+    read as current after the file changes (its key records ``task_data``)."""
+    import json
+    import shutil
+
+    from vcb_lib import data
+    from vcb_lib.config import load_params
+    from vcb_lib.stages import artefacts
+
+    cfg = load_params(None, {"run.output_root": str(tmp_path)})
+    before = {a.label: a.key for a in (artefacts.candidates(cfg), artefacts.pairs(cfg), artefacts.pool(cfg),
+                                      artefacts.method(cfg, "vcb"), artefacts.eval_metrics(cfg))}
+    tasks = tmp_path / "tasks"
+    shutil.copytree(data.TASKS_DIR, tasks)
+    spec = json.loads((tasks / "sentiment.json").read_text())
+    spec["in_distribution"][0]["items"].append("Metropolis")
+    (tasks / "sentiment.json").write_text(json.dumps(spec))
+    monkeypatch.setattr(data, "TASKS_DIR", tasks)
+    after = {a.label: a.key for a in (artefacts.candidates(cfg), artefacts.pairs(cfg), artefacts.pool(cfg),
+                                     artefacts.method(cfg, "vcb"), artefacts.eval_metrics(cfg))}
+    for name in before:
+        changed = {k for k in before[name] if before[name][k] != after[name][k]}
+        assert changed == {"task_data"}, name

@@ -46,7 +46,7 @@ from vcb_lib.tasks import TASKS, get_task
 
 EMBEDDED_TASKS = tuple(name for name, t in TASKS.items() if t.source == "embedded")
 SPLITS = ("train", "test", "ood", "all")
-TEST_PERCENT = 20  # share of each group's in-distribution items (not prompts) held out for test
+TEST_PERCENT = 30  # share of each group's in-distribution items (not prompts) held out for test
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 __all__ = [
@@ -131,6 +131,16 @@ def _task_rows(task: str) -> tuple[dict, ...]:
             raise ValueError(f"{task}: duplicate prompt {row['prompt']!r} in {TASKS_DIR / (task + '.json')}")
         seen.add(row["prompt"])
     return tuple(rows)
+
+
+def task_data(task: str) -> str:
+    """What a task's prompts are, as an artefact key records it: the sha256 (16 hex digits) of an
+    embedded task's JSON file, so that editing the prompts or the split marks every artefact built
+    from them stale; a hub task's dataset names (their content is the hub's, pinned by name)."""
+    t = get_task(task)
+    if t.source == "embedded":
+        return _stable_hash((TASKS_DIR / f"{task}.json").read_text(encoding="utf-8") + f"|test%={TEST_PERCENT}")[:16]
+    return "|".join(x for x in (t.prompts, t.preferences, t.ood) if x)
 
 
 def load_prompts(task: str, split: str = "train") -> list[dict]:

@@ -68,6 +68,15 @@ def pool_sections(metrics: dict) -> list[str]:
                       f"- VCB's calibration slope: {vcb['slope']:.3f}, 95% CI {_ci(vcb['slope_ci'])} ({where})")
     if claims:
         lines += ["### The paper's claims, as this run measured them\n", *claims, ""]
+    power = {k.replace("-vs-", " vs "): {f"{g['prompts']}×{g['candidates']}": g["half_width"] for g in v["power"]["grid"]}
+             for k, v in pool["paired"].items() if v.get("power")}
+    if power:
+        cols = list(next(iter(power.values())))
+        lines += [f"### What a bigger pool would buy: 95% CI half-width of Δ by prompts × candidates\n",
+                  f"{P}×{m} is this pool; more prompts are exact (prompts are independent: half-width ∝ 1/√prompts); "
+                  "more candidates are predicted from the variance measured on subsets of this pool's candidates "
+                  "(`metrics.power_curve`). A comparison resolves once its half-width falls below |Δ|.\n",
+                  _table(power, cols, "{:.4f}")]
     per = {name: v | {"gold CI": _ci(v["gold_ci"]), "slope CI": _ci(v["slope_ci"]),
                       "ESS": f"{v['ess_mean']:.1f}" + (" (low)" if v["ess_flag"] else ""),
                       "misaligned": "reference" if name == "sft" else v["misalignment_rate"]}

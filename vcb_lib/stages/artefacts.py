@@ -5,7 +5,8 @@ dependency graph of a run in one page. Freshness is ``vcb_lib.manifest.Artefact`
 artefact            built by                         depends on (config slice)
 ==================  ===============================  ===========================================
 checks.json         00_theory                        run, theory
-pairs.parquet       01_sft_and_reward                run, models, sampling, rewards.task/rm_prompts/rm_heldout
+pairs.parquet       01_sft_and_reward                run, models, sampling, rewards.task/rm_prompts/rm_heldout,
+                                                     the task's data (every artefact: ``upstream``)
 sft/, reward_model/ 01_sft_and_reward                UPSTREAM: those + the training keys SFT/RM use
 candidates.parquet  02_generate                      UPSTREAM
 03_train/<method>/  03_train                         UPSTREAM + the method's training keys (+ the
@@ -23,6 +24,7 @@ import dataclasses
 from pathlib import Path
 
 from vcb_lib.config import UPSTREAM_TRAINING_KEYS, Config
+from vcb_lib.data import task_data
 from vcb_lib.losses import LossType
 from vcb_lib.manifest import Artefact
 
@@ -32,6 +34,12 @@ CURVE_KEYS = ("curve_points", "curve_prompts", "samples_per_prompt", "temperatur
 EVAL_SAMPLING_KEYS = ("samples_per_prompt", "temperature", "max_new_tokens")
 POOL_KEYS = ("pool_prompts", "pool_candidates", "pool_max_new_tokens", "max_new_tokens")
 METHOD_FILES = ("final/*", "summary.json", "log.jsonl", "curve/*")
+
+
+def upstream(cfg: Config) -> dict:
+    """The UPSTREAM slice plus ``task_data``: the prompts' own fingerprint (:func:`data.task_data`),
+    so that edited task data makes the artefacts built from it stale, not silently reused."""
+    return cfg.slice(*UPSTREAM) | {"task_data": task_data(cfg.rewards.task)}
 
 
 def _dir(cfg: Config, stage: str) -> Path:
@@ -46,21 +54,22 @@ def pairs(cfg: Config) -> Artefact:
     """Preference pairs: they depend on how they are sampled and split, not on how the reward
     model then trains on them (so its epochs and learning rate can be varied on the same pairs)."""
     return Artefact(_dir(cfg, "01_models") / "pairs.parquet", "01_sft_and_reward",
-                    cfg.slice("run", "models", "sampling", "rewards.task", "rewards.rm_prompts", "rewards.rm_heldout"))
+                    cfg.slice("run", "models", "sampling", "rewards.task", "rewards.rm_prompts", "rewards.rm_heldout")
+                    | {"task_data": task_data(cfg.rewards.task)})
 
 
 def sft(cfg: Config) -> Artefact:
     """π_sft's folder (only when ``models.sft`` is on); ``sft/training/`` holds its checkpoints."""
-    return Artefact(_dir(cfg, "01_models") / "sft", "01_sft_and_reward", cfg.slice(*UPSTREAM))
+    return Artefact(_dir(cfg, "01_models") / "sft", "01_sft_and_reward", upstream(cfg))
 
 
 def reward_model(cfg: Config) -> Artefact:
-    return Artefact(_dir(cfg, "01_models") / "reward_model", "01_sft_and_reward", cfg.slice(*UPSTREAM))
+    return Artefact(_dir(cfg, "01_models") / "reward_model", "01_sft_and_reward", upstream(cfg))
 
 
 def candidates(cfg: Config) -> Artefact:
     """D_t."""
-    return Artefact(_dir(cfg, "02_candidates") / "candidates.parquet", "02_generate", cfg.slice(*UPSTREAM))
+    return Artefact(_dir(cfg, "02_candidates") / "candidates.parquet", "02_generate", upstream(cfg))
 
 
 def training_seeds(cfg: Config) -> list[int]:
@@ -81,7 +90,7 @@ def method_key(cfg: Config, method: str, seed: int | None = None) -> dict:
     own = LossType(method).hparams
     training = [f"training.{f.name}" for f in dataclasses.fields(cfg.training)
                 if f.name not in ("methods", "seeds") and (f.name not in LOSS_HPARAMS or f.name in own)]
-    key = cfg.slice(*UPSTREAM, *training) | {"method": method, "seed": training_seeds(cfg)[0] if seed is None else seed}
+    key = upstream(cfg) | cfg.slice(*training) | {"method": method, "seed": training_seeds(cfg)[0] if seed is None else seed}
     if cfg.evaluation.curve_points:
         key |= cfg.slice(*(f"evaluation.{k}" for k in CURVE_KEYS))
     return key
@@ -110,7 +119,7 @@ def sft_spec(cfg: Config) -> str:
 
 
 def policy_key(cfg: Config, policy: str) -> dict:
-    return cfg.slice(*UPSTREAM) if policy == "sft" else method_key(cfg, policy)
+    return upstream(cfg) if policy == "sft" else method_key(cfg, policy)
 
 
 def policy_specs(cfg: Config) -> dict[str, str]:
@@ -128,14 +137,15 @@ def samples(cfg: Config, policy: str, split: str) -> Artefact:
 
 def eval_metrics(cfg: Config) -> Artefact:
     return Artefact(cfg.run_dir / "04_eval" / "metrics.json", "04_evaluate",
-                    cfg.slice("run", "models", "sampling", "rewards", "training", "evaluation"))
+                    cfg.slice("run", "models", "sampling", "rewards", "training", "evaluation")
+                    | {"task_data": task_data(cfg.rewards.task)})
 
 
 def pool(cfg: Config) -> Artefact:
     """``04_eval/pool/candidates.parquet``: the shared held-out pool drawn once from π_sft, scored
     by the reward model and the evaluation reward, with log π_sft."""
     return Artefact(cfg.run_dir / "04_eval" / "pool" / "candidates.parquet", "04_evaluate",
-                    cfg.slice(*UPSTREAM, *(f"evaluation.{k}" for k in POOL_KEYS)))
+                    upstream(cfg) | cfg.slice(*(f"evaluation.{k}" for k in POOL_KEYS)))
 
 
 def pool_scores(cfg: Config, method_name: str, seed: int | None = None) -> Artefact:

@@ -129,9 +129,10 @@ def pool_metrics(cfg: Config, pool: pd.DataFrame, logps: dict[str, np.ndarray]) 
     """``metrics["pool"]``: per policy the importance-sampled expected evaluation reward ("gold")
     and reward-model reward ("rm") with CIs and ESS, the Eq. 12 calibration slope, R² and Spearman,
     and the misalignment rate (A.5, π_sft excluded: it is the reference); paired differences of the
-    reference method against every other policy, with CIs over prompts and the minimum detectable
-    effect."""
-    from vcb_lib.metrics import ESS_MIN_FRACTION, MDE_FACTOR, calibration, paired_difference, pool_estimate
+    reference method against every other policy, with CIs over prompts, the minimum detectable
+    effect and ``power``: the CI half-width at 1, 2 and 4 times the prompts and 1 and 2 times the candidates,
+    measured on this pool and predicted beyond it (:func:`vcb_lib.metrics.power_curve`)."""
+    from vcb_lib.metrics import ESS_MIN_FRACTION, MDE_FACTOR, calibration, paired_difference, pool_estimate, power_curve
     from vcb_lib.theory import misalignment_rate
 
     e, seed = cfg.evaluation, cfg.run.seed
@@ -170,6 +171,12 @@ def pool_metrics(cfg: Config, pool: pd.DataFrame, logps: dict[str, np.ndarray]) 
             if both.sum() >= 2:
                 mis = paired_difference(a["misalignment"][both], b["misalignment"][both], bootstrap=e.bootstrap, seed=seed)
                 entry |= {"misalignment_diff": mis["diff"], "misalignment_ci": mis["ci"], "misalignment_resolved": mis["resolved"]}
+        if ref.shape[0] >= 2 and ref.shape[1] >= 2:  # what more prompts or candidates would buy
+            P, m = ref.shape
+            entry["power"] = power_curve(_grid(pool.assign(_lp=logps[reference]), "_lp"),
+                                         _grid(pool.assign(_lp=logps[other]), "_lp"), ref, gold,
+                                         prompts=(P, 2 * P, 4 * P), candidates=(m, 2 * m), repeats=100, seed=seed)
+            del entry["power"]["measured"]
         paired[f"{reference}-vs-{other}"] = entry
     out = {"prompts": int(ref.shape[0]), "candidates_per_prompt": int(ref.shape[1]), "reference": reference,
            "gold_name": judge_name, "gamma": cfg.training.gamma, "ess_threshold": ESS_MIN_FRACTION * ref.shape[1],

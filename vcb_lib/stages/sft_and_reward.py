@@ -192,7 +192,7 @@ def evaluate_reward_model(rm, pairs: pd.DataFrame) -> dict:
 
 def metrics_artefact(cfg: Config) -> manifest.Artefact:
     return manifest.Artefact(cfg.stage_dir("01_models", create=False) / "metrics.json", STAGE,
-                             cfg.slice(*artefacts.UPSTREAM))
+                             artefacts.upstream(cfg))
 
 
 def run(cfg: Config, *, log=print) -> dict:
