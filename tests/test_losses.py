@@ -27,7 +27,9 @@ from vcb_lib.losses import (
 
 F64 = torch.float64
 HP = SimpleNamespace(
-    gamma=0.1, lam=1.0, reduction="logsumexp", delta=1.0, sft_weight=1.0, pairs="all", length_penalty=1.0, top_k=1
+    gamma=0.1, lam=1.0, reduction="logsumexp", delta=1.0, sft_weight=1.0, pairs="all", length_penalty=1.0, top_k=1,
+    normalize="prompt_std", eta=1.0, sigma_floor=0.0, sigma_policy="floor", alpha=1.0, value_gamma=1.0,
+    offset_scale=1.0,
 )
 
 
@@ -531,9 +533,14 @@ def test_loss_type_facts():
         LossType.RRHF: (False, False, True),
         LossType.REST: (False, False, False),
         LossType.SFT: (False, False, False),
+        LossType.INFONCA: (True, True, True),
+        LossType.NCA: (True, True, True),
+        LossType.A2PO: (True, True, True),
+        LossType.ODPO: (True, True, True),
         LossType.BT: (False, False, True),
     }
-    assert [lt.value for lt in LossType] == ["vcb", "dpo", "ipo", "slic", "rrhf", "rest", "sft", "bt"]
+    assert [lt.value for lt in LossType] == ["vcb", "dpo", "ipo", "slic", "rrhf", "rest", "sft", "infonca", "nca",
+                                             "a2po", "odpo", "bt"]
     assert LossType.parse("VCB") is LossType.VCB and LossType(" ReST ") is LossType.REST
     assert LossType.REST.fn.keywords == {"select": "best"} and LossType.SFT.fn.keywords["select"] == "all"
 
@@ -611,7 +618,7 @@ def _compact(x: torch.Tensor, keep: torch.Tensor, fill=0.0) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("lt,over", [(lt, {}) for lt in LossType] + [
-    (lt, {"pairs": "best_worst"}) for lt in (LossType.DPO, LossType.IPO, LossType.SLIC, LossType.RRHF)] + [
+    (lt, {"pairs": "best_worst"}) for lt in (LossType.DPO, LossType.IPO, LossType.SLIC, LossType.RRHF, LossType.ODPO)] + [
     (LossType.REST, {"top_k": 2})])
 def test_used_candidates_carry_the_whole_loss(seed, lt, over):
     """Dropping the candidates ``used_candidates`` leaves out (as the Trainer does before the

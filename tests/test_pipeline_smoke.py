@@ -91,6 +91,8 @@ def test_training_stage(smoke):
         assert all(np.isfinite(r["loss"]) for r in rows)
         assert (folder / "final" / "model.safetensors").is_file()
         assert metrics[method]["steps"] == smoke.training.max_steps and metrics[method]["peak_rss_mb"] > 0
+        # training.log_with's default: each method is one tensorboard run under <run>/tensorboard/
+        assert list((smoke.run_dir / "tensorboard" / "03_train" / folder.name).glob("events.out.tfevents.*")), method
 
 
 def test_evaluation_and_report(smoke):
@@ -112,7 +114,7 @@ def test_evaluation_and_report(smoke):
         assert [p["step"] for p in points] == [0, 1, 2], method
         assert abs(points[0]["kl"]) < 1e-4  # π_sft's samples under π_sft (sampler vs forward-pass log-probs)
         assert all(math.isfinite(p["kl"]) and math.isfinite(p["reward"]) for p in points)
-    assert metrics["judge_win_rate"] == {}  # judge_url is off
+    assert metrics["judge_win_rate"] == {}  # evaluation.judge is off
     pool = metrics["pool"]  # the shared held-out pool: every policy scored on the same candidates
     e = smoke.evaluation
     assert (pool["prompts"], pool["candidates_per_prompt"], pool["reference"]) == (e.pool_prompts, e.pool_candidates, "vcb")
@@ -154,6 +156,24 @@ def test_ablation_sweep_shares_the_run_upstream(smoke):
     assert [row["label"] for row in metrics["gamma, reduction"]] == ["0.5", "w/o"]
     assert (smoke.run_dir / "figures" / "fig6_fig7_ablations.png").stat().st_size > 0
     assert "Figs. 6-7 analogues" in (smoke.run_dir / "report.md").read_text()
+
+
+def test_value_aware_sweep_and_methods_in_the_smoke_tier(smoke):
+    """Issue 19: the smoke tier trains every value-aware relative, and notebook 06 ran
+    params/sweeps/smoke_value_aware.yaml (VCB with ranks, InfoNCA) on the run's D_t; the report puts
+    their reward-vs-KL points side by side."""
+    from vcb_lib.losses import LossType
+
+    assert {lt.value for lt in LossType if lt.uses_reward_values} <= set(smoke.training.methods)
+    root = smoke.run_dir / "sweeps" / "sweep-smoke-value-aware"
+    results = pd.read_csv(root / "results.csv")
+    assert list(results.label) == ["vcb rank", "infonca"] and list(results.method) == ["vcb", "infonca"]
+    assert list(results["training.normalize"]) == ["rank", "prompt_std"]
+    assert np.isfinite(results[["reward", "kl", "sft_reward"]].to_numpy()).all()
+    assert not list(root.glob("upstream-*")) and not (root / "infonca" / "02_candidates").exists()
+    report = (smoke.run_dir / "report.md").read_text()
+    section = report.split("### normalize, methods")[1]
+    assert "Reward vs KL, the points side by side" in section and "| infonca | infonca |" in section
 
 
 def test_panel_runs_a_point_headless(smoke):

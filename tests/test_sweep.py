@@ -164,5 +164,40 @@ grid: {{training.gamma: [0.1, 1.0]}}
 
 @pytest.mark.parametrize("path", sorted((PROJECT_ROOT / "params" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_sweep_file_loads(path):
+    """Every point trains one method (VCB, except in the value-aware sweeps), so each row is that method's."""
     sweep = load_sweep(path)
-    assert sweep.points and all(sweep.config(p, name=p.name).training.methods == ["vcb"] for p in sweep.points)
+    methods = [sweep.config(p, name=p.name).training.methods for p in sweep.points]
+    assert sweep.points and all(len(m) == 1 for m in methods)
+    if "value_aware" not in path.name:
+        assert all(m == ["vcb"] for m in methods)
+
+
+def test_value_aware_sweep_trains_every_variant_on_one_upstream_at_matched_settings():
+    """params/sweeps/value_aware.yaml: every value-aware method and each of VCB's options, one per
+    point, on one shared upstream (D_t), with the same γ, learning rate, steps and seed."""
+    from vcb_lib.losses import LossType
+
+    sweep = load_sweep(PROJECT_ROOT / "params" / "sweeps" / "value_aware.yaml")
+    cfgs = [sweep.config(p, name=p.name) for p in sweep.points]
+    trained = {c.training.methods[0] for c in cfgs}
+    assert {lt.value for lt in LossType if lt.uses_reward_values} | {"dpo"} == trained
+    vcb = [c.training for c in cfgs if c.training.methods == ["vcb"]]
+    assert {t.normalize for t in vcb} == {"prompt_std", "batch_std", "none", "rank"}
+    assert {t.reduction for t in vcb} == {"logsumexp", "mean", "max"} and {t.sigma_policy for t in vcb} == {"floor", "drop"}
+    assert len({upstream_key(c) for c in cfgs}) == 1  # one D_t for every point
+    matched = {(c.training.gamma, c.training.learning_rate, c.training.max_steps, c.training.epochs, c.run.seed)
+               for c in cfgs}
+    assert len(matched) == 1 and cfgs[0].training.gamma == load_params(sweep.base).training.gamma
+
+
+def test_reward_kl_points_put_every_point_side_by_side():
+    from vcb_lib.report import reward_kl_points
+
+    table = pd.DataFrame([
+        {"label": "vcb rank", "method": "vcb", "reward": 0.30, "reward_se": 0.05, "kl": 0.20, "kl_se": 0.01, "sft_reward": 0.25},
+        {"label": "infonca", "method": "infonca", "reward": 0.28, "reward_se": float("nan"), "kl": 0.0, "kl_se": 0.0,
+         "sft_reward": 0.25}])
+    head, body = reward_kl_points(table)
+    assert "π_sft: reward 0.250, KL 0" in head
+    assert "| vcb rank | vcb | 0.300 ± 0.050 | 0.200 ± 0.010 | 0.050 | 0.250 |" in body
+    assert "| infonca | infonca | 0.280 | 0.000 ± 0.000 | 0.030 | – |" in body  # no SE, no KL: no ratio

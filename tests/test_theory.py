@@ -336,13 +336,17 @@ def test_run_checks_numbers_are_json_and_figure_data_is_not(small_run):
     assert json.loads(json.dumps(checks, default=_jsonable)) == checks  # as vcb_lib.io.write_json writes it
     data = small_run["data"]
     assert data["problem"].rewards.shape == (2 * 3, 5)
-    assert set(data["fig1"]["fits"]) == set(data["fig1_cubed"]["fits"]) == set(T.ORDER_METHODS) | {"vcb"}
-    assert set(data["pair_gaps"]) == {"VCB (converged)", "DPO", "IPO", "SLiC"}
+    assert set(data["fig1"]["fits"]) == set(data["fig1_cubed"]["fits"]) == (set(T.ORDER_METHODS) | {"vcb"}
+                                                                            | set(T.RELATIVE_METHODS))
+    assert set(data["pair_gaps"]) == {"VCB (converged)", "DPO", "IPO", "SLiC", "InfoNCA (converged)",
+                                      "VCB rank (converged)"}
+    assert set(data["value_aware"]) == set(checks["value_aware"]) == set(T.VALUE_AWARE) | {"a2po_uniform_sft"}
 
 
 @pytest.mark.parametrize("sabotage, should_fail", [
     ({"fit_tolerance": 1e-30}, {"vcb_tabular_vs_eq15", "eq12", "ipo_tabular_vs_closed_form"}),  # below float64
-    ({"fit_steps": 3}, {"order_respected", "order_based_value_blind"}),  # fits stopped before the order holds
+    ({"fit_steps": 3}, {"order_respected", "order_based_value_blind", "relatives_see_values"}),  # fits stopped
+    # before the order holds (and Adam's first steps are lr·sign(gradient): the same for r and r³)
 ])
 def test_run_checks_fails_a_sabotaged_config(sabotage, should_fail):
     checks = T.run_checks(TheoryConfig(n_instances=1, **sabotage), seed=0)["checks"]
@@ -384,5 +388,132 @@ def test_theory_figures_are_written(small_run, tmp_path, draw):
 def test_figure1_table_rows_are_methods_columns_responses(small_run):
     table = plots.figure1_table(small_run["data"]["fig1"]["probs"], T.FIGURE1_REWARDS)
     assert list(table.columns) == ["y1 (r=0.1)", "y2 (r=0.85)", "y3 (r=0.9)"]
-    assert {"sft", "vcb", "vcb_eq15", *T.ORDER_METHODS} == set(table.index)
+    assert {"sft", "vcb", "vcb_eq15", *T.ORDER_METHODS, *T.RELATIVE_METHODS} == set(table.index)
     assert np.allclose(table.sum(axis=1), 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The value-aware family (issue 19): closed forms and Eq. 12
+# --------------------------------------------------------------------------------------------
+
+
+def _converged(method, r, ref, **kw):
+    return T.fit_tabular(method, r, ref, optimizer="lbfgs", steps=500, polish=True, **kw)
+
+
+@pytest.mark.parametrize("normalize", ["prompt_std", "batch_std", "none", "rank"])
+def test_vcb_options_converge_to_their_closed_form(problem, normalize):
+    """VCB with each normalize option is zero exactly at π_sft·e^{s/γ}/Z, s the scaled rewards;
+    the fit never sees the closed form."""
+    r, ref = problem.rewards, problem.ref_logps
+    fit = _converged("vcb", r, ref, gamma=0.7, normalize=normalize, eta=1.7)
+    closed = T.vcb_optimum(r, ref, 0.7, normalize, eta=1.7)
+    assert (fit["probs"] - closed).abs().max() <= TOL and fit["final_loss"] < 1e-20
+    if normalize == "prompt_std":  # Eq. 15 itself
+        assert (closed - T.eq15_policy(r, ref, 0.7)).abs().max() <= 1e-14
+    if normalize == "none":  # the KL-regularised optimum of Eq. 2 / Table 1's DPO row, with γ/η
+        assert (closed - T.table1_policy("dpo", r, ref, 0.7 / 1.7)).abs().max() <= 1e-14
+
+
+def test_normalized_rewards_by_hand():
+    r = torch.tensor([[1.0, 2.0, 4.0], [3.0, 3.0, 3.0], [0.0, 5.0, 5.0]], dtype=torch.float64)
+    rank = T.normalized_rewards(r, "rank")
+    # ranks (0, 1, 2) / std sqrt(2/3); ties: (0, 1.5, 1.5) / std(0, 1.5, 1.5) = sqrt(0.5)
+    assert torch.allclose(rank[0], torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64) / math.sqrt(2 / 3))
+    assert torch.equal(rank[1], torch.zeros(3, dtype=torch.float64))
+    assert torch.allclose(rank[2], torch.tensor([0.0, 1.5, 1.5], dtype=torch.float64) / math.sqrt(0.5))
+    centred = torch.tensor([-4 / 3, -1 / 3, 5 / 3, 0, 0, 0, -10 / 3, 5 / 3, 5 / 3], dtype=torch.float64)
+    assert torch.allclose(T.normalized_rewards(r, "batch_std")[0], r[0] / centred.pow(2).mean().sqrt())
+    assert torch.equal(T.normalized_rewards(r, "none", eta=2.0)[0], 2 * r[0])
+    with pytest.raises(ValueError, match="unknown normalize 'z'"):
+        T.normalized_rewards(r, "z")
+
+
+def test_infonca_converges_to_softmax_r_over_alpha_relative_to_sft(problem):
+    r, ref = problem.rewards, problem.ref_logps
+    fit = _converged("infonca", r, ref, gamma=0.7, alpha=0.4)
+    closed = T.infonca_optimum(r, ref, 0.7, 0.4)
+    assert (fit["probs"] - closed).abs().max() <= TOL
+    # "softmax(r/α) relative to π_sft": the implied rewards' softmax is the target softmax
+    implied = torch.softmax(0.7 * fit["log_ratios"], -1)
+    assert (implied - torch.softmax(r / 0.4, -1)).abs().max() <= TOL
+    assert (closed - T.table1_policy("dpo", r, ref, 0.7 * 0.4)).abs().max() <= 1e-14  # Theorem 1, α(x) = αγ
+
+
+@pytest.mark.parametrize("method", ["nca", "a2po"])
+def test_absolute_targets_are_reached_when_the_candidates_hold_part_of_the_mass(problem, method):
+    """NCA and A*-PO target each candidate's own log-ratio; with a response the loss never sees
+    (the rest of the response space) the converged fit reaches :func:`nca_log_ratios` /
+    :func:`a2po_log_ratios` exactly."""
+    out = T.check_value_aware(problem, 0.8, alpha=0.6, value_gamma=1.3)[method]
+    assert out["closed_form_max_abs_err"] <= TOL and 0 < out["candidate_share"] <= 0.5
+    X, Y = problem.rewards.shape
+    fit = out["fit"]
+    assert fit["probs"].shape == (X, Y + 1) and fit["probs"][:, Y].min() > 0.4  # the unseen response keeps its mass
+    assert torch.allclose(fit["probs"].sum(-1), torch.ones(X, dtype=torch.float64))
+
+
+def test_a2po_closed_form_is_theorem1_with_the_estimated_partition(problem):
+    r = problem.rewards
+    delta = T.a2po_log_ratios(r, 0.5, 0.5)
+    # e^{Δ} = e^{r/γ}/Ẑ with Ẑ = mean_j e^{r_j/γ}: Theorem 1's numerator over the estimated partition
+    z_hat = torch.exp(r / 0.5).mean(-1, keepdim=True)
+    assert torch.allclose(delta.exp(), torch.exp(r / 0.5) / z_hat, rtol=1e-12)
+    # π_sft uniform on the candidates and γ' = γ: Ẑ is exact, the policy normalised, Theorem 1's π_opt
+    Y = r.shape[1]
+    uniform = torch.full_like(r, -math.log(Y))
+    fit = _converged("a2po", r, uniform, gamma=0.5, value_gamma=0.5)
+    assert (fit["probs"] - T.optimal_policy(r, 0.5)).abs().max() <= TOL and fit["final_loss"] < 1e-20
+    # γ' ≠ γ: the estimated partition is off, the targets unreachable on the candidates alone
+    off = _converged("a2po", r, uniform, gamma=0.5, value_gamma=2.0)
+    assert (off["probs"] - T.optimal_policy(r, 0.5)).abs().max() > 1e-4 and off["final_loss"] > 1e-3
+
+
+def test_which_losses_satisfy_eq12(problem):
+    """Eq. 12 exactly: VCB with Eq. 10 only. Up to a per-prompt scale (gaps proportional to reward
+    gaps): batch_std (σ_r/σ_B), none (η·σ_r), InfoNCA and NCA (σ_r/α), A*-PO (σ_r). Not at all:
+    VCB with ranks; ODPO, whose gaps keep growing."""
+    gamma, alpha = 0.8, 0.6
+    va = T.check_value_aware(problem, gamma, alpha=alpha, eta=1.5, budget_steps=150)
+    sigma = T.reward_std(problem.rewards)
+    assert va["vcb"]["eq12_max_abs_err"] <= TOL and va["vcb"]["eq12_slope"] == pytest.approx(1.0, abs=1e-10)
+    expected_slope = {"vcb_none": 1.5 * sigma.mean(), "infonca": sigma.mean() / alpha, "nca": sigma.mean() / alpha,
+                      "a2po": sigma.mean()}
+    for name in ("vcb_batch_std", "vcb_none", "infonca", "nca", "a2po"):
+        assert va[name]["proportional_max_abs_err"] <= TOL, name
+        assert va[name]["eq12_max_abs_err"] > 1e-3, name
+        if name in expected_slope:
+            assert va[name]["eq12_slope"] == pytest.approx(expected_slope[name].item(), rel=1e-8), name
+    assert va["vcb_rank"]["proportional_max_abs_err"] > 1e-3
+    assert va["odpo"]["closed_form_max_abs_err"] is None and va["odpo"]["proportional_max_abs_err"] > 1e-3
+    assert all(v["misaligned_log_ratio"] == 0 for v in va.values())  # every one of them keeps the order
+
+
+def test_calibration_summary_by_hand():
+    r = torch.tensor([[0.0, 1.0, 3.0]], dtype=torch.float64)
+    s = T.scaled_rewards(r, 0.5)
+    exact = T.calibration_summary(s, None, r, 0.5)
+    assert exact["eq12_max_abs_err"] < 1e-15 and exact["eq12_slope"] == pytest.approx(1.0)
+    double = T.calibration_summary(2 * s + 7.0, None, r, 0.5)  # proportional, slope 2 (a constant changes no gap)
+    assert double["proportional_max_abs_err"] < 1e-14 and double["eq12_slope"] == pytest.approx(2.0)
+    assert double["eq12_max_abs_err"] == pytest.approx((s[0, 2] - s[0, 0]).item())
+    ranks = T.calibration_summary(torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64), None, r, 0.5)
+    assert ranks["proportional_max_abs_err"] > 0.1 and ranks["misaligned_log_ratio"] == 0.0
+
+
+def test_fit_tabular_support_must_cover_the_candidates_and_polish_reaches_float64():
+    r = torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64)
+    ref = torch.log(torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="support must cover"):
+        T.fit_tabular("vcb", r, ref, support=torch.tensor([[True, True, False]]), gamma=1.0)
+    rough = T.fit_tabular("infonca", r, ref, optimizer="lbfgs", steps=3, gamma=1.0, alpha=0.5)
+    polished = T.fit_tabular("infonca", r, ref, optimizer="lbfgs", steps=3, polish=True, gamma=1.0, alpha=0.5)
+    closed = T.infonca_optimum(r, ref, 1.0, 0.5)
+    assert (rough["probs"] - closed).abs().max() > 1e-6 >= polished["grad_max"]
+    assert (polished["probs"] - closed).abs().max() <= TOL
+
+
+def test_run_checks_holds_the_value_aware_closed_forms_to_the_tolerance():
+    checks = T.run_checks(TheoryConfig(n_instances=1, tolerance=1e-30), seed=0)["checks"]
+    failed = {name for name, ok in checks["checks"].items() if not ok}
+    assert {"value_aware_closed_forms", "value_aware_proportional"} <= failed

@@ -78,6 +78,11 @@ MAX_THEORY_CELLS = 100_000  # theory.n_instances * n_prompts * n_responses: the 
 
 UPSTREAM_STAGES = ("01_models", "02_candidates")  # what run.upstream shares between runs
 RUN_LOCATION_KEYS = ("name", "output_root", "stages", "upstream")  # run.* keys left out of config hashes
+# Keys that say where a run reports, not what it computes: left out of config hashes and slices, so
+# switching the experiment tracker never makes an artefact stale.
+REPORTING_KEYS = ("training.log_with",)
+# training.log_with: accelerate's trackers (its LoggerType names but "all") or none.
+Tracker = Literal["tensorboard", "none", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"]
 # training.* keys that the upstream stages use (SFT and reward-model training, bf16 reference pass);
 # the loss hyper-parameters are not among them, so sweeping them reuses one upstream.
 UPSTREAM_TRAINING_KEYS = ("batch_size", "grad_accum", "warmup_steps", "lr_schedule", "max_grad_norm", "weight_decay",
@@ -230,7 +235,14 @@ class TrainingConfig:
     seeds: list[int] = field(default_factory=list)  # training seeds: each method trains once per seed on the same D_t; empty = [run.seed]; the first is the main replicate (sampled evaluation, Fig. 5), the pool scores all; <= 16
     gamma: float = 0.05  # γ, Eq. 9 (DPO's β, IPO's target is γ⁻¹/2)
     lam: float = 1.0  # λ, the logsumexp temperature of Eq. 20
-    reduction: Literal["logsumexp", "mean"] = "logsumexp"  # VCB aggregation over pairs; mean = the "w/o" ablation
+    reduction: Literal["logsumexp", "mean", "max"] = "logsumexp"  # VCB aggregation over pairs; mean = the "w/o" ablation; max = the hardest pair (λ -> 0)
+    normalize: Literal["prompt_std", "batch_std", "none", "rank"] = "prompt_std"  # VCB reward scale: prompt_std = Eq. 10's σ_r(x); batch_std = one σ per micro-batch; none = fixed eta (NeMo-Aligner's rpo_sq); rank = centred ranks (value-free control)
+    eta: float = 1.0  # VCB normalize=none: fixed reward scale η (rpo_sq's gt_reward_scale); > 0
+    sigma_floor: float = 0.0  # VCB: prompts whose σ_r(x) is below this are floored or dropped (sigma_policy); 0 = Eq. 10 as is
+    sigma_policy: Literal["floor", "drop"] = "floor"  # VCB: floor = divide by max(σ, sigma_floor) (prompt_std, batch_std); drop = loss 0 for those prompts
+    alpha: float = 1.0  # InfoNCA / NCA: temperature α of the softmax(r/α) targets (arXiv 2402.05369); > 0
+    value_gamma: float = 1.0  # A*-PO (a2po): γ' of V̂(x) = γ' log mean exp(r/γ') (the paper's β1; γ is its β2); > 0
+    offset_scale: float = 1.0  # ODPO: α of the offset α·log(r_w - r_l) (arXiv 2402.10571); 0 = DPO
     delta: float = 1.0  # SLiC hinge margin δ, Eq. 7
     sft_weight: float = 1.0  # cross-entropy regulariser weight for SLiC and RRHF
     length_penalty: float = 1.0  # RRHF scores are log π / n_tokens^length_penalty
@@ -250,19 +262,25 @@ class TrainingConfig:
     save_every: int = 0  # resumable checkpoint (model, optimizer, RNG, data position) every K steps and at the end; 0 = none (final/ only)
     accelerate_config: str = "params/accelerate/single.yaml"  # accelerate launch config
     num_processes: int = 1  # processes for accelerate launch
+    log_with: Tracker = "tensorboard"  # experiment tracker of every training (accelerate's log_with; the same metrics as log.jsonl): tensorboard writes offline to <run>/tensorboard/; none = log.jsonl only
 
     def __post_init__(self) -> None:
         _require(len(self.seeds) <= 16 and len(set(self.seeds)) == len(self.seeds) and all(x >= 0 for x in self.seeds),
                  "training.seeds", f"must be at most 16 distinct seeds >= 0, got {self.seeds}")
         bad = [m for m in self.methods if m not in methods()]
         _require(not bad, "training.methods", f"unknown method(s) {bad}; allowed: {list(methods())}")
-        for key in ("gamma", "lam", "learning_rate", "max_grad_norm"):
+        for key in ("gamma", "lam", "learning_rate", "max_grad_norm", "eta", "alpha", "value_gamma"):
             value = getattr(self, key)
             _require(value > 0, f"training.{key}", f"must be > 0, got {value}")
         _at_most(self.learning_rate, 1.0, "training.learning_rate", "larger is a typo, e.g. 5e6 for 5e-6")
-        for key in ("delta", "sft_weight", "length_penalty", "weight_decay", "warmup_steps", "max_steps", "save_every"):
+        for key in ("delta", "sft_weight", "length_penalty", "weight_decay", "warmup_steps", "max_steps", "save_every",
+                    "sigma_floor", "offset_scale"):
             value = getattr(self, key)
             _require(value >= 0, f"training.{key}", f"must be >= 0, got {value}")
+        _require(not (self.sigma_floor > 0 and self.sigma_policy == "floor" and self.normalize in ("none", "rank")),
+                 "training.sigma_floor", f"{self.sigma_floor} with sigma_policy floor floors the σ that normalize divides "
+                 f"by, and normalize {self.normalize!r} divides by none; use normalize prompt_std or batch_std, or "
+                 "sigma_policy drop")
         for key in ("batch_size", "grad_accum", "epochs", "num_processes", "top_k"):
             value = getattr(self, key)
             _require(value >= 1, f"training.{key}", f"must be >= 1, got {value}")
@@ -280,8 +298,10 @@ class EvaluationConfig:
     bootstrap: int = 1000  # bootstrap resamples for confidence intervals; <= 1_000_000
     curve_points: int = 0  # Fig. 5: snapshots sampled during training (evenly spaced steps; π_sft and the final model come from the evaluation); 0 = none
     curve_prompts: int = 8  # Fig. 5: test prompts sampled at each snapshot (the first ones)
-    judge_url: str = ""  # OpenAI-compatible endpoint of an LLM judge (A.3); empty = off
-    judge_model: str = ""  # model name sent to the judge endpoint
+    judge: str = ""  # LLM judge (A.3, Fig. 4): the URL of an OpenAI-compatible endpoint, local (vLLM's server started on 127.0.0.1 for the run; needs vLLM), or empty = off
+    judge_model: str = ""  # with a URL: the model name sent to it; with local: the model spec served (folder, hub id, packaged:<name>), empty = packaged:smollm2-135m-instruct (a weak judge)
+    judge_workers: int = 4  # judge requests in flight at once (a vLLM server batches them); 1 = one at a time; <= 256
+    judge_start_timeout: int = 600  # local: seconds the server may take to answer /health (loading a large model takes minutes)
     pool_prompts: int = 0  # shared held-out pool: test prompts whose candidates every policy scores; 0 = all; <= 10_000_000
     pool_candidates: int = 8  # m candidates per pool prompt, drawn once from π_sft at T = 1, top_p = 1 (what importance weights need); 2..1024
     pool_max_new_tokens: int = 0  # length cap of the pool's candidates; 0 = evaluation.max_new_tokens
@@ -307,6 +327,11 @@ class EvaluationConfig:
             _require(value >= 0, f"evaluation.{key}", f"must be >= 0, got {value}")
         _require(self.curve_prompts >= 1, "evaluation.curve_prompts", f"must be >= 1, got {self.curve_prompts}")
         _require(self.temperature > 0, "evaluation.temperature", f"must be > 0, got {self.temperature}")
+        _require(self.judge in ("", "local") or bool(re.fullmatch(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d+)?(/\S*)?", self.judge)),
+                 "evaluation.judge", f"must be empty (off), local, or an http:// or https:// URL, got {self.judge!r}")
+        _require(1 <= self.judge_workers <= 256, "evaluation.judge_workers", f"must be in 1..256, got {self.judge_workers}")
+        _require(self.judge_start_timeout >= 1, "evaluation.judge_start_timeout",
+                 f"must be >= 1, got {self.judge_start_timeout}")
 
 
 @dataclass
@@ -363,19 +388,22 @@ class Config:
         picked = {s: data[s] for s in (sections or data)}
         if "run" in picked:  # where a run writes does not change what it computes
             picked["run"] = {k: v for k, v in picked["run"].items() if k not in RUN_LOCATION_KEYS}
+        for key in REPORTING_KEYS:  # nor where it reports
+            section, _, name = key.partition(".")
+            picked.get(section, {}).pop(name, None)
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:12]
 
     def slice(self, *keys: str) -> dict[str, Any]:
         """The config slice an artefact depends on, flat: ``{"sampling.n": 4, ...}``. Each key
         names a whole section (``"sampling"``) or one field (``"training.batch_size"``); where a
-        run writes (``RUN_LOCATION_KEYS``) is never part of it."""
+        run writes (``RUN_LOCATION_KEYS``) or reports (``REPORTING_KEYS``) is never part of it."""
         data, out = self.to_dict(), {}
         for key in keys:
             section, _, name = key.partition(".")
             if section not in data or (name and name not in data[section]):
                 raise KeyError(f"unknown config key {key!r}; sections: {list(data)}")
             names = [name] if name else [n for n in data[section] if not (section == "run" and n in RUN_LOCATION_KEYS)]
-            out.update({f"{section}.{n}": data[section][n] for n in names})
+            out.update({f"{section}.{n}": data[section][n] for n in names if f"{section}.{n}" not in REPORTING_KEYS})
         return out
 
     def save(self, path: Path | None = None) -> Path:

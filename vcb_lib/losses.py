@@ -1,4 +1,5 @@
-"""Alignment losses on listwise sequence log-probs: VCB (arXiv 2402.16030) and its baselines.
+"""Alignment losses on listwise sequence log-probs: VCB (arXiv 2402.16030), its baselines and its
+value-aware relatives.
 
 Every loss is a pure function with the same leading signature, so a trainer calls any of them
 through :class:`LossType` without branching on names::
@@ -19,13 +20,19 @@ Inputs are shaped ``(B, n)``: ``B`` prompts with ``n`` sampled candidate respons
 Each returns ``(losses, metrics)``: per-prompt losses ``(B,)`` (the caller reduces, e.g.
 ``.mean()``) and a dict of detached 0-dim diagnostics named as in the DPO reference code / TRL
 (``rewards/chosen``, ``rewards/margins``, ``logps/chosen``, ...). "Implied rewards" are the
-quantities each loss treats as a reward (Table 1): ``γ·log π/π_sft`` for VCB/DPO/IPO,
-``γ·log π`` for SLiC, the length-normalised log-prob for RRHF.
+quantities each loss treats as a reward (Table 1): ``γ·log π/π_sft`` for VCB/DPO/IPO and the
+relatives, ``γ·log π`` for SLiC, the length-normalised log-prob for RRHF.
 
-Order-based losses (DPO, IPO, SLiC, RRHF) turn the rewards of the ``n`` candidates into
-preference pairs ``(w, l)`` with ``r_w > r_l`` (ties never form a pair), Sec. 5.3:
+Order-based losses (DPO, IPO, SLiC, RRHF, and ODPO, which adds a value-based offset) turn the
+rewards of the ``n`` candidates into preference pairs ``(w, l)`` with ``r_w > r_l`` (ties never
+form a pair), Sec. 5.3:
 ``pairs="all"`` uses every such ordered pair, ``pairs="best_worst"`` only argmax vs argmin
 reward (first index on ties; no pair when all rewards are equal).
+
+Value-aware losses read the reward values themselves: VCB (whose design choices -- Eq. 10's
+per-prompt std, the logsumexp of Eq. 20 -- are options of :func:`vcb_loss`), InfoNCA and NCA
+(softmax(r/α) targets over all n candidates), A*-PO's pointwise regression onto r - V̂(x), and
+ODPO's offset α·log(r_w - r_l). ``LossType.uses_reward_values`` says which.
 """
 from __future__ import annotations
 
@@ -41,7 +48,9 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 Metrics = dict[str, Tensor]
 
-REDUCTIONS = ("logsumexp", "mean")
+REDUCTIONS = ("logsumexp", "mean", "max")
+NORMALIZES = ("prompt_std", "batch_std", "none", "rank")
+SIGMA_POLICIES = ("floor", "drop")
 PAIRS = ("all", "best_worst")
 SELECTS = ("best", "all")
 
@@ -131,6 +140,37 @@ def _pair_mask(rewards: Tensor | None, mask: Tensor, pairs: str) -> Tensor:
     return valid & better & chosen
 
 
+def _prompt_var(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, n) -> the POPULATION variance of each prompt's valid values (B,) (divisor m, Eq. 10
+    squared; 0 for a prompt without any) and the values minus their prompt's mean (B, n), 0 where padded."""
+    mf = mask.sum(-1).clamp_min(1).to(values.dtype)
+    mean = torch.where(mask, values, 0.0).sum(-1) / mf  # (B,)
+    centred = torch.where(mask, values - mean[:, None], 0.0)  # (B, n)
+    return centred.pow(2).sum(-1) / mf, centred
+
+
+def _centred_ranks(values: Tensor, mask: Tensor) -> Tensor:
+    """(B, n) -> (B, n): each valid value's rank among its prompt's valid values (0-based, ties share
+    their mean rank) minus the mean rank (m-1)/2; 0 where padded."""
+    other = mask[:, None, :]  # (B, 1, n): j valid
+    below = ((values[:, None, :] < values[:, :, None]) & other).sum(-1)  # (B, n): #{j: v_j < v_i}
+    ties = ((values[:, None, :] == values[:, :, None]) & other).sum(-1)  # (B, n): #{j: v_j = v_i}, i included
+    rank = below.to(values.dtype) + 0.5 * (ties.to(values.dtype) - 1)
+    return torch.where(mask, rank - 0.5 * (mask.sum(-1, keepdim=True).to(values.dtype) - 1), 0.0)
+
+
+def _masked_softmax(x: Tensor, mask: Tensor) -> Tensor:
+    """(B, n) -> (B, n): softmax over each row's valid entries; 0 where padded and in rows without any."""
+    x = x.masked_fill(~mask, -math.inf).masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return torch.softmax(x, -1).masked_fill(~mask, 0.0)
+
+
+def _masked_log_softmax(x: Tensor, mask: Tensor) -> Tensor:
+    """(B, n) -> (B, n): log_softmax over each row's valid entries; 0 where padded (exact zero gradient there)."""
+    x = x.masked_fill(~mask, -math.inf).masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return torch.log_softmax(x, -1).masked_fill(~mask, 0.0)
+
+
 def _pair_mean(pair_losses: Tensor, pm: Tensor) -> Tensor:
     """(B, n, n) pair losses -> (B,) mean over each prompt's pairs; 0 for a prompt with none."""
     return torch.where(pm, pair_losses, 0.0).sum((1, 2)) / pm.sum((1, 2)).clamp_min(1)
@@ -192,22 +232,51 @@ def vcb_loss(
     gamma: float,
     lam: float = 1.0,
     reduction: str = "logsumexp",
+    normalize: str = "prompt_std",
+    eta: float = 1.0,
+    sigma_floor: float = 0.0,
+    sigma_policy: str = "floor",
     n_tokens: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
-    """Value-based calibration loss, Eq. 19-20 of arXiv 2402.16030.
+    """Value-based calibration loss, Eq. 19-20 of arXiv 2402.16030, with its design choices as options.
 
     Args: ``policy_logps``, ``ref_logps``, ``rewards``: (B, n) float; ``mask``: (B, n) bool or
-    None; ``gamma`` = γ > 0; ``lam`` = λ > 0; ``reduction``: "logsumexp" (Eq. 20) or "mean"
-    (the "w/o" ablation of App. A.6); ``n_tokens``: accepted and ignored.
+    None; ``gamma`` = γ > 0; ``lam`` = λ > 0; ``reduction``: "logsumexp" (Eq. 20), "mean"
+    (the "w/o" ablation of App. A.6) or "max" (the hardest pair only, the λ → 0 limit of
+    logsumexp); ``normalize``, ``eta``, ``sigma_floor``, ``sigma_policy``: how rewards are scaled,
+    below (defaults = the paper); ``n_tokens``: accepted and ignored.
     Returns ``(losses (B,), metrics)``.
 
     For each prompt with m valid responses and every valid pair i < j (K = m(m-1)/2 pairs)::
 
-        l_ij = [γ(Δπ_i - Δπ_j) - (r_i - r_j)/σ_r(x)]²,   Δπ = log π - log π_sft    (Eq. 19)
+        l_ij = [γ(Δπ_i - Δπ_j) - (s_i - s_j)]²,   Δπ = log π - log π_sft            (Eq. 19)
         logsumexp:  L = λ·log Σ_{i<j} exp(l_ij/λ) - λ·log K
         mean:       L = (1/K) Σ_{i<j} l_ij
+        max:        L = max_{i<j} l_ij
 
-    σ_r(x) is the POPULATION std of the valid rewards of the prompt (Eq. 10, divisor m).
+    where s are the prompt's rewards, scaled by ``normalize``:
+
+    * ``"prompt_std"`` (Eq. 10, the paper): s = r/σ_r(x), σ_r(x) the POPULATION std of the
+      prompt's valid rewards (divisor m);
+    * ``"batch_std"``: s = r/σ_B, one σ_B for the whole (micro-)batch: the population std of the
+      rewards centred on their prompt's mean, pooled over the prompts with pairs (the "group mean,
+      batch std" of REINFORCE++-baseline). Prompts are then no longer independent: a prompt's loss
+      depends on the others in the batch (and so on ``batch_size``);
+    * ``"none"``: s = η·r with a fixed scale ``eta`` = η > 0. Then each pair term is exactly
+      NeMo-Aligner's ``rpo_sq`` loss, (β·(Δπ_w - Δπ_l) - gt_reward_scale·(r_w - r_l))² with β = γ
+      and gt_reward_scale = η, and REBEL's pair term at its first iteration (π_t = π_sft),
+      (1/η_REBEL·(Δπ_i - Δπ_j) - (r_i - r_j))², with γ = 1/η_REBEL and η = 1; with n = 2 and
+      reduction="mean" the loss is that pair term itself;
+    * ``"rank"``: s = the prompt's centred ranks (ties share their mean rank) divided by their
+      population std: Eq. 10 applied to ranks instead of values, a value-free control (invariant
+      to any increasing transform of the rewards).
+
+    ``sigma_floor`` ≥ 0 and ``sigma_policy`` act on prompts with a small reward spread (the Dr. GRPO
+    critique of per-group std normalisation applies to Eq. 10 too: it blows up near-ties):
+    ``"floor"`` divides by max(σ, sigma_floor) (σ = σ_r(x) for prompt_std, σ_B for batch_std; it
+    needs one of those two when sigma_floor > 0); ``"drop"`` gives L = 0 and zero gradient to
+    every prompt whose σ_r(x) < sigma_floor (any ``normalize``; dropped prompts are left out of σ_B).
+
     The per-prompt constant ``-λ·log K`` changes no gradient; it makes L ≥ 0 with L = 0 exactly
     when Eq. 12 holds (the paper's "minimum value of 0"). Prompts with m < 2 get L = 0 and zero
     gradient.
@@ -215,9 +284,9 @@ def vcb_loss(
     σ = 0 (all valid rewards equal): the reward term is computed from raw differences
     ``(r_i - r_j)/σ``, which are exactly 0, and σ is floored at sqrt(finfo.tiny) only to keep the
     division finite; so the loss pulls the prompt's log-ratios Δπ together (Eq. 12 with equal
-    rewards). There is no relative eps: for any σ > 0 the loss is exactly invariant to shifting
-    and positively scaling a prompt's rewards, so rewards differing only by rounding noise are
-    treated as different (quantise upstream if that matters).
+    rewards). There is no relative eps: for any σ > 0 prompt_std (and rank) is exactly invariant
+    to shifting and positively scaling a prompt's rewards, so rewards differing only by rounding
+    noise are treated as different (quantise upstream, or use ``sigma_floor``, if that matters).
 
     Relation to the paper's other forms (m valid responses, K = m(m-1)/2, L_λ = this loss):
 
@@ -236,38 +305,66 @@ def vcb_loss(
     _check_positive(fn, "gamma", gamma)
     _check_positive(fn, "lam", lam)
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
+    _check_choice(fn, "normalize", normalize, NORMALIZES)
+    _check_positive(fn, "eta", eta)
+    _check_nonnegative(fn, "sigma_floor", sigma_floor)
+    _check_choice(fn, "sigma_policy", sigma_policy, SIGMA_POLICIES)
+    if sigma_floor > 0 and sigma_policy == "floor" and normalize not in ("prompt_std", "batch_std"):
+        raise ValueError(f"{fn}: sigma_floor={sigma_floor!r} with sigma_policy='floor' floors the σ that "
+                         f"normalize divides by, and normalize={normalize!r} divides by none; allowed with a floor: "
+                         "'prompt_std', 'batch_std' (or use sigma_policy='drop')")
     policy, ref, rw, mask, _ = _prepare(fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=True)
+    tiny = torch.finfo(policy.dtype).tiny
 
-    # 1. σ_r(x), Eq. 10: population std over the valid responses of each prompt.
+    # 1. σ_r(x), Eq. 10: population std over the valid responses of each prompt; which prompts count.
     m = mask.sum(-1)  # (B,)
-    mf = m.clamp_min(1).to(policy.dtype)
-    mean = rw.sum(-1) / mf  # (B,)
-    var = torch.where(mask, rw - mean[:, None], 0.0).pow(2).sum(-1) / mf  # (B,)
-    sigma = var.clamp_min(torch.finfo(policy.dtype).tiny).sqrt()  # (B,), > 0 always
+    var, centred = _prompt_var(rw, mask)  # (B,), (B, n): rewards minus their prompt's mean (0 if padded)
+    sigma_r = var.sqrt()  # (B,), 0 on ties
+    has_pairs = m >= 2
+    dropped = has_pairs & (sigma_r < sigma_floor) if sigma_policy == "drop" else torch.zeros_like(has_pairs)
+    keep = has_pairs & ~dropped  # (B,)
+    floor = sigma_floor if sigma_policy == "floor" else 0.0
 
-    # 2. Pair residuals of Eq. 19 from raw differences (exactly 0 reward term when σ = 0).
+    # 2. Scaled rewards s (B, n): target gaps s_i - s_j from raw differences (exactly 0 on ties).
+    # σ² is floored at finfo.tiny before the square root (σ ≥ sqrt(tiny)), then at sigma_floor when flooring.
+    if normalize == "prompt_std":
+        values, div = rw, var.clamp_min(tiny).sqrt().clamp_min(floor)  # (B,)
+    elif normalize == "batch_std":
+        rows = keep[:, None] & mask  # (B, n): the responses of the prompts that count
+        var_b = torch.where(rows, centred, 0.0).pow(2).sum() / rows.sum().clamp_min(1)  # (): pooled, centred per prompt
+        values, div = rw, var_b.clamp_min(tiny).sqrt().clamp_min(floor).expand(rw.shape[0])  # (B,)
+    elif normalize == "rank":
+        values = _centred_ranks(rw, mask)  # (B, n)
+        div = _prompt_var(values, mask)[0].clamp_min(tiny).sqrt()  # (B,): Eq. 10 on the ranks
+    else:  # "none"
+        values, div = rw * eta, torch.ones_like(var)
+    gap = (values[:, :, None] - values[:, None, :]) / div[:, None, None]  # (B, n, n)
+
+    # 3. Pair residuals of Eq. 19.
     implied = gamma * (policy - ref)  # (B, n): γΔπ
-    resid = (implied[:, :, None] - implied[:, None, :]) - (rw[:, :, None] - rw[:, None, :]) / sigma[:, None, None]
-    pair_l = resid.pow(2)  # (B, n, n)
-    upper = _pair_mask(None, mask, "upper")  # (B, n, n), valid i < j
+    pair_l = ((implied[:, :, None] - implied[:, None, :]) - gap).pow(2)  # (B, n, n)
+    upper = _pair_mask(None, mask, "upper") & keep[:, None, None]  # (B, n, n), valid i < j of kept prompts
     K = upper.sum((1, 2))  # (B,)
-    has_pairs = K > 0
 
-    # 3. Aggregate over pairs (Eq. 20 up to the documented constant, or the plain mean).
+    # 4. Aggregate over pairs (Eq. 20 up to the documented constant, the plain mean, or the max).
     if reduction == "mean":
         losses = _pair_mean(pair_l, upper)
     else:
-        x = (pair_l / lam).masked_fill(~upper, -math.inf).flatten(1)  # (B, n*n)
-        x = x.masked_fill(~has_pairs[:, None], 0.0)  # rows without pairs: finite dummy, dropped below
-        lse = torch.logsumexp(x, dim=-1) - K.clamp_min(1).to(x.dtype).log()  # (B,)
-        losses = torch.where(has_pairs, lam * lse, 0.0)
+        x = (pair_l / lam if reduction == "logsumexp" else pair_l).masked_fill(~upper, -math.inf).flatten(1)
+        x = x.masked_fill(~keep[:, None], 0.0)  # rows without pairs: finite dummy, dropped below
+        if reduction == "logsumexp":
+            agg = lam * (torch.logsumexp(x, dim=-1) - K.clamp_min(1).to(x.dtype).log())  # (B,)
+        else:
+            agg = x.amax(-1)  # (B,)
+        losses = torch.where(keep, agg, 0.0)
 
     metrics = _pair_metrics(implied, policy, _pair_mask(rw, mask, "all"))
     with torch.no_grad():
         n_with = has_pairs.sum().clamp_min(1)
-        metrics["vcb/sigma_r"] = torch.where(has_pairs, var.sqrt(), 0.0).sum() / n_with
+        metrics["vcb/sigma_r"] = torch.where(has_pairs, sigma_r, 0.0).sum() / n_with
         tied = rw.masked_fill(~mask, -math.inf).amax(-1) == rw.masked_fill(~mask, math.inf).amin(-1)  # (B,)
         metrics["vcb/frac_sigma_zero"] = (has_pairs & tied).sum().to(policy.dtype) / n_with
+        metrics["vcb/frac_dropped"] = dropped.sum().to(policy.dtype) / n_with
         metrics["vcb/pair_loss_mean"] = torch.where(upper, pair_l, 0.0).sum() / K.sum().clamp_min(1)
         metrics["vcb/pair_loss_max"] = torch.where(upper, pair_l, 0.0).amax() if pair_l.numel() else pair_l.sum()
     return losses, metrics
@@ -407,6 +504,185 @@ def rrhf_loss(
 
 
 # --------------------------------------------------------------------------------------------
+# Value-aware relatives: losses that read reward values other than VCB's way
+# --------------------------------------------------------------------------------------------
+
+
+def infonca_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    rewards: Tensor,
+    mask: Tensor | None = None,
+    *,
+    gamma: float,
+    alpha: float = 1.0,
+    n_tokens: Tensor | None = None,
+) -> tuple[Tensor, Metrics]:
+    """InfoNCA (Chen et al. 2024, arXiv 2402.05369, Sec. 3): listwise cross-entropy over all n candidates.
+
+    Args: (B, n) ``policy_logps``, ``ref_logps``, ``rewards``; ``mask`` (B, n) bool or None;
+    ``gamma`` = γ > 0 (InfoNCA's β); ``alpha`` = α > 0, the temperature of the reward targets;
+    ``n_tokens`` ignored. Returns per-prompt losses (B,) and metrics.
+
+    Per prompt, over its m valid candidates (the official code's ``InfoNCA`` branch of ``nca_loss``)::
+
+        L = -Σ_i softmax_i(r/α) · log softmax_i(γΔπ),   Δπ = log π - log π_sft
+
+    Its minimiser on the candidates is softmax(γΔπ) = softmax(r/α), i.e. π ∝ π_sft·e^{r/(αγ)}:
+    Theorem 1's π_opt with α(x) = αγ. With n = 2 it is DPO with soft labels (cDPO / TRL's
+    ``sigmoid`` with label_smoothing = σ(-(r_w - r_l)/α)), and DPO itself as α → 0. Prompts with
+    m < 2 get L = 0 (a single candidate's target and softmax are both 1).
+    """
+    fn = "infonca_loss"
+    _check_positive(fn, "gamma", gamma)
+    _check_positive(fn, "alpha", alpha)
+    policy, ref, rw, mask, _ = _prepare(fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=True)
+    has_pairs = mask.sum(-1) >= 2  # (B,)
+    implied = gamma * (policy - ref)  # (B, n)
+    target = _masked_softmax(rw / alpha, mask)  # (B, n), 0 where padded
+    log_q = _masked_log_softmax(implied, mask)  # (B, n), 0 where padded
+    losses = torch.where(has_pairs, -(target * log_q).sum(-1), 0.0)  # (B,)
+    metrics = _pair_metrics(implied, policy, _pair_mask(rw, mask, "all"))
+    with torch.no_grad():
+        entropy = -(target * target.clamp_min(torch.finfo(target.dtype).tiny).log()).sum(-1)  # (B,)
+        metrics["infonca/target_entropy"] = torch.where(has_pairs, entropy, 0.0).sum() / has_pairs.sum().clamp_min(1)
+    return losses, metrics
+
+
+def nca_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    rewards: Tensor,
+    mask: Tensor | None = None,
+    *,
+    gamma: float,
+    alpha: float = 1.0,
+    n_tokens: Tensor | None = None,
+) -> tuple[Tensor, Metrics]:
+    """NCA (Chen et al. 2024, arXiv 2402.05369, Sec. 4): InfoNCA's targets on each candidate's absolute likelihood.
+
+    Args: as :func:`infonca_loss`. Returns per-prompt losses (B,) and metrics.
+
+    Per prompt, over its m valid candidates (the official code's ``NCA`` branch of ``nca_loss``)::
+
+        L = -Σ_i [ softmax_i(r/α) · log σ(γΔπ_i) + (1/m) · log σ(-γΔπ_i) ]
+
+    Each candidate is pushed up in proportion to its target and down by 1/m, so at the optimum
+    γΔπ_i = log(m·softmax_i(r/α)) = r_i/α - log mean_j e^{r_j/α}: log-ratios of their own, not only
+    of their differences (a policy whose candidates hold little of its mass reaches them). With
+    n = 2 and one-hot targets (α → 0) it is TRL's ``nca_pair``:
+    -log σ(γΔπ_w) - ½ log σ(-γΔπ_w) - ½ log σ(-γΔπ_l). Prompts with m < 2 get L = 0.
+    """
+    fn = "nca_loss"
+    _check_positive(fn, "gamma", gamma)
+    _check_positive(fn, "alpha", alpha)
+    policy, ref, rw, mask, _ = _prepare(fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=True)
+    m = mask.sum(-1)  # (B,)
+    implied = gamma * (policy - ref)  # (B, n)
+    target = _masked_softmax(rw / alpha, mask)  # (B, n), 0 where padded
+    terms = target * F.logsigmoid(implied) + F.logsigmoid(-implied) / m.clamp_min(1)[:, None]  # (B, n)
+    losses = torch.where(m >= 2, -torch.where(mask, terms, 0.0).sum(-1), 0.0)  # (B,)
+    metrics = _pair_metrics(implied, policy, _pair_mask(rw, mask, "all"))
+    with torch.no_grad():
+        rows = mask & (m >= 2)[:, None]
+        metrics["nca/implied_mean"] = torch.where(rows, implied, 0.0).sum() / rows.sum().clamp_min(1)
+    return losses, metrics
+
+
+def a2po_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    rewards: Tensor,
+    mask: Tensor | None = None,
+    *,
+    gamma: float,
+    value_gamma: float = 1.0,
+    n_tokens: Tensor | None = None,
+) -> tuple[Tensor, Metrics]:
+    """A*-PO-style pointwise regression (Brantley et al. 2025, arXiv 2505.20686; TRL's ``A2POTrainer``).
+
+    Args: (B, n) ``policy_logps``, ``ref_logps``, ``rewards``; ``mask`` (B, n) bool or None;
+    ``gamma`` = γ > 0 (A*-PO's β₂); ``value_gamma`` = γ' > 0 (A*-PO's β₁); ``n_tokens`` ignored.
+    Returns per-prompt losses (B,) and metrics.
+
+    Stage 1 estimates the optimal value from the prompt's m valid candidates (samples of π_sft),
+    stage 2 regresses each candidate's implied reward onto the estimated optimal advantage::
+
+        V̂(x) = γ' log (1/m) Σ_j exp(r_j/γ')
+        L = (1/m) Σ_i [γΔπ_i - (r_i - V̂(x))]²,   Δπ = log π - log π_sft
+
+    (the official ``compute_policy_loss``: (β₂·log π/π_ref + V* - r)²). The partition function is
+    estimated, not differenced away as in VCB: the minimiser is Δπ_i = (r_i - V̂)/γ, Theorem 1's
+    π_opt = π_sft·e^{r/γ}/Z with Z estimated by e^{V̂/γ} (exact for γ' = γ when π_sft is the
+    candidates' empirical distribution). Rewards are used raw, not normalised. Prompts with m < 2
+    get L = 0 (one sample gives V̂ = r, no advantage to regress onto).
+
+    This is the offline form that fits D_t: the same π_sft candidates estimate V̂ and are regressed
+    on. The paper's stage 2 regresses one fresh sample of the current policy per prompt instead.
+    """
+    fn = "a2po_loss"
+    _check_positive(fn, "gamma", gamma)
+    _check_positive(fn, "value_gamma", value_gamma)
+    policy, ref, rw, mask, _ = _prepare(fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=True)
+    m = mask.sum(-1)  # (B,)
+    has_pairs = m >= 2
+    x = (rw / value_gamma).masked_fill(~mask, -math.inf).masked_fill(~mask.any(-1, keepdim=True), 0.0)  # (B, n)
+    value = value_gamma * (torch.logsumexp(x, -1) - m.clamp_min(1).to(rw.dtype).log())  # (B,): V̂(x)
+    implied = gamma * (policy - ref)  # (B, n)
+    resid = torch.where(mask, implied - (rw - value[:, None]), 0.0)  # (B, n)
+    losses = torch.where(has_pairs, resid.pow(2).sum(-1) / m.clamp_min(1), 0.0)  # (B,)
+    metrics = _pair_metrics(implied, policy, _pair_mask(rw, mask, "all"))
+    with torch.no_grad():
+        n_with = has_pairs.sum().clamp_min(1)
+        rows = mask & has_pairs[:, None]
+        metrics["a2po/value"] = torch.where(has_pairs, value, 0.0).sum() / n_with
+        metrics["a2po/abs_residual"] = torch.where(rows, resid.abs(), 0.0).sum() / rows.sum().clamp_min(1)
+    return losses, metrics
+
+
+def odpo_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    rewards: Tensor,
+    mask: Tensor | None = None,
+    *,
+    gamma: float,
+    offset_scale: float = 1.0,
+    pairs: str = "all",
+    n_tokens: Tensor | None = None,
+) -> tuple[Tensor, Metrics]:
+    """ODPO (Amini et al. 2024, arXiv 2402.10571): DPO with an offset that grows with the reward gap.
+
+    Args: (B, n) ``policy_logps``, ``ref_logps``, ``rewards``; ``mask`` (B, n) bool or None;
+    ``gamma`` = γ > 0 (DPO's β); ``offset_scale`` = α ≥ 0 (0 gives DPO); ``pairs`` "all" |
+    "best_worst"; ``n_tokens`` ignored. Returns per-prompt mean over pairs (B,), 0 if none.
+
+    For every preference pair (r_w > r_l), as the official ``preference_loss(offset=True)``::
+
+        l_wl = -log σ(γ[Δπ_w - Δπ_l] - Δ_r),   Δ_r = α·log(r_w - r_l)
+
+    It keeps DPO's order-based pairs (and its lack of a minimiser: the gaps grow for as long as
+    one trains) but uses the values as a margin. The offset is invariant to shifting a prompt's
+    rewards, not to scaling them (log(c·d) = log c + log d).
+    """
+    fn = "odpo_loss"
+    _check_positive(fn, "gamma", gamma)
+    _check_nonnegative(fn, "offset_scale", offset_scale)
+    _check_choice(fn, "pairs", pairs, PAIRS)
+    policy, ref, rw, mask, _ = _prepare(fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=True)
+    implied = gamma * (policy - ref)  # (B, n)
+    pm = _pair_mask(rw, mask, pairs)  # (B, n, n)
+    gap = torch.where(pm, rw[:, :, None] - rw[:, None, :], 1.0)  # (B, n, n): r_w - r_l > 0 on pairs, 1 elsewhere
+    offset = offset_scale * gap.clamp_min(torch.finfo(rw.dtype).tiny).log()  # (B, n, n): Δ_r
+    margin = implied[:, :, None] - implied[:, None, :]  # (B, n, n): [b, w, l]
+    losses = _pair_mean(-F.logsigmoid(margin - offset), pm)
+    metrics = _pair_metrics(implied, policy, pm)
+    with torch.no_grad():
+        metrics["odpo/offset"] = torch.where(pm, offset, 0.0).sum() / pm.sum().clamp_min(1)
+    return losses, metrics
+
+
+# --------------------------------------------------------------------------------------------
 # Selection losses: ReST and plain SFT
 # --------------------------------------------------------------------------------------------
 
@@ -457,7 +733,8 @@ def sft_loss(
 
 
 class LossType(StrEnum):
-    """The losses of the paper's comparison (Sec. 5.3), with the facts a trainer needs.
+    """The losses of the paper's comparison (Sec. 5.3) and VCB's value-aware relatives, with the
+    facts a trainer needs.
 
     ``LossType("DPO")`` / ``LossType.parse("dpo")`` are case-insensitive; an unknown name raises
     ``ValueError`` listing the allowed ones. A trainer calls every loss the same way::
@@ -472,6 +749,10 @@ class LossType(StrEnum):
     RRHF = "rrhf"
     REST = "rest"  # sft_loss, select="best" (top_k by reward)
     SFT = "sft"  # sft_loss, select="all"
+    INFONCA = "infonca"  # infonca_loss (arXiv 2402.05369, Sec. 3)
+    NCA = "nca"  # nca_loss (arXiv 2402.05369, Sec. 4)
+    A2PO = "a2po"  # a2po_loss: A*-PO's pointwise regression (arXiv 2505.20686)
+    ODPO = "odpo"  # odpo_loss (arXiv 2402.10571)
     BT = "bt"  # bradley_terry_loss: the reward model of Eq. 18 (scores in place of log-probs)
 
     @classmethod
@@ -491,12 +772,14 @@ class LossType(StrEnum):
     @property
     def needs_reference(self) -> bool:
         """True if the loss uses ``ref_logps`` (log π/π_sft)."""
-        return self in (LossType.VCB, LossType.DPO, LossType.IPO)
+        return self in (LossType.VCB, LossType.DPO, LossType.IPO, *VALUE_RELATIVES)
 
     @property
     def uses_reward_values(self) -> bool:
-        """True only for VCB; the others use the reward ORDER (pairs) or a selection."""
-        return self is LossType.VCB
+        """True for VCB and its value-aware relatives (InfoNCA, NCA, A*-PO, ODPO's offset); the
+        others use the reward ORDER (pairs) or a selection. (VCB's ``normalize="rank"`` option is
+        its value-free control.)"""
+        return self is LossType.VCB or self in VALUE_RELATIVES
 
     @property
     def trains_policy(self) -> bool:
@@ -505,14 +788,16 @@ class LossType(StrEnum):
 
     @property
     def pairwise(self) -> bool:
-        """True if the loss compares responses of the same prompt (needs n ≥ 2)."""
+        """True if the loss compares responses of the same prompt (needs n ≥ 2; a prompt with one
+        valid response gets loss 0, or only its NLL term for SLiC/RRHF). A*-PO counts: its V̂(x) is
+        estimated from the prompt's candidates."""
         return self not in (LossType.REST, LossType.SFT)
 
     def used_candidates(self, rewards: Tensor, mask: Tensor, **hparams) -> Tensor:
         """(B, n) bool: the valid candidates this loss reads with ``hparams`` (``self.hparams``).
 
         The others can be left out of the forward and backward passes (keeping the survivors'
-        order) without changing the loss, its gradient or its metrics: DPO/IPO with
+        order) without changing the loss, its gradient or its metrics: DPO/IPO/ODPO with
         ``pairs="best_worst"`` read the best and the worst response, SLiC/RRHF those and the best
         (for their NLL term), ReST its ``top_k``; everything else reads every valid candidate.
         Every prompt keeps at least its first valid candidate, so it stays in the batch. Keys this
@@ -541,6 +826,21 @@ class LossType(StrEnum):
         """Keyword hyper-parameters ``fn`` takes (besides ``n_tokens``)."""
         return _HPARAMS[self]
 
+    def active_hparams(self, values: dict) -> tuple[str, ...]:
+        """The hyper-parameters that change this loss at ``values`` (a dict of at least
+        :attr:`hparams`): VCB reads ``eta`` only with ``normalize="none"`` and ``sigma_policy`` only
+        with a ``sigma_floor`` > 0. What an artefact's key records, so that changing an inactive
+        one retrains nothing."""
+        if self is not LossType.VCB:
+            return self.hparams
+        inactive = {"eta"} if values["normalize"] != "none" else set()
+        if not values["sigma_floor"] > 0:
+            inactive.add("sigma_policy")
+        return tuple(h for h in self.hparams if h not in inactive)
+
+
+# VCB's value-aware relatives (issue 19): they read reward values, each its own way.
+VALUE_RELATIVES = (LossType.INFONCA, LossType.NCA, LossType.A2PO, LossType.ODPO)
 
 _LOSS_FNS: dict[LossType, Callable[..., tuple[Tensor, Metrics]]] = {
     LossType.VCB: vcb_loss,
@@ -550,16 +850,24 @@ _LOSS_FNS: dict[LossType, Callable[..., tuple[Tensor, Metrics]]] = {
     LossType.RRHF: rrhf_loss,
     LossType.REST: functools.partial(sft_loss, select="best"),
     LossType.SFT: functools.partial(sft_loss, select="all", top_k=1),  # top_k is unused by select="all"
+    LossType.INFONCA: infonca_loss,
+    LossType.NCA: nca_loss,
+    LossType.A2PO: a2po_loss,
+    LossType.ODPO: odpo_loss,
 }
 
 _HPARAMS: dict[LossType, tuple[str, ...]] = {
-    LossType.VCB: ("gamma", "lam", "reduction"),
+    LossType.VCB: ("gamma", "lam", "reduction", "normalize", "eta", "sigma_floor", "sigma_policy"),
     LossType.DPO: ("gamma", "pairs"),
     LossType.IPO: ("gamma", "pairs"),
     LossType.SLIC: ("gamma", "delta", "sft_weight", "pairs"),
     LossType.RRHF: ("sft_weight", "length_penalty", "pairs"),
     LossType.REST: ("top_k",),
     LossType.SFT: (),
+    LossType.INFONCA: ("gamma", "alpha"),
+    LossType.NCA: ("gamma", "alpha"),
+    LossType.A2PO: ("gamma", "value_gamma"),
+    LossType.ODPO: ("gamma", "offset_scale", "pairs"),
 }
 
 

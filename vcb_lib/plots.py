@@ -209,6 +209,8 @@ def figure1_bars(probs: dict, rewards, path=None, *, gamma: float, steps: int):
     sns.barplot(data=bars, x="method", y="log_probability", hue="response", ax=axes[1], legend=False)
     axes[0].set(title=f"Figure 1: fitted probabilities (gamma = {gamma}, {steps} Adam steps)", xlabel="")
     axes[1].set(title="the same, log-probabilities", xlabel="", ylabel="log probability")
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=30)  # up to a dozen methods
     return _save(fig, path)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from vcb_lib.io import atomic_write_text
+from vcb_lib.judge import WEAK_JUDGES
 from vcb_lib.metrics import MDE_FACTOR
 
 
@@ -117,6 +118,26 @@ def pool_sections(metrics: dict) -> list[str]:
     return lines
 
 
+def judge_notes(about: dict) -> list[str]:
+    """What judged (``metrics["judge"]``), and a warning when it is a weak judge."""
+    if not about.get("model"):
+        return []
+    if about.get("endpoint") == "local":
+        timing = f"up in {about['start_seconds']:.0f} s" if about.get("start_seconds") is not None else ""
+        if about.get("seconds"):
+            timing += f"; {about.get('requests', 0)} requests in {about['seconds']:.0f} s"
+        lines = [f"Judge: `{about['model']}`, served by vLLM's OpenAI-compatible server, started on 127.0.0.1 for this "
+                 f"run ({timing}); replies constrained to the A.3 answer format (`Reason: ...` / `Result: A|B|C`).\n"]
+    else:
+        lines = [f"Judge: `{about['model']}` at {about.get('endpoint')}.\n"]
+    if about["model"] in WEAK_JUDGES:
+        lines.append(f"**A weak judge:** `{about['model']}` (135M parameters) on this CPU shows that the judge path is real "
+                     "(a server, the A.3 prompts in both orders, the verdicts parsed), not which method is better: read its "
+                     "position-bias check below before its win rates. With a GPU, name a strong model in "
+                     "`evaluation.judge_model` (a folder or a hub id); nothing else changes.\n")
+    return lines
+
+
 def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
     """``<run>/report.md``: the scale of the run, then Tables 2, 4, 5, 6, 7 and Figs. 5, 8 as this
     run measured them (figures linked from ``fig_dir``)."""
@@ -154,8 +175,12 @@ def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
                   "`rewards.reward_model: learned` trains the paper's (Eq. 18) and this table then shows its accuracy.\n"]
     if metrics.get("judge_win_rate"):
         judge = {f"{ref} vs {m}": v for m, v in metrics["judge_win_rate"].items()}
-        lines += ["## Fig. 4 analogue: LLM judge (A.3 prompts, both orders)\n",
-                  _table(judge, ["win", "tie", "lose", "win_rate", "n_malformed"])]
+        lines += ["## Fig. 4 analogue: LLM judge (A.3 prompts, both orders)\n", *judge_notes(metrics.get("judge") or {}),
+                  _table(judge, ["win", "tie", "lose", "win_rate", "n_malformed", "consistent", "same_position", "picks_a"]),
+                  "Position-bias check: every pair is judged twice, the responses swapped; a verdict that swaps with them "
+                  "is `consistent`, one that names the same position both times (A, A or B, B) is `same_position` and "
+                  "scores as a tie; `picks_a` = share of A among all A/B verdicts. An unbiased judge has `same_position` "
+                  "near 0 and `picks_a` near 0.5.\n"]
     curve = {f"{m} @ step {p['step']}": p for m, points in (metrics.get("reward_kl_curve") or {}).items() for p in points}
     lines += ["## Fig. 5: reward vs KL\n", _table(metrics["reward_kl"], ["reward", "reward_se", "kl", "kl_se"])]
     if curve:
@@ -175,9 +200,34 @@ def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
 ABLATION_HEADING = "## Figs. 6-7 analogues: hyper-parameter ablations (A.6)"
 
 
+def _pm(value, se) -> str:
+    """``0.123 ± 0.045``; "–" for a missing value (NaN in a results.csv), no ± for a missing SE."""
+    if value is None or value != value:
+        return "–"
+    return f"{value:.3f}" + (f" ± {se:.3f}" if se is not None and se == se else "")
+
+
+def reward_kl_points(table: pd.DataFrame) -> list[str]:
+    """One sweep's points side by side on reward vs KL (Fig. 5's axes): per point the method it
+    trained, its mean evaluation reward and KL(π‖π_sft) on the test prompts (± SE over prompts),
+    the reward gained over π_sft's samples on the same prompts, and that gain per nat of KL."""
+    rows = {}
+    for r in table.to_dict(orient="records"):
+        sft = r.get("sft_reward")
+        gain = r["reward"] - sft if sft is not None and sft == sft else None  # sft == sft: not NaN
+        per_nat = gain / r["kl"] if gain is not None and r["kl"] == r["kl"] and r["kl"] > 0 else None
+        rows[str(r["label"])] = {"trains": r["method"], "reward ± SE": _pm(r["reward"], r.get("reward_se")),
+                                 "KL ± SE (nats)": _pm(r["kl"], r.get("kl_se")), "reward gain over π_sft": gain,
+                                 "gain per nat": per_nat if per_nat is not None else "–"}
+    sft = table["sft_reward"].dropna()
+    head = "Reward vs KL, the points side by side" + (f" (π_sft: reward {sft.iloc[0]:.3f}, KL 0)" if len(sft) else "")
+    return [f"{head}:\n", _table(rows, ["trains", "reward ± SE", "KL ± SE (nats)", "reward gain over π_sft", "gain per nat"])]
+
+
 def add_ablations_to_report(cfg, tables: dict[str, pd.DataFrame], fig_path: Path) -> Path:
-    """Append (or replace) the ablation section of ``<run>/report.md``: one table per sweep and
-    the figure. Notebook 05 writes the rest of the report."""
+    """Append (or replace) the ablation section of ``<run>/report.md``: per sweep its win-rate table
+    and its reward-vs-KL points side by side (:func:`reward_kl_points`), then the figure. Notebook
+    05 writes the rest of the report."""
     path = cfg.run_dir / "report.md"
     text = path.read_text() if path.is_file() else f"# Run `{cfg.run.name}`\n"
     text = text.split("\n" + ABLATION_HEADING)[0].rstrip("\n") + "\n"
@@ -187,7 +237,8 @@ def add_ablations_to_report(cfg, tables: dict[str, pd.DataFrame], fig_path: Path
     for title, table in tables.items():
         rows = {str(r["label"]): r | {"95% CI": f"[{r['win_rate_lo']:.2f}, {r['win_rate_hi']:.2f}]"}
                 for r in table.to_dict(orient="records")}
-        lines += [f"### {title}\n", _table(rows, ["win", "tie", "lose", "win_rate", "95% CI", "reward", "kl"])]
+        lines += [f"### {title}\n", _table(rows, ["win", "tie", "lose", "win_rate", "95% CI", "reward", "kl"]),
+                  *reward_kl_points(table)]
     lines.append(f"![ablations]({Path(fig_path).parent.name}/{Path(fig_path).name})\n")
     atomic_write_text(path, text + "\n".join(lines))
     return path

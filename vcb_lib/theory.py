@@ -17,6 +17,11 @@ be checked exactly, in float64:
   rank; DPO: no minimiser, the gaps grow without bound; SLiC/RRHF: stop at their margin/order and
   their cross-entropy term piles mass on the best response); :func:`figure1_example` reproduces
   Figure 1 with fitted policies.
+* The value-aware family (:func:`check_value_aware`): VCB's ``normalize`` options
+  (:func:`vcb_optimum`), InfoNCA (:func:`infonca_optimum`), NCA and A*-PO (:func:`nca_log_ratios`,
+  :func:`a2po_log_ratios`: absolute log-ratios, reached when the candidates hold part of π's mass)
+  against their closed forms, and which satisfy Eq. 12 exactly or up to a per-prompt scale
+  (:func:`calibration_summary`).
 * :func:`misalignment_rate`: App. A.5.
 
 The ``check_*`` functions at the end are what notebook 00 runs on random problems;
@@ -35,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vcb_lib.losses import LossType
+from vcb_lib.losses import VALUE_RELATIVES, LossType
 
 Tensor = torch.Tensor
 PsiFn = Callable[[Tensor], Tensor]  # log π (X, Y) -> ψ_π (X, Y)
@@ -45,6 +50,8 @@ FIGURE1_REWARDS = (0.1, 0.85, 0.9)  # Sec. 1 / Figure 1: y_1 bad, y_2 and y_3 al
 # The order-based calibration losses (Table 1, A.12): policy losses that compare responses but
 # use only the reward ORDER, i.e. ("dpo", "ipo", "slic", "rrhf").
 ORDER_METHODS = tuple(lt.value for lt in LossType if lt.trains_policy and lt.pairwise and not lt.uses_reward_values)
+# VCB's value-aware relatives (issue 19): ("infonca", "nca", "a2po", "odpo").
+RELATIVE_METHODS = tuple(lt.value for lt in VALUE_RELATIVES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,6 +468,72 @@ def ipo_optimum(rewards: Any, ref_logps: Any, gamma: float, pairs: str = "all") 
 
 
 # --------------------------------------------------------------------------------------------
+# The value-aware family's optima in closed form (issue 19)
+# --------------------------------------------------------------------------------------------
+
+
+def normalized_rewards(rewards: Any, normalize: str = "prompt_std", eta: float = 1.0) -> Tensor:
+    """The scaled rewards s (X, Y) whose gaps VCB's option ``normalize`` calibrates to (every
+    response valid): r/σ_r(x) (Eq. 10), r/σ_B (σ_B the population std of the rewards centred on
+    their prompt's mean, pooled over the whole table: the table is the loss's batch), η·r, or the
+    average ranks divided by their std. A prompt whose rewards are all equal gets 0
+    (:func:`scaled_rewards`)."""
+    r = _table(rewards, "rewards")
+    equal = (r.max(-1).values == r.min(-1).values)[:, None]  # (X, 1)
+    if normalize == "prompt_std":
+        s = r / reward_std(r)[:, None]
+    elif normalize == "batch_std":
+        centred = r - r.mean(-1, keepdim=True)
+        s = r / centred.pow(2).mean().sqrt()
+    elif normalize == "none":
+        s = eta * r
+    elif normalize == "rank":
+        ranks = (r[:, None, :] < r[:, :, None]).sum(-1).to(DTYPE) + 0.5 * ((r[:, None, :] == r[:, :, None]).sum(-1) - 1)
+        s = ranks / reward_std(ranks)[:, None]
+    else:
+        raise ValueError(f"unknown normalize {normalize!r}; allowed: 'prompt_std', 'batch_std', 'none', 'rank'")
+    return torch.where(equal, 0.0, s)
+
+
+def vcb_optimum(rewards: Any, ref_logps: Any, gamma: float, normalize: str = "prompt_std", eta: float = 1.0) -> Tensor:
+    """Where VCB's loss, with option ``normalize``, is zero on the candidates (Eq. 12 with s in
+    place of r/σ_r): π_sft·e^{s/γ}/Z, s = :func:`normalized_rewards`. prompt_std is Eq. 15."""
+    _check_gamma(gamma)
+    ref = _table(ref_logps, "ref_logps")
+    return _like(torch.softmax(ref + normalized_rewards(rewards, normalize, eta) / gamma, -1), rewards)
+
+
+def infonca_optimum(rewards: Any, ref_logps: Any, gamma: float, alpha: float) -> Tensor:
+    """InfoNCA's minimiser on the candidates: softmax(γ log π/π_sft) = softmax(r/α), i.e.
+    π = π_sft·e^{r/(αγ)}/Z, Theorem 1's π_opt with α(x) = αγ and β = -log π_sft (Table 1's DPO row
+    with γ → αγ)."""
+    _check_gamma(gamma)
+    _check_gamma(alpha)
+    return optimal_policy(rewards, alpha * gamma, -_table(ref_logps, "ref_logps"))
+
+
+def nca_log_ratios(rewards: Any, gamma: float, alpha: float) -> Tensor:
+    """NCA's minimiser when the candidates hold a small part of π's mass: each candidate's own
+    log-ratio γΔ_i = log(m·softmax_i(r/α)) = r_i/α - log mean_j e^{r_j/α} (its per-candidate
+    gradient w_i σ(-γΔ) - σ(γΔ)/m vanishes there). (X, Y)."""
+    _check_gamma(gamma)
+    _check_gamma(alpha)
+    r = _table(rewards, "rewards")
+    return _like((r / alpha - (torch.logsumexp(r / alpha, -1, keepdim=True) - math.log(r.shape[1]))) / gamma, rewards)
+
+
+def a2po_log_ratios(rewards: Any, gamma: float, value_gamma: float) -> Tensor:
+    """A*-PO's regression target, reached when the candidates hold a small part of π's mass:
+    Δ_i = (r_i - V̂(x))/γ, V̂(x) = γ' log mean_j e^{r_j/γ'}: π(y_i) = π_sft(y_i)·e^{r_i/γ}/Ẑ,
+    Theorem 1's π_opt (α = γ, β = -log π_sft) with the partition Z estimated by Ẑ = e^{V̂/γ}. (X, Y)."""
+    _check_gamma(gamma)
+    _check_gamma(value_gamma)
+    r = _table(rewards, "rewards")
+    value = value_gamma * (torch.logsumexp(r / value_gamma, -1, keepdim=True) - math.log(r.shape[1]))
+    return _like((r - value) / gamma, rewards)
+
+
+# --------------------------------------------------------------------------------------------
 # What each loss converges to on a tabular policy
 # --------------------------------------------------------------------------------------------
 
@@ -475,7 +548,8 @@ def _loss_fn(loss: LossType | str | Callable) -> tuple[str, Callable]:
 @_single_thread
 def fit_tabular(loss: LossType | str | Callable, rewards: Any, ref_logps: Any, *, steps: int = 150, lr: float = 0.1,
                 optimizer: str = "adam", mask: Any = None, init_logits: Any = None,
-                tolerance_grad: float = 1e-12, **hparams: Any) -> dict[str, Any]:
+                tolerance_grad: float = 1e-12, support: Any = None, polish: bool = False,
+                **hparams: Any) -> dict[str, Any]:
     """Minimise a loss of :mod:`vcb_lib.losses` over a tabular policy and report where it ends.
 
     The policy has one free logit per candidate: policy_logps = log_softmax(θ) over the valid
@@ -484,36 +558,46 @@ def fit_tabular(loss: LossType | str | Callable, rewards: Any, ref_logps: Any, *
     π_sft) unless ``init_logits`` is given.
 
     Args: ``loss``: a :class:`LossType`, its name, or a function with the losses' signature;
-    ``rewards``, ``ref_logps``: (B, n); ``mask``: (B, n) bool or None; ``steps``/``lr``: Adam steps
+    ``rewards``, ``ref_logps``: (B, n); ``mask``: (B, n) bool or None, the candidates the loss
+    sees; ``support``: (B, n) bool, the responses the policy's softmax covers (default ``mask``):
+    entries in ``support`` but not in ``mask`` hold probability the loss never sees, e.g. one
+    "rest of the response space" column (where a language model keeps most of its mass), so that
+    losses on absolute log-ratios (NCA, A*-PO) can reach their targets; ``steps``/``lr``: Adam steps
     and learning rate (a finite training budget), or with ``optimizer="lbfgs"`` the maximum L-BFGS
     iterations (strong Wolfe, lr 1, stops at max |grad| ≤ ``tolerance_grad``: the converged limit);
-    ``**hparams``: keyword hyper-parameters of the loss (gamma, lam, delta, sft_weight, ...).
+    ``polish``: then Newton steps on the exact per-prompt Hessian (see :func:`_newton_polish`),
+    to float64's floor; ``**hparams``: keyword hyper-parameters of the loss (gamma, lam, delta, ...).
     The minimised quantity is the SUM of per-prompt losses (prompts are independent).
 
     Returns dict: ``probs``, ``logps``, ``log_ratios`` (= logps - ref_logps) as (B, n) float64
-    tensors (0 / -inf at invalid entries for probs / logps), ``logps_curve`` (T+1, B, n) numpy
-    (the policy before each Adam step / at each L-BFGS function evaluation, then the final one),
-    ``loss_curve`` (T+1,) numpy (the summed loss at the same points),
+    tensors (0 / -inf outside ``support`` for probs / logps; log_ratios 0 there), ``logps_curve``
+    (T+1, B, n) numpy (the policy before each Adam step / at each L-BFGS function evaluation, then
+    the final one), ``loss_curve`` (T+1,) numpy (the summed loss at the same points),
     ``final_loss``, ``grad_max``, ``method``.
     """
     name, fn = _loss_fn(loss)
     r = _table(rewards, "rewards")
     ref = _table(ref_logps, "ref_logps")
     m = torch.ones_like(r, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool).reshape(r.shape)
+    sup = m if support is None else torch.as_tensor(support, dtype=torch.bool).reshape(r.shape)
+    if bool((m & ~sup).any()):
+        raise ValueError("support must cover every candidate of mask (the loss reads their log-probs)")
     start = ref if init_logits is None else _table(init_logits, "init_logits")
-    theta = torch.where(m, start, 0.0).clone().requires_grad_(True)
+    theta = torch.where(sup, start, 0.0).clone().requires_grad_(True)
 
-    def policy_logps() -> Tensor:  # (B, n), 0 at padded entries (the losses ignore them)
-        return torch.log_softmax(theta.masked_fill(~m, -math.inf), -1).masked_fill(~m, 0.0)
+    def policy_logps(t: Tensor) -> Tensor:  # (B, n), 0 outside the support (the losses ignore it)
+        return torch.log_softmax(t.masked_fill(~sup, -math.inf), -1).masked_fill(~sup, 0.0)
+
+    def value_of(t: Tensor) -> Tensor:
+        return fn(policy_logps(t), ref, r, m, **hparams)[0].sum()
 
     losses_curve: list[float] = []
     logps_curve: list[np.ndarray] = []
 
     def total() -> Tensor:
-        lp = policy_logps()
-        value = fn(lp, ref, r, m, **hparams)[0].sum()
+        value = value_of(theta)
         losses_curve.append(value.item())
-        logps_curve.append(lp.detach().numpy().copy())
+        logps_curve.append(policy_logps(theta).detach().numpy().copy())
         return value
 
     if optimizer == "adam":
@@ -535,23 +619,63 @@ def fit_tabular(loss: LossType | str | Callable, rewards: Any, ref_logps: Any, *
         opt.step(closure)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; allowed: 'adam', 'lbfgs'")
+    if polish:
+        with torch.no_grad():
+            theta.copy_(_newton_polish(value_of, theta.detach(), tolerance_grad))
 
     theta.grad = None
     final = total()
     final.backward()
     with torch.no_grad():
-        lp = policy_logps()
-        logps = lp.masked_fill(~m, -math.inf)
+        lp = policy_logps(theta)
+        logps = lp.masked_fill(~sup, -math.inf)
         return {
             "method": name,
             "probs": logps.exp(),
             "logps": logps,
-            "log_ratios": torch.where(m, lp - ref, 0.0),
+            "log_ratios": torch.where(sup, lp - ref, 0.0),
             "loss_curve": np.asarray(losses_curve),
             "logps_curve": np.stack(logps_curve),
             "final_loss": final.item(),
             "grad_max": theta.grad.abs().max().item(),
         }
+
+
+def _newton_polish(value_of: Callable[[Tensor], Tensor], theta: Tensor, tolerance_grad: float,
+                   max_steps: int = 20) -> Tensor:
+    """Newton steps on θ (B, n) for a sum of per-prompt losses, returning the polished θ.
+
+    Row b's loss depends only on θ[b], so the Hessian is block diagonal and n Hessian-vector
+    products give every (n, n) block at once. The blocks are singular along the softmax shift
+    (and zero outside the support): ``lstsq`` takes the minimum-norm step. A step is halved until
+    the max |gradient| drops; stops at ``tolerance_grad`` or when no step lowers it (float64's floor).
+    """
+
+    def grad_of(t: Tensor, create_graph: bool = False) -> tuple[Tensor, Tensor]:
+        t = t.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(value_of(t), t, create_graph=create_graph)
+        return t, g
+
+    t, g = grad_of(theta)
+    t = t.detach()
+    for _ in range(max_steps):
+        if g.abs().max() <= tolerance_grad:
+            break
+        with torch.enable_grad():
+            tt, gg = grad_of(t, create_graph=True)
+            n = gg.shape[1]
+            hess = torch.stack([torch.autograd.grad(gg[:, j].sum(), tt, retain_graph=j < n - 1)[0] for j in range(n)], 1)
+        step = torch.linalg.lstsq(hess.detach(), g.detach()[..., None]).solution[..., 0]  # (B, n)
+        for _halving in range(8):
+            _, g_new = grad_of(t - step)
+            if bool(torch.isfinite(g_new).all()) and g_new.abs().max() < g.abs().max():
+                break
+            step = step / 2
+        else:
+            break
+        t, g = (t - step).detach(), g_new.detach()
+    return t
 
 
 def default_hparams(method: str, *, gamma: float = 1.0, lam: float = 1.0, delta: float = 1.0,
@@ -565,7 +689,7 @@ def default_hparams(method: str, *, gamma: float = 1.0, lam: float = 1.0, delta:
 
 def figure1_example(rewards: Sequence[float] = FIGURE1_REWARDS, ref_probs: Sequence[float] | None = None, *,
                     gamma: float = 1.0, lam: float = 1.0, delta: float = 1.0, sft_weight: float = 1.0,
-                    methods: Sequence[str] = ORDER_METHODS + ("vcb",), steps: int = 150, lr: float = 0.1,
+                    methods: Sequence[str] = ORDER_METHODS + ("vcb",) + RELATIVE_METHODS, steps: int = 150, lr: float = 0.1,
                     optimizer: str = "adam") -> dict[str, Any]:
     """Figure 1: one prompt, three responses with rewards (0.1, 0.85, 0.9); fitted probabilities.
 
@@ -756,6 +880,101 @@ def check_ipo_fit(problem: TabularProblem, gamma: float, steps: int = 500) -> di
     return {"fit": fit, "closed": closed.numpy(), "max_abs_err": (fit["probs"] - closed).abs().max().item()}
 
 
+# The value-aware family (issue 19): VCB's options and its relatives, where each one converges.
+VALUE_AWARE = ("vcb", "vcb_batch_std", "vcb_none", "vcb_rank", "infonca", "nca", "a2po", "odpo")
+
+
+def calibration_summary(log_ratios: Any, ref_logps: Any, rewards: Any, gamma: float) -> dict[str, float]:
+    """How a policy's log-ratios Δ = log π - log π_sft (X, Y) relate to Eq. 12, pair by pair:
+
+    * ``eq12_max_abs_err``: max |(Δ_i - Δ_j) - (r_i - r_j)/(γσ_r)| (0: Eq. 12 holds exactly);
+    * ``proportional_max_abs_err``: the same after fitting the best slope c(x) per prompt,
+      max |(Δ_i - Δ_j) - c(x)(r_i - r_j)/(γσ_r)| (0: log-ratio gaps proportional to reward gaps,
+      i.e. value-calibrated up to a per-prompt scale);
+    * ``eq12_slope``: the mean of those c(x) (1 for Eq. 12);
+    * ``misaligned_log_ratio``: A.5's rate on Δ.
+    """
+    lr = _table(log_ratios, "log_ratios")
+    s = scaled_rewards(rewards, gamma)  # (X, Y): r/(γσ_r)
+    i, j = torch.triu_indices(lr.shape[1], lr.shape[1], 1)
+    dl, dr = lr[:, i] - lr[:, j], s[:, i] - s[:, j]  # (X, P)
+    denom = dr.pow(2).sum(-1)
+    slope = torch.where(denom > 0, (dl * dr).sum(-1) / denom.clamp_min(1e-300), 0.0)  # (X,)
+    return {"eq12_max_abs_err": (dl - dr).abs().max().item(),
+            "proportional_max_abs_err": (dl - slope[:, None] * dr).abs().max().item(),
+            "eq12_slope": slope[denom > 0].mean().item(),
+            "misaligned_log_ratio": misalignment_rate(lr, torch.zeros_like(lr), rewards)}
+
+
+def check_value_aware(problem: TabularProblem, gamma: float, *, alpha: float = 1.0, value_gamma: float | None = None,
+                      eta: float = 1.0, offset_scale: float = 1.0, lam: float = 1.0, steps: int = 500,
+                      budget_steps: int = 150, lr: float = 0.1) -> dict[str, dict[str, Any]]:
+    """Where VCB's options and its relatives converge on the random problem, against their closed
+    forms (``closed_form_max_abs_err``, None where there is none), and how each relates to Eq. 12
+    (:func:`calibration_summary`). Losses with a minimiser are fitted to convergence (L-BFGS,
+    then Newton polish):
+
+    * VCB's ``normalize`` options (:func:`vcb_optimum`) and InfoNCA (:func:`infonca_optimum`) on the
+      candidates: they read only log-ratio differences; errors are in probability;
+    * NCA and A*-PO target each candidate's own log-ratio, which a policy normalised on its n
+      candidates cannot reach (the targets' mass Σ π_sft e^Δ is not 1); a language model keeps
+      most of its mass elsewhere. So the policy also covers one "rest" response the loss never sees,
+      and the candidates hold a share c of π_sft (c = ½ over the largest mass the targets need);
+      errors are in log-ratio (:func:`nca_log_ratios`, :func:`a2po_log_ratios`).
+      ``a2po_uniform_sft`` is the exact-partition case on the candidates alone: π_sft uniform on
+      them (the empirical distribution of n samples) and γ' = γ, where V̂ = γ log Z exactly and
+      A*-PO's minimiser is Theorem 1's π_opt (α = γ, β = -log π_sft: the KL-regularised optimum);
+    * ODPO has no minimiser (DPO's -log σ with an offset): fitted with the Adam budget
+      (``budget_steps``, ``lr``) like the order-based losses; ``max_log_ratio_gap`` grows with it.
+
+    ``value_gamma`` (γ') defaults to γ. Returns ``{name: summary}``, each with its ``fit``.
+    """
+    value_gamma = gamma if value_gamma is None else value_gamma
+    r, ref = problem.rewards, problem.ref_logps
+    X, Y = r.shape
+    out = {}
+    fit_kw = dict(optimizer="lbfgs", steps=steps, polish=True, gamma=gamma)
+    # 1. Log-ratio differences only: converged on the candidates, probabilities vs the closed form.
+    on_candidates = [("vcb", "vcb", dict(lam=lam), vcb_optimum(r, ref, gamma)),
+                     ("vcb_batch_std", "vcb", dict(lam=lam, normalize="batch_std"), vcb_optimum(r, ref, gamma, "batch_std")),
+                     ("vcb_none", "vcb", dict(lam=lam, normalize="none", eta=eta), vcb_optimum(r, ref, gamma, "none", eta)),
+                     ("vcb_rank", "vcb", dict(lam=lam, normalize="rank"), vcb_optimum(r, ref, gamma, "rank")),
+                     ("infonca", "infonca", dict(alpha=alpha), infonca_optimum(r, ref, gamma, alpha))]
+    for name, method, hp, closed in on_candidates:
+        fit = fit_tabular(method, r, ref, **fit_kw, **hp)
+        out[name] = {"closed_form": "probabilities on the candidates",
+                     "closed_form_max_abs_err": (fit["probs"] - closed).abs().max().item(),
+                     **calibration_summary(fit["log_ratios"], ref, r, gamma), "final_loss": fit["final_loss"],
+                     "grad_max": fit["grad_max"], "fit": fit}
+    # 2. Absolute log-ratios: the candidates plus one unseen "rest" response.
+    for name, method, hp, target in [("nca", "nca", dict(alpha=alpha), nca_log_ratios(r, gamma, alpha)),
+                                     ("a2po", "a2po", dict(value_gamma=value_gamma), a2po_log_ratios(r, gamma, value_gamma))]:
+        share = 0.5 / max(1.0, (ref + target).exp().sum(-1).max().item())  # c: the targets then use ≤ ½ of π
+        ref_full = torch.cat([ref + math.log(share), torch.full((X, 1), math.log1p(-share), dtype=DTYPE)], 1)
+        cand = torch.cat([torch.ones(X, Y, dtype=torch.bool), torch.zeros(X, 1, dtype=torch.bool)], 1)
+        r_full = torch.cat([r, torch.zeros(X, 1, dtype=DTYPE)], 1)
+        fit = fit_tabular(method, r_full, ref_full, mask=cand, support=torch.ones_like(cand), **fit_kw, **hp)
+        log_ratios = fit["log_ratios"][:, :Y]
+        out[name] = {"closed_form": "log-ratios, candidates hold a share of π_sft",
+                     "closed_form_max_abs_err": (log_ratios - target).abs().max().item(), "candidate_share": share,
+                     **calibration_summary(log_ratios, ref, r, gamma), "final_loss": fit["final_loss"],
+                     "grad_max": fit["grad_max"], "fit": fit}
+    uniform = torch.full_like(ref, -math.log(Y))
+    fit = fit_tabular("a2po", r, uniform, **fit_kw, value_gamma=gamma)
+    closed = optimal_policy(r, gamma, -uniform)  # Theorem 1 with α = γ, β = -log π_sft
+    out["a2po_uniform_sft"] = {"closed_form": "Theorem 1's π_opt (π_sft uniform on the candidates, γ' = γ)",
+                               "closed_form_max_abs_err": (fit["probs"] - closed).abs().max().item(),
+                               **calibration_summary(fit["log_ratios"], uniform, r, gamma),
+                               "final_loss": fit["final_loss"], "grad_max": fit["grad_max"], "fit": fit}
+    # 3. ODPO: no minimiser, the Adam budget.
+    fit = fit_tabular("odpo", r, ref, steps=budget_steps, lr=lr, gamma=gamma, offset_scale=offset_scale)
+    lr_ = fit["log_ratios"]
+    out["odpo"] = {"closed_form": None, "closed_form_max_abs_err": None, **calibration_summary(lr_, ref, r, gamma),
+                   "max_log_ratio_gap": (lr_.max(-1).values - lr_.min(-1).values).max().item(),
+                   "final_loss": fit["final_loss"], "grad_max": fit["grad_max"], "fit": fit}
+    return out
+
+
 def value_blindness(fig_a: dict[str, Any], fig_b: dict[str, Any]) -> dict[str, float]:
     """max |π_a - π_b| per method between two :func:`figure1_example` results whose rewards have
     the same order but other values (same budget). Order-based losses only see the preference
@@ -787,7 +1006,7 @@ def _verdicts(numbers: dict[str, Any]) -> dict[str, bool]:
     """Pass/fail of every check, decided from the numbers :func:`run_checks` writes (and their tolerances)."""
     tol, fit_tol = numbers["tolerance"], numbers["fit_tolerance"]
     order, blind, p = numbers["order_based"], numbers["value_blindness"], numbers["figure1"]
-    mis = numbers["misalignment"]
+    mis, va = numbers["misalignment"], numbers["value_aware"]
     passed = {
         "theorem1": numbers["theorem1_max_abs_err"] <= tol,
         "psi_forms": all(err <= tol for err in numbers["psi_forms_max_abs_err"].values()),
@@ -799,6 +1018,14 @@ def _verdicts(numbers: dict[str, Any]) -> dict[str, bool]:
         and all(order[m]["misaligned_logp"] == 0 for m in ("slic", "rrhf")),
         "order_based_value_blind": all(blind[m] == 0 for m in ORDER_METHODS) and blind["vcb"] > 1e-3,
         "figure1_sums_to_one": all(abs(sum(q) - 1) < 1e-9 for q in p.values()),
+        # the value-aware family: converged fits on their closed forms; who satisfies Eq. 12 (exactly, or up to a scale)
+        "value_aware_closed_forms": all(v["closed_form_max_abs_err"] <= tol for v in va.values()
+                                        if v["closed_form_max_abs_err"] is not None),
+        "value_aware_vcb_eq12": va["vcb"]["eq12_max_abs_err"] <= tol,
+        "value_aware_proportional": all(va[m]["proportional_max_abs_err"] <= tol
+                                        for m in ("vcb", "vcb_batch_std", "vcb_none", "infonca", "nca", "a2po")),
+        "value_aware_rank_is_not": numbers["n_responses"] < 3 or va["vcb_rank"]["proportional_max_abs_err"] > 1e-3,
+        "relatives_see_values": all(blind[m] > 1e-3 for m in RELATIVE_METHODS if m in blind),
         "misalignment_hand_made": mis["r_ordered"] == 0 and mis["reversed"] == 1
         and abs(mis["mixed"] - 0.4) < 1e-12 and mis["sft_policy"] == 1,
     }
@@ -820,9 +1047,13 @@ def run_checks(th: Any, seed: int) -> dict[str, Any]:
     * ``checks``: JSON-able numbers, every error with the tolerance it is held to, ``"checks"``
       (check name -> passed) and ``"passed"`` (all of them); the caller adds its provenance.
     * ``data``: what the figures need: ``problem``, ``t1`` (:func:`check_theorem1`), ``psi``,
-      ``vcb``, ``ipo``, ``order`` (with the fits), ``fig1``/``fig1_cubed`` (:func:`figure1_example`
-      with the rewards and with the rewards cubed: same order, other values) and ``pair_gaps``
-      (:func:`pair_gaps` of the converged VCB fit and of the DPO, IPO, SLiC fits).
+      ``vcb``, ``ipo``, ``order`` (with the fits), ``value_aware`` (:func:`check_value_aware`, with
+      the fits), ``fig1``/``fig1_cubed`` (:func:`figure1_example` with the rewards and with the
+      rewards cubed: same order, other values) and ``pair_gaps`` (:func:`pair_gaps` of the converged
+      VCB, InfoNCA and VCB-rank fits and of the DPO, IPO, SLiC fits).
+
+    The value-aware family is fitted with the losses' defaults for α (InfoNCA, NCA), η
+    (normalize="none") and ODPO's offset scale (all 1), and γ' = γ for A*-PO.
     """
     problem = random_problem(th.n_instances, th.n_prompts, th.n_responses, seed=seed)
     hp = dict(delta=th.delta, sft_weight=th.sft_weight, lam=th.lam)
@@ -834,6 +1065,7 @@ def run_checks(th: Any, seed: int) -> dict[str, Any]:
     ipo = check_ipo_fit(problem, th.gamma)
     order = check_order_based(problem, th.gamma, steps=th.fit_steps, lr=th.fit_lr, **hp)
     order_summary = {m: {k: v for k, v in o.items() if k != "fit"} for m, o in order.items()}
+    value_aware = check_value_aware(problem, th.gamma, lam=th.lam, budget_steps=th.fit_steps, lr=th.fit_lr)
     # 3. Figure 1, then refitted on the cubed rewards
     fig1_kwargs = dict(gamma=th.gamma, steps=th.fit_steps, lr=th.fit_lr, **hp)
     fig1 = figure1_example(th.figure1_rewards, th.figure1_ref_probs or None, **fig1_kwargs)
@@ -849,6 +1081,8 @@ def run_checks(th: Any, seed: int) -> dict[str, Any]:
         "eq12_max_abs_err": vcb["eq12_max_abs_err"],
         "ipo_tabular_vs_closed_form_max_abs_err": ipo["max_abs_err"],
         "order_based": order_summary,
+        "value_aware": {m: {k: v for k, v in o.items() if k != "fit"} for m, o in value_aware.items()},
+        "n_responses": th.n_responses,
         "value_blindness": value_blindness(fig1, fig1_cubed),
         "figure1": {m: q.tolist() for m, q in fig1["probs"].items()},
         "figure1_rewards": list(th.figure1_rewards),
@@ -858,9 +1092,10 @@ def run_checks(th: Any, seed: int) -> dict[str, Any]:
     }
     passed = _verdicts(numbers)
     fits = {"VCB (converged)": vcb["fit"], "DPO": order["dpo"]["fit"], "IPO": order["ipo"]["fit"],
-            "SLiC": order["slic"]["fit"]}
+            "SLiC": order["slic"]["fit"], "InfoNCA (converged)": value_aware["infonca"]["fit"],
+            "VCB rank (converged)": value_aware["vcb_rank"]["fit"]}
     data = {
-        "problem": problem, "t1": t1, "psi": psi, "vcb": vcb, "ipo": ipo, "order": order,
+        "problem": problem, "t1": t1, "psi": psi, "vcb": vcb, "ipo": ipo, "order": order, "value_aware": value_aware,
         "fig1": fig1, "fig1_cubed": fig1_cubed,
         "pair_gaps": {label: pair_gaps(f["log_ratios"], problem.rewards, th.gamma) for label, f in fits.items()},
     }

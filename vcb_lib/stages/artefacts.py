@@ -87,7 +87,7 @@ def method_key(cfg: Config, method: str, seed: int | None = None) -> dict:
     upstream, every training key but the lists of methods and seeds and the other losses'
     hyper-parameters, and, when the Fig. 5 curve is sampled during training, the evaluation keys
     that sampling uses."""
-    own = LossType(method).hparams
+    own = LossType(method).active_hparams(dataclasses.asdict(cfg.training))
     training = [f"training.{f.name}" for f in dataclasses.fields(cfg.training)
                 if f.name not in ("methods", "seeds") and (f.name not in LOSS_HPARAMS or f.name in own)]
     key = upstream(cfg) | cfg.slice(*training) | {"method": method, "seed": training_seeds(cfg)[0] if seed is None else seed}
@@ -96,12 +96,19 @@ def method_key(cfg: Config, method: str, seed: int | None = None) -> dict:
     return key
 
 
+NAMED_IF_CHANGED = ("normalize", "eta", "sigma_floor", "sigma_policy")  # VCB's options: in the name only off the paper's default
+
+
 def method_dir_name(cfg: Config, method: str, seed: int | None = None) -> str:
-    """Run folder of a method, named from what varies: ``vcb-gamma0.05-lam1.0-logsumexp-seed0``."""
+    """Run folder of a method, named from what varies: ``vcb-gamma0.05-lam1.0-logsumexp-seed0``
+    (``...-logsumexp-normalizerank-seed0`` when a VCB option leaves the paper's default)."""
     lt = LossType(method)
     seed = training_seeds(cfg)[0] if seed is None else seed
+    defaults = type(cfg.training)()
+    named = [k for k in lt.active_hparams(dataclasses.asdict(cfg.training))
+             if k not in NAMED_IF_CHANGED or getattr(cfg.training, k) != getattr(defaults, k)]
     return "-".join([lt.value] + [f"{k}{getattr(cfg.training, k)}".replace("reduction", "").replace("pairs", "pairs-")
-                                   for k in lt.hparams] + [f"seed{seed}"])
+                                   for k in named] + [f"seed{seed}"])
 
 
 def method(cfg: Config, name: str, seed: int | None = None) -> Artefact:
