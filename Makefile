@@ -7,7 +7,7 @@ VLLM_STAMP := $(VENV)/.vllm-installed
 PARAMS  ?= params/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run ablations test smoke lab vllm bench gpu-bundle clean-outputs
+.PHONY: setup run ablations test smoke lab tensorboard vllm bench gpu-bundle clean-outputs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -65,6 +65,11 @@ gpu-bundle: setup
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/
+
+# Every training's curves (training.log_with: tensorboard): the run's stages 01/03, its sweep and panel points.
+RUN ?= default
+tensorboard: setup
+	$(BIN)/tensorboard --logdir outputs/$(RUN)
 
 clean-outputs:
 	find outputs -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -250,7 +250,8 @@ def child_ours(args, data: dict, device: str, bf16: bool) -> dict:
         load_params(None, []).training, batch_size=per_step, grad_accum=1, max_steps=args.steps,
         epochs=math.ceil(args.steps * per_step / len(groups)), warmup_steps=0, lr_schedule="constant",
         learning_rate=args.lr, weight_decay=0.0, max_grad_norm=1.0, gamma=args.gamma, pairs=args.pairs,
-        bf16=bf16, gradient_checkpointing=args.gradient_checkpointing, save_every=0)
+        bf16=bf16, gradient_checkpointing=args.gradient_checkpointing, save_every=0,
+        log_with="none")  # TRL runs with report_to="none": neither side writes tracker files
     tok = load_tokenizer(args.spec)
     model = load_policy(args.spec, device=device).train()
     loaded_rss = rss_mib()

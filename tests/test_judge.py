@@ -234,3 +234,27 @@ def test_plain_http_to_a_remote_host_warns(url, key, warns):
 def test_base_url_must_be_http_or_https(url):
     with pytest.raises(ValueError, match="http:// or https://"):
         judge.JudgeClient(url, "m")
+
+
+def test_extra_body_is_sent_and_loopback_skips_the_proxy(fake_judge, monkeypatch):
+    """A server's own options ride along (the local judge sends vLLM's structured_outputs); a
+    loopback endpoint is reached directly even when $http_proxy names a proxy (none listens here)."""
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    fake_judge.script = ["Reason: x.\nResult: B"]
+    c = client(fake_judge, extra_body={"structured_outputs": {"regex": judge.A3_REPLY_REGEX}})
+    assert c.judge("p", "x", "y", "dialogue") == "B"
+    body = fake_judge.requests[0]["body"]
+    assert body["structured_outputs"] == {"regex": judge.A3_REPLY_REGEX} and body["model"] == "fake-gpt-4"
+
+
+@pytest.mark.parametrize("reply, ok", [("Reason: both fine.\nResult: C", True), ("Reason: {one-sentence.}\nResult: A", True),
+                                       ("Result: A", False), ("Reason: x\nResult: D", False)])
+def test_a3_reply_regex_admits_only_the_a3_answer_format(reply, ok):
+    import re
+
+    assert bool(re.fullmatch(judge.A3_REPLY_REGEX, reply)) == ok
+    if ok:
+        assert judge.parse_verdict(reply) == reply[-1]  # whatever the constraint admits parses

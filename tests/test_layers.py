@@ -14,7 +14,7 @@ LAYERS = {
     3: ["data", "samplers"],  # prompt sets, hub loaders, D_t builder
     4: ["rewards", "trainers", "metrics", "judge", "plots"],  # methods and measures
     5: ["stages"],  # one module per notebook
-    6: ["sweep", "widgets", "runner", "report", "__main__"],  # fronts
+    6: ["sweep", "widgets", "runner", "report", "export", "__main__"],  # fronts
 }
 # Heavy optional dependencies: imported only inside functions, only by these modules.
 LAZY_ONLY = {"vllm": {"vcb_lib.samplers"}}

@@ -1,5 +1,6 @@
 """The papermill runner: stage selection, parameter checks, failure report, the CLI."""
 import json
+import os
 import subprocess
 import sys
 
@@ -92,3 +93,31 @@ def test_cli_failure_exit_code_and_report(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "FAILED: 00_boom failed in cell" in proc.stderr and "RuntimeError: boom" in proc.stderr
     assert "partial output notebook:" in proc.stderr
+
+
+def test_kernels_talk_over_ipc_and_print_no_tcp_warning(tmp_path, capfd, monkeypatch, smoke_params):
+    """Issue #23: ipykernel's "Kernel is running over TCP without encryption ..." buried the progress
+    lines at every stage. Over IPC it has nothing to warn about; what else a kernel writes to its
+    stderr still reaches the terminal, and the kernel's socket and connection files are removed."""
+    import shutil
+    import tempfile
+
+    nbdir = tmp_path / "nb"
+    make_notebook(nbdir / "00_only.ipynb",
+                  "import os\nfrom ipykernel.connect import get_connection_info\n"
+                  "print('transport', get_connection_info(unpack=True)['transport'])\n"
+                  "os.write(2, b'kernel stderr reaches the user\\n')")
+    sockets = tempfile.mkdtemp(prefix="vcbk-")  # short: a Unix socket path has at most 107 bytes
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(tempfile, "tempdir", sockets)  # where the runner puts this kernel's files
+            run_dir = run(smoke_params, [f"run.output_root={tmp_path}"], notebooks_dir=nbdir, log=print)
+        assert os.listdir(sockets) == []
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
+    out, err = capfd.readouterr()
+    assert "[1/1] 00_only done in" in out
+    assert "without encryption" not in out + err
+    assert "kernel stderr reaches the user" in err
+    executed = nbformat.read(str(run_dir / "notebooks" / "00_only.ipynb"), as_version=4)
+    assert "transport ipc" in "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))

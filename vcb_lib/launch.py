@@ -116,13 +116,14 @@ def _prctl() -> Callable[..., int] | None:
         return None
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets SIGKILL when this process dies,
-    however it dies (Linux ``PR_SET_PDEATHSIG``); None on other platforms.
+def die_with_parent(signum: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets ``signum`` (SIGKILL) when this
+    process dies, however it dies (Linux ``PR_SET_PDEATHSIG``); None on other platforms. SIGTERM
+    suits a child that must stop children of its own (a vLLM server and its engine processes).
 
     The signal comes when the THREAD that started the child ends, so start it from a thread that
     outlives it (``launch_subprocess`` waits for its child in the thread that started it). If this
-    process died before the request took effect, the child kills itself at once.
+    process died before the request took effect, the child gets the signal at once.
     """
     prctl = _prctl()
     if prctl is None:
@@ -130,9 +131,9 @@ def die_with_parent() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def preexec() -> None:  # runs in the child between fork and exec: no imports, no locks
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        prctl(PR_SET_PDEATHSIG, signum)
         if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signum)
 
     return preexec
 

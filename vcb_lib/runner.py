@@ -9,12 +9,20 @@ Every process of a run dies with the runner, even when it is killed by SIGKILL (
 notebook's kernel is started with ``launch.die_with_parent`` (ipykernel alone would notice only at
 its next 1 s poll of its parent), and the training processes it launches die with the kernel
 (``vcb_lib.launch``).
+
+The runner talks to each kernel over IPC (Unix sockets in the temporary folder, beside the
+connection file), not TCP: no port is opened, and ipykernel, which warns at every start
+"Kernel is running over TCP without encryption ..." only for TCP without CurveZMQ keys, has nothing
+to warn about, so the runner's progress lines are not buried under it. Nothing else is filtered:
+whatever else a kernel prints still reaches the terminal.
 """
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,16 +112,37 @@ def check_parameters(stage: Stage, injected: dict) -> None:
                           f"its parameters cell declares {sorted(declared)}")
 
 
+MAX_SOCKET_PATH = 100  # a Unix socket path holds at most 107 bytes (Linux; 103 on macOS)
+
+
+def use_ipc(km) -> None:
+    """Before its kernel starts, move kernel manager ``km`` from TCP to IPC: its connection file
+    ``<tmp>/vcb-kernel-XXXX.json`` and its sockets ``<tmp>/vcb-kernel-XXXX-ipc-<n>``, both removed
+    by jupyter_client when the kernel shuts down. Left on TCP where Unix sockets are missing
+    (Windows) or the temporary folder's path is too long for one."""
+    if os.name != "posix" or km.connection_file:
+        return
+    fd, path = tempfile.mkstemp(prefix="vcb-kernel-", suffix=".json")
+    os.close(fd)
+    ip = path.removesuffix(".json") + "-ipc"
+    if len(ip) + 6 > MAX_SOCKET_PATH:  # "-<port>"
+        os.remove(path)
+        return
+    km.connection_file, km.transport, km.ip = path, "ipc", ip
+
+
 @functools.cache
 def kernel_manager_class() -> type:
     """jupyter_client's ``AsyncKernelManager`` (nbclient's default), starting the kernel so that it
-    gets SIGKILL the moment this process dies; ``start_kernel``'s keywords go to ``Popen``."""
+    gets SIGKILL the moment this process dies (``start_kernel``'s keywords go to ``Popen``) and
+    talking to it over IPC (:func:`use_ipc`)."""
     from jupyter_client import AsyncKernelManager
 
     from vcb_lib.launch import die_with_parent
 
     class KernelManager(AsyncKernelManager):
         async def start_kernel(self, **kw):
+            use_ipc(self)
             preexec = die_with_parent()
             if preexec is not None:
                 kw.setdefault("preexec_fn", preexec)

@@ -52,6 +52,15 @@ A non-finite loss (checked per micro-batch, before its backward) or gradient nor
 optimizer step) raises :class:`TrainingDiverged` naming the step, the micro-batch and its prompt ids;
 the last checkpoint is left as it was.
 
+Tracking. Every training is one run of accelerate's experiment trackers (``TrainingConfig.log_with``:
+``Accelerator(log_with=..., project_dir=...)``, ``init_trackers``, ``log``), which get each optimizer step's
+``log.jsonl`` row under the same names (``loss``, ``lr``, ``grad_norm``, ``rewards/chosen``, ``tokens/s``, ...;
+the x-axis is ``step``). TensorBoard, the default, writes offline into :func:`tracker_dir`
+(``<run>/tensorboard/03_train/<method folder>``, ``<run>/tensorboard/01_models/sft/training``), outside
+every artefact's hashed files. That folder mirrors ``log.jsonl``: a fresh start clears it, and a resumed
+run clears it and replays the log lines it keeps before logging the steps it trains, so it holds each
+step once, whatever was interrupted.
+
 Command line (one process, or under ``accelerate launch`` / :func:`vcb_lib.launch.launch_subprocess`)::
 
     python -m vcb_lib.trainers --params params/smoke.yaml --method vcb \\
@@ -101,6 +110,8 @@ CHECKPOINT_FORMAT = 2  # 1: accelerator.save_state for everything (pickled RNG a
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # distributed types whose model + optimizer accelerate saves
 _STATE_KEYS = ("format", "step", "epoch", "step_in_epoch", "position", "step_size", "seed", "data", "num_processes",
                "elapsed", "sharded", "scaler", "accelerator_step")
+TRACKER_DIR = "tensorboard"  # <run>/tensorboard/: the offline trackers' files (tracker_dir)
+_STAGE_DIR = re.compile(r"^\d\d_\w+$")  # a stage folder of a run: 01_models, 03_train, ...
 
 
 class CheckpointWarning(UserWarning):
@@ -322,6 +333,43 @@ def verify_checkpoint(folder: Path) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
+# Experiment tracking (accelerate's trackers)
+# --------------------------------------------------------------------------------------------
+
+
+def tracker_dir(out_dir: str | os.PathLike) -> Path:
+    """The tracker folder of the training that writes ``out_dir``: ``<run>/tensorboard/<out_dir inside
+    the run>`` when ``out_dir`` lies in a stage folder of a run (the nearest ``NN_<name>`` folder above
+    it: ``<run>/03_train/vcb-…`` -> ``<run>/tensorboard/03_train/vcb-…``; a sweep point is a run of its
+    own), else ``<out_dir>/tensorboard``."""
+    out = Path(out_dir).resolve()
+    for folder in (out, *out.parents):
+        if _STAGE_DIR.match(folder.name):
+            return folder.parent / TRACKER_DIR / out.relative_to(folder.parent)
+    return out / TRACKER_DIR
+
+
+def tracker_kwargs(log_with: str, log_dir: str | os.PathLike) -> dict:
+    """``Accelerator`` keywords that make its trackers log a training into ``log_dir`` (TensorBoard's
+    event files; :meth:`Trainer.train` names the run ``log_dir.name``): ``{}`` for ``"none"``. A tracker
+    whose package is missing is an error naming the install command (accelerate would skip it silently)."""
+    if log_with == "none":
+        return {}
+    from accelerate.tracking import get_available_trackers
+
+    if log_with not in [str(t) for t in get_available_trackers()]:
+        raise ValueError(f"training.log_with is {log_with!r}, but {log_with} is not installed in this environment: "
+                         f"pip install {log_with} (or set training.log_with to none)")
+    return {"log_with": [log_with], "project_dir": str(Path(log_dir).parent)}
+
+
+def tracked_values(row: dict) -> dict[str, float]:
+    """What the trackers get of a ``log.jsonl`` row: every number under its own name but the step
+    (their x-axis); a value that is None (DeepSpeed's grad_norm) is left out."""
+    return {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
 
@@ -340,6 +388,9 @@ class Trainer:
     each prompt once for its n candidates (``logps.batch_logps``, same log-probs and gradients,
     with gradient checkpointing too) where it can: a full-attention model
     (``logps.can_share_prompts``), not under FSDP or DeepSpeed, which then get the flat batch.
+    ``log_dir``: this training's tracker folder (default :func:`tracker_dir` of ``out_dir``; cleared
+    when training starts); the Accelerator created here logs to ``cfg.log_with`` there, a given
+    ``accelerator`` brings its own trackers (``Accelerator(**tracker_kwargs(cfg.log_with, log_dir))``).
 
     Candidates the loss never reads (``LossType.used_candidates``: best-vs-worst pairs, ReST's
     top_k) are dropped from ``groups`` here, so they cost no forward or backward pass.
@@ -348,7 +399,8 @@ class Trainer:
     def __init__(self, model, tokenizer, groups: Sequence[CandidateGroup], loss_type: LossType | str,
                  cfg: TrainingConfig, out_dir: str | os.PathLike, *, seed: int = 0,
                  score_fn: ScoreFn = policy_scores, accelerator=None, max_length: int | None = None,
-                 on_step: Callable[[int, "Trainer"], None] | None = None, share_prompts: bool = True):
+                 on_step: Callable[[int, "Trainer"], None] | None = None, share_prompts: bool = True,
+                 log_dir: str | os.PathLike | None = None):
         from accelerate import Accelerator
 
         if not groups:
@@ -365,8 +417,9 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.log_path = self.out_dir / "log.jsonl"
+        self.log_dir = Path(log_dir) if log_dir is not None else tracker_dir(self.out_dir)
 
-        self.accelerator = acc = accelerator or Accelerator()
+        self.accelerator = acc = accelerator or Accelerator(**tracker_kwargs(cfg.log_with, self.log_dir))
         acc.gradient_accumulation_steps = cfg.grad_accum  # DeepSpeed: keep it "auto" in the config
         ds = getattr(acc.state, "deepspeed_plugin", None)
         if ds is not None and ds.is_auto("train_micro_batch_size_per_gpu"):  # no dataloader to infer it from
@@ -486,6 +539,7 @@ class Trainer:
 
         acc, cfg = self.accelerator, self.cfg
         start, elapsed0 = self._start(resume, set_seed)
+        self._start_trackers()
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=start, desc=f"train {self.loss_type}", disable=not acc.is_main_process)
         t0 = time.perf_counter() - elapsed0
@@ -505,6 +559,7 @@ class Trainer:
             if acc.is_main_process:
                 with open(self.log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+                acc.log(tracked_values(row), step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.2e}")
             if self.on_step is not None:
@@ -519,7 +574,28 @@ class Trainer:
                    **peak_memory()}
         if acc.is_main_process:
             write_json(self.out_dir / "summary.json", summary)
+        for tracker in acc.trackers:  # this training's tracker run ends here (main() still calls end_training)
+            tracker.finish()
+        acc.trackers.clear()
         return summary
+
+    def _start_trackers(self) -> None:
+        """One tracker run for this training (main process; none without ``log_with``): its folder is
+        cleared, then the lines ``log.jsonl`` kept from an interrupted run are replayed, so the run
+        holds each step once, as the log does."""
+        acc = self.accelerator
+        if not acc.log_with or not acc.is_main_process:
+            return
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+        config = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                  for k, v in dataclasses.asdict(self.cfg).items()}
+        acc.init_trackers(self.log_dir.name, config=config | {
+            "loss_type": str(self.loss_type), "seed": self.seed, "num_processes": self.world,
+            "step_size": self.step_size, "total_steps": self.total_steps, "out_dir": str(self.out_dir)})
+        if self.log_path.is_file():
+            for line in self.log_path.read_text().splitlines():
+                row = json.loads(line)
+                acc.log(tracked_values(row), step=row["step"])
 
     def _start(self, resume: bool, set_seed) -> tuple[int, float]:
         """Seed a fresh run, or load the newest intact checkpoint. Returns (steps done, elapsed seconds)."""
@@ -832,7 +908,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from vcb_lib.data import candidate_groups
 
     cfg = load_params(args.params, args.set)
-    accelerator = Accelerator(cpu=cfg.run.device == "cpu")  # before anything touches a device
+    log_dir = tracker_dir(args.out)  # <run>/tensorboard/03_train/<method folder>
+    accelerator = Accelerator(cpu=cfg.run.device == "cpu",  # before anything touches a device
+                              **tracker_kwargs(cfg.training.log_with, log_dir))
     spec = args.model or cfg.models.policy  # π starts from π_sft (Sec. 4.3)
     model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
     tokenizer = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
@@ -844,7 +922,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                              "shards the model away from: set evaluation.curve_points to 0 (or train with DDP)")
         on_step = CurveSampler(cfg, tokenizer, args.out)
     trainer = Trainer(model, tokenizer, groups, args.method, cfg.training, args.out, seed=cfg.run.seed,
-                      accelerator=accelerator, max_length=args.max_length, on_step=on_step)
+                      accelerator=accelerator, max_length=args.max_length, on_step=on_step, log_dir=log_dir)
     summary = trainer.train(resume=args.resume)
     if accelerator.is_main_process:
         print(json.dumps(summary), flush=True)

@@ -8,6 +8,7 @@ call it, so one config gives one ``metrics.json`` whichever front ran it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -15,7 +16,7 @@ import pandas as pd
 
 from vcb_lib.config import Config
 from vcb_lib.io import atomic_write_bytes, read_json, write_json
-from vcb_lib.judge import JudgeClient, judge_win_rate
+from vcb_lib.judge import LOCAL_JUDGE_MODEL, JudgeClient, judge_win_rate
 from vcb_lib.metrics import diversity, length_stats, misalignment, reward_kl_point, win_rate
 from vcb_lib.stages import artefacts
 from vcb_lib.stages.generate import check_rewards, sample_from_sft
@@ -273,35 +274,139 @@ def reward_kl_curve(cfg: Config, samples: pd.DataFrame, *, log=print) -> dict[st
     return curve
 
 
+def judge_model(cfg: Config) -> str:
+    """The judge's model: ``evaluation.judge_model``, or with ``judge: local`` the packaged SmolLM2."""
+    e = cfg.evaluation
+    return e.judge_model or (LOCAL_JUDGE_MODEL if e.judge == "local" else "")
+
+
+def check_judge(cfg: Config) -> None:
+    """Fail before any sampling when the judge cannot run: a URL without ``judge_model``; ``local``
+    without vLLM installed (the message gives the install command)."""
+    import importlib.util
+
+    from vcb_lib.judge import VLLM_INSTALL
+
+    e = cfg.evaluation
+    if e.judge and e.judge != "local" and not e.judge_model:
+        raise ValueError("evaluation.judge is a URL but evaluation.judge_model is empty: name the judge's model")
+    if e.judge == "local" and importlib.util.find_spec("vllm") is None:
+        raise RuntimeError(f"evaluation.judge is 'local' but vLLM is not installed: {VLLM_INSTALL}; "
+                           "or set evaluation.judge to the URL of an OpenAI-compatible server")
+
+
 def judge_win_rates(cfg: Config, samples: pd.DataFrame, *, reference: str | None = None,
-                    client: JudgeClient | None = None, log=print) -> dict[str, dict]:
+                    client: JudgeClient | None = None, about: dict | None = None, log=print) -> dict[str, dict]:
     """Fig. 4 analogue: the LLM judge (A.3 prompts, both orders) on ``reference``'s first sample
     per test prompt against every other policy's, on the same prompts. Off (``{}``) unless
-    ``evaluation.judge_url`` is set; the key comes from ``$VCB_JUDGE_API_KEY`` (or
-    ``$OPENAI_API_KEY``). The prompt kind is the task's (``Task.judge_kind``). Unparseable replies
-    count as ties (reported as ``n_malformed``)."""
+    ``evaluation.judge`` is set:
+
+    - a URL: an OpenAI-compatible endpoint serving ``evaluation.judge_model``; the key comes from
+      ``$VCB_JUDGE_API_KEY`` (or ``$OPENAI_API_KEY``);
+    - ``local``: vLLM's OpenAI-compatible server is started on 127.0.0.1 for the judging, serving
+      :func:`judge_model` (its log: ``04_eval/judge/server.log``), with replies constrained to the
+      A.3 answer format (:data:`vcb_lib.judge.A3_REPLY_REGEX`), and stopped afterwards.
+
+    ``client`` replaces the one ``evaluation.judge`` names. The prompt kind is the task's
+    (``Task.judge_kind``); unparseable replies count as ties (``n_malformed``). Each judged pair is
+    saved as it comes (``04_eval/judge/<reference>-vs-<method>.jsonl``, keyed by the judge and the
+    texts): a judge that fails part-way raises naming the pairs done, and a rerun asks only for
+    the rest. ``about``, when given, is filled with what judged (endpoint, model, server start
+    time, requests, seconds): ``metrics["judge"]``."""
+    from vcb_lib.judge import A3_REPLY_REGEX, local_server
+
     e = cfg.evaluation
-    if client is None:
-        if not e.judge_url:
-            return {}
-        if not e.judge_model:
-            raise ValueError("evaluation.judge_url is set but evaluation.judge_model is empty: name the judge's model")
-        client = JudgeClient(e.judge_url, e.judge_model, api_key=os.environ.get("VCB_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    if client is None and not e.judge:
+        return {}
+    about = {} if about is None else about
+    folder = cfg.stage_dir("04_eval", create=False) / "judge"
+    if client is not None:
+        about |= {"endpoint": client.url, "model": client.model, "constrained": "structured_outputs" in client.extra_body}
+        return _judge_comparisons(cfg, samples, client, reference, folder, about, None, log)
+    check_judge(cfg)
+    model = judge_model(cfg)
+    about |= {"endpoint": e.judge, "model": model, "constrained": e.judge == "local"}
+    if e.judge != "local":
+        client = JudgeClient(e.judge, model, api_key=os.environ.get("VCB_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+        return _judge_comparisons(cfg, samples, client, reference, folder, about, None, log)
+    from vcb_lib.models import ensure_model_folder
+
+    path = ensure_model_folder(model, cfg.models.cache_dir)
+    log(f"judge: starting vLLM's OpenAI-compatible server for {model} on 127.0.0.1 (log: {folder / 'server.log'})")
+    with local_server(path, folder / "server.log", served_name=model, start_timeout=e.judge_start_timeout) as server:
+        log(f"judge: server up in {server.start_seconds:.0f} s at {server.url}")
+        about |= {"served_by": "vLLM OpenAI-compatible server on 127.0.0.1", "start_seconds": server.start_seconds,
+                  "log": str(server.log_path)}
+        client = JudgeClient(server.url, model, timeout=300, extra_body={"structured_outputs": {"regex": A3_REPLY_REGEX}})
+        return _judge_comparisons(cfg, samples, client, reference, folder, about, server, log)
+
+
+def _pair_key(judge: str, kind: str, prompt: str, response_1: str, response_2: str) -> str:
+    from vcb_lib.manifest import key_hash
+
+    return key_hash({"judge": judge, "kind": kind, "prompt": prompt, "response_1": response_1, "response_2": response_2})
+
+
+def _judge_comparisons(cfg: Config, samples: pd.DataFrame, client: JudgeClient, reference: str | None, folder,
+                       about: dict, server, log) -> dict[str, dict]:
+    """:func:`judge_win_rates` with its client: each comparison resumed from and saved to its jsonl."""
+    import json
+    import time
+
+    from vcb_lib.judge import JudgeRunError
+
+    e = cfg.evaluation
     reference = reference or reference_method(cfg)
     kind = get_task(cfg.rewards.task).judge_kind
+    # what a saved verdict depends on besides the texts (not the URL: a restarted server has another port)
+    judge = json.dumps([client.model, client.temperature, client.max_tokens, client.extra_body], sort_keys=True)
     first = samples[samples.k == 0]
     by = {m: t.set_index("prompt_id") for m, t in first.groupby("method", sort=False)}
     ref = by[reference]
-    out = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    out, requests, started = {}, 0, time.perf_counter()
     for method, t in by.items():
         if method == reference:
             continue
         ids = [i for i in ref.index if i in t.index]
-        out[method] = judge_win_rate(client, list(ref.loc[ids, "prompt"]), list(ref.loc[ids, "response"]),
-                                     list(t.loc[ids, "response"]), kind, on_malformed="tie",
-                                     bootstrap=e.bootstrap, seed=cfg.run.seed)
+        prompts, mine, theirs = list(ref.loc[ids, "prompt"]), list(ref.loc[ids, "response"]), list(t.loc[ids, "response"])
+        keys = [_pair_key(judge, kind, *texts) for texts in zip(prompts, mine, theirs)]
+        path = folder / f"{reference}-vs-{method}.jsonl"
+        saved = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut short by a crash
+                    row = json.loads(line)
+                    if len(row["verdicts"]) == 2 and all(v in ("A", "B", "C", "?") for v in row["verdicts"]):
+                        saved[row["key"]] = row["verdicts"]
+        done = {i: saved[k] for i, k in enumerate(keys) if k in saved}
+        if done:
+            log(f"judge: {reference} vs {method}: {len(done)} of {len(ids)} pairs judged before, resumed")
+        with open(path, "a") as f:
+            def save(i: int, verdicts: tuple[str, str]) -> None:
+                f.write(json.dumps({"key": keys[i], "prompt_id": str(ids[i]), "verdicts": list(verdicts)}) + "\n")
+                f.flush()
+
+            try:
+                out[method] = judge_win_rate(client, prompts, mine, theirs, kind, on_malformed="tie",
+                                             max_workers=e.judge_workers, bootstrap=e.bootstrap, seed=cfg.run.seed,
+                                             done=done, on_pair=save)
+            except JudgeRunError as err:
+                judged = sorted(err.done)
+                named = ", ".join(str(ids[i]) for i in judged[:10]) + (", ..." if len(judged) > 10 else "")
+                died = server.exit_report() if server is not None else None
+                finished = f"; comparisons finished before: {', '.join(out)}" if out else ""
+                raise RuntimeError(
+                    f"judge: {reference} vs {method} stopped after {len(judged)} of {len(ids)} pairs"
+                    f"{f' (prompts {named})' if judged else ''}; they are saved in {path} and a rerun resumes from "
+                    f"them{finished}. Cause: {err.__cause__}" + (f"\n{died}" if died else "")) from err
+        requests += 2 * (len(ids) - len(done))
         log(f"judge: {reference} vs {method}: win {out[method]['win']:.2f} tie {out[method]['tie']:.2f} "
-            f"lose {out[method]['lose']:.2f} ({len(ids)} prompts)")
+            f"lose {out[method]['lose']:.2f}; same position in both orders {out[method]['same_position']:.2f} "
+            f"({len(ids)} prompts)")
+    seconds = time.perf_counter() - started
+    about |= {"requests": requests, "seconds": seconds}
+    log(f"judge: {requests} requests in {seconds:.0f} s ({requests / seconds if seconds else 0:.1f}/s)")
     return out
 
 
@@ -354,6 +459,7 @@ def summarise(cfg: Config, samples: pd.DataFrame, ood_samples: pd.DataFrame | No
 def run(cfg: Config, *, log=print) -> dict:
     """The stage: sample (or reuse) every policy on the test and OOD prompts, summarise, add the
     Fig. 5 curve and the judge, write ``04_eval/metrics.json``; returns the metrics."""
+    check_judge(cfg)  # before the sampling, not after it
     task = get_task(cfg.rewards.task)
     samples = sample_policies(cfg, "test", log=log)
     ood = sample_policies(cfg, "ood", log=log) if task.source == "embedded" or task.ood else None
@@ -362,7 +468,8 @@ def run(cfg: Config, *, log=print) -> dict:
     metrics["pool"] = pool_metrics(cfg, pool, pool_logps(cfg, pool, log=log))
     metrics["dt_reward"] = dt_reward(cfg)
     metrics["reward_kl_curve"] = reward_kl_curve(cfg, samples, log=log)  # {} unless evaluation.curve_points > 0
-    metrics["judge_win_rate"] = judge_win_rates(cfg, samples, log=log)  # {} unless evaluation.judge_url is set
+    metrics["judge"] = {}  # what judged: endpoint, model, server start time (empty when off)
+    metrics["judge_win_rate"] = judge_win_rates(cfg, samples, about=metrics["judge"], log=log)  # {} unless evaluation.judge is set
     art = artefacts.eval_metrics(cfg)
     write_json(art.path, metrics)
     art.seal()
