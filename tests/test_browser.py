@@ -1,11 +1,12 @@
 """Notebook 06 in a real JupyterLab, driven by headless Chromium (issue #8).
 
 JupyterLab runs on 127.0.0.1 with a random token over a temporary copy of notebook 06 whose parameters
-cell points at params/smoke.yaml and a temporary output root. ``tests/browser/lab.mjs``
+cell points at a tier's params file (params/smoke.yaml; params/exact.yaml, whose points are exact: issue
+#18) and a temporary output root. ``tests/browser/lab.mjs``
 (playwright-core, Debian's /usr/bin/chromium) opens it, waits for the kernel to be idle in the status
 bar, runs all (``runmenu:run-all``), clicks the panel's Run button, waits for "win rate over π_sft"
-and saves a screenshot to ``outputs/test-artefacts/browser_06_ablations.png`` (or
-``$VCB_TEST_ARTEFACTS``), with a ``-failure.png`` and the server's log next to it on failure.
+and saves a screenshot to ``outputs/test-artefacts/browser_06_ablations.png`` (``-exact.png`` for the
+exact tier; or under ``$VCB_TEST_ARTEFACTS``), with a ``-failure.png`` and the server's log next to it on failure.
 
 The test installs what it needs, idempotently: ``apt-get install chromium`` when /usr/bin/chromium
 is missing and ``npm ci`` of the pinned playwright-core (tests/browser/package-lock.json; no browser
@@ -39,7 +40,7 @@ BROWSER_DIR = Path(__file__).resolve().parent / "browser"
 CACHE = PROJECT_ROOT / ".cache" / "browser"
 CHROMIUM = Path("/usr/bin/chromium")
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "06_ablations.ipynb"
-SMOKE = PROJECT_ROOT / "params" / "smoke.yaml"
+TIERS = {"smoke": PROJECT_ROOT / "params" / "smoke.yaml", "exact": PROJECT_ROOT / "params" / "exact.yaml"}
 ARTEFACTS = Path(os.environ.get("VCB_TEST_ARTEFACTS", PROJECT_ROOT / "outputs" / "test-artefacts"))
 SCRIPT_TIMEOUT_S = 600  # the node script's own limits are shorter; this one only guards against a hang
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -103,14 +104,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare_notebook(folder: Path, output_root: Path) -> Path:
-    """Notebook 06 with smoke params and a temporary output root; the panel stays on (the default).
+def prepare_notebook(folder: Path, output_root: Path, params: Path = TIERS["smoke"]) -> Path:
+    """Notebook 06 with ``params`` and a temporary output root; the panel stays on (the default).
     The sweeps are turned off: they would run 2 papermill points before the panel is reachable."""
     nb = nbformat.read(str(NOTEBOOK), as_version=4)
     cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(cells) == 1, "notebook 06 needs exactly one cell tagged 'parameters'"
     overrides = [f"run.output_root={output_root}", "ablation.sweeps=[]"]
-    cells[0].source = f"params_path: str = {json.dumps(str(SMOKE))}\noverrides: list = {json.dumps(overrides)}\n"
+    cells[0].source = f"params_path: str = {json.dumps(str(params))}\noverrides: list = {json.dumps(overrides)}\n"
     path = folder / NOTEBOOK.name
     nbformat.write(nb, str(path))
     return path
@@ -164,17 +165,19 @@ def stop_server(proc: subprocess.Popen, base: str, token: str) -> None:
             continue
 
 
-def test_notebook_06_panel_in_jupyterlab(tmp_path):
+@pytest.mark.parametrize("tier", list(TIERS))
+def test_notebook_06_panel_in_jupyterlab(tmp_path, tier):
     chromium = ensure_chromium()
     modules = ensure_playwright()
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
-    screenshot = ARTEFACTS / "browser_06_ablations.png"
-    for stale in (screenshot, ARTEFACTS / "browser_06_ablations-failure.png"):
+    stem = "browser_06_ablations" + ("" if tier == "smoke" else f"-{tier}")
+    screenshot = ARTEFACTS / f"{stem}.png"
+    for stale in (screenshot, ARTEFACTS / f"{stem}-failure.png"):
         stale.unlink(missing_ok=True)
 
     root, outputs = tmp_path / "lab", tmp_path / "outputs"
     root.mkdir()
-    prepare_notebook(root, outputs)
+    prepare_notebook(root, outputs, TIERS[tier])
     token, port = secrets.token_hex(16), free_port()
     base = f"http://127.0.0.1:{port}"
     env = os.environ | {
@@ -184,7 +187,7 @@ def test_notebook_06_panel_in_jupyterlab(tmp_path):
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
         "MPLBACKEND": "Agg",
     }
-    server_log = ARTEFACTS / "browser_06_ablations-jupyterlab.log"
+    server_log = ARTEFACTS / f"{stem}-jupyterlab.log"
     started = time.monotonic()
     with server_log.open("w") as log:
         proc = subprocess.Popen(
@@ -217,7 +220,8 @@ def test_notebook_06_panel_in_jupyterlab(tmp_path):
 
     data = screenshot.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 20_000, f"{screenshot} is not a real screenshot ({len(data)} bytes)"
-    points = sorted((outputs / "smoke" / "panel").glob("*/point.json"))
-    assert len(points) == 1, f"expected one finished point under {outputs / 'smoke' / 'panel'}, found {points}"
+    points = sorted((outputs / tier / "panel").glob("*/point.json"))  # run.name is the tier's name
+    assert len(points) == 1, f"expected one finished point under {outputs / tier / 'panel'}, found {points}"
     record = json.loads(points[0].read_text())
     assert 0.0 <= record["win_rate"] <= 1.0 and record["point"] == points[0].parent.name
+    assert record.get("exact", False) == (tier == "exact")  # the exact tier's point holds exact values

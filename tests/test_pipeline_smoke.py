@@ -95,6 +95,36 @@ def test_training_stage(smoke):
         assert list((smoke.run_dir / "tensorboard" / "03_train" / folder.name).glob("events.out.tfevents.*")), method
 
 
+def test_online_methods_in_the_smoke_tier(smoke):
+    """Issue 20: every on-policy method trains 2 rounds of its own samples through stage 03, lands
+    in 03_train/<method>/ like the offline ones, is scored on the pool and sampled by stage 04, and
+    the report puts its compute beside the offline methods'."""
+    from vcb_lib.policy_gradient import OnlineMethod
+    from vcb_lib.stages.artefacts import method_dir_name
+
+    o = smoke.training.online
+    assert {m.value for m in OnlineMethod} <= set(smoke.training.methods) and o.rounds == 2
+    trained = json.loads((smoke.run_dir / "03_train" / "metrics.json").read_text())
+    dt = len(pd.read_parquet(smoke.run_dir / "02_candidates" / "candidates.parquet"))
+    for method in smoke.training.methods:
+        c = trained[method]["compute"]
+        assert c["tokens_trained"] > 0
+        if method not in {m.value for m in OnlineMethod}:
+            assert (c["policy_samples"], c["sft_samples"]) == (0, dt)
+            continue
+        assert (c["policy_samples"], c["sft_samples"]) == (o.rounds * o.prompts_per_round * o.n, 0)
+        folder = smoke.run_dir / "03_train" / method_dir_name(smoke, method)
+        rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [1, 2] and all(np.isfinite(r["objective/kl"]) for r in rows)
+        for r in (1, 2):
+            table = pd.read_parquet(folder / "rollouts" / f"round-000{r}.parquet")
+            assert len(table) == o.prompts_per_round * o.n and np.isfinite(table[["reward", "old_logp", "ref_logp"]]).all().all()
+    metrics = json.loads((smoke.run_dir / "04_eval" / "metrics.json").read_text())
+    assert {m.value for m in OnlineMethod} <= set(metrics["pool"]["methods"]) & set(metrics["reward_kl"])
+    report = (smoke.run_dir / "report.md").read_text()
+    assert "beside the compute each policy used" in report and "| ppo | own samples (online) |" in report
+
+
 def test_evaluation_and_report(smoke):
     metrics = json.loads((smoke.run_dir / "04_eval" / "metrics.json").read_text())
     for key in ("win_rate", "reward_kl", "misalignment_rate", "diversity", "length", "ood_win_rate", "rm_accuracy"):

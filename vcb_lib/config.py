@@ -77,7 +77,7 @@ MAX_THEORY_CELLS = 100_000  # theory.n_instances * n_prompts * n_responses: the 
 
 
 UPSTREAM_STAGES = ("01_models", "02_candidates")  # what run.upstream shares between runs
-RUN_LOCATION_KEYS = ("name", "output_root", "stages", "upstream")  # run.* keys left out of config hashes
+RUN_LOCATION_KEYS = ("name", "output_root", "stages", "upstream", "threads")  # run.* keys left out of config hashes (where and how fast, not what)
 # Keys that say where a run reports, not what it computes: left out of config hashes and slices, so
 # switching the experiment tracker never makes an artefact stale.
 REPORTING_KEYS = ("training.log_with",)
@@ -99,6 +99,7 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto picks cuda when available
     stages: list[str] = field(default_factory=list)  # notebooks to run (stem or name, e.g. "00_theory" or "theory"); empty = all
     upstream: str = ""  # run folder (relative to output_root) whose 01_models/, 02_candidates/ this run reads; empty = its own
+    threads: int = 0  # intra-op torch threads of the run's processes (notebook kernels, trainers, panel points); 0 = torch's default (all cores)
 
     def __post_init__(self) -> None:
         _require(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)), "run.name",
@@ -106,6 +107,7 @@ class RunConfig:
         _require(bool(self.output_root.strip()), "run.output_root",
                  f"must name a folder (e.g. outputs), got {self.output_root!r}")
         _require(self.seed >= 0, "run.seed", f"must be >= 0, got {self.seed}")
+        _require(0 <= self.threads <= 1024, "run.threads", f"must be in 0..1024 (0 = torch's default), got {self.threads}")
         _require(self.upstream != self.name, "run.upstream", f"must be empty or another run's folder, not this run ({self.name!r})")
 
 
@@ -221,10 +223,53 @@ class RewardsConfig:
 
 
 def methods() -> tuple[str, ...]:
-    """The methods notebook 03 trains: ``LossType``'s members that train a policy."""
+    """The methods notebook 03 trains: ``LossType``'s members that train a policy on D_t, then the
+    on-policy methods of ``policy_gradient.OnlineMethod`` (rounds of rollouts, ``training.online``)."""
     from vcb_lib.losses import LossType  # torch: imported only when a config is validated
+    from vcb_lib.policy_gradient import OnlineMethod
 
-    return tuple(m.value for m in LossType if m.trains_policy)
+    return tuple(m.value for m in LossType if m.trains_policy) + tuple(m.value for m in OnlineMethod)
+
+
+@dataclass
+class OnlineConfig:
+    """training.online: the on-policy methods (ppo, rloo, grpo, vcb_online), trained in rounds: sample from the current policy, score, update."""
+
+    rounds: int = 4  # rounds of sample -> score -> update (each resumable); 1..100_000
+    prompts_per_round: int = 8  # train prompts per round: a seeded cycle through the prompts D_t uses (sampling.num_prompts); <= 10_000_000
+    n: int = 4  # responses per prompt and round (RLOO's leave-one-out group, GRPO's group, VCB's pairs: >= 2; ppo: >= 1); <= 1024
+    temperature: float = 1.0  # rollout sampling temperature (top_p 1); ppo/rloo/grpo compute log-probs of logits / temperature (Huang et al. 2024)
+    max_new_tokens: int = 0  # rollout length cap; 0 = sampling.max_new_tokens; <= 32768
+    epochs: int = 1  # passes over each round's rollouts (TRL num_ppo_epochs; GRPO's num_iterations μ); 1..64
+    minibatches: int = 1  # optimizer steps per pass: the round's prompts split evenly (TRL num_mini_batches); <= prompts_per_round
+    kl_coef: float = 0.05  # β of the KL to π_sft: ppo per-token penalty in the reward (TRL kl_coef), rloo sequence KL in the reward, grpo k3 loss term (TRL beta); vcb_online: unused (γ)
+    clip: float = 0.2  # ε of the importance-ratio clip (ppo, rloo, grpo; TRL cliprange / epsilon); (0, 10]
+    vf_coef: float = 0.1  # ppo: weight of the value loss (TRL vf_coef)
+    clip_value: float = 0.2  # ppo: clip of the value update (TRL cliprange_value); (0, 1e6]
+    gae_gamma: float = 1.0  # ppo: GAE discount γ (TRL gamma); [0, 1]
+    gae_lambda: float = 0.95  # ppo: GAE λ (TRL lam); [0, 1]
+    whiten_rewards: bool = False  # ppo: whiten the per-token rewards (mean kept) before GAE (TRL whiten_rewards); advantages are always whitened
+    missing_eos_penalty: float = 0.0  # subtracted from the score of a response cut at max_new_tokens without EOS (TRL missing_eos_penalty); 0 = off
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # grpo: centred rewards / the group's std, the batch's, or not scaled (TRL scale_rewards)
+    reference: Literal["sft", "previous"] = "sft"  # vcb_online: Δπ = log π - log π_sft (anchored), or log π - log π_previous round (REBEL-style)
+
+    def __post_init__(self) -> None:
+        key = "training.online."
+        _require(1 <= self.rounds <= 100_000, key + "rounds", f"must be in 1..100000, got {self.rounds}")
+        _require(self.prompts_per_round >= 1, key + "prompts_per_round", f"must be >= 1, got {self.prompts_per_round}")
+        _at_most(self.prompts_per_round, MAX_PROMPTS, key + "prompts_per_round", "every rollout is kept on disk")
+        _require(1 <= self.n <= 1024, key + "n", f"must be in 1..1024, got {self.n}")
+        _require(self.temperature > 0, key + "temperature", f"must be > 0, got {self.temperature}")
+        _require(0 <= self.max_new_tokens <= 32_768, key + "max_new_tokens", f"must be in 0..32768, got {self.max_new_tokens}")
+        _require(1 <= self.epochs <= 64, key + "epochs", f"must be in 1..64, got {self.epochs}")
+        _require(1 <= self.minibatches <= self.prompts_per_round, key + "minibatches",
+                 f"must be in 1..prompts_per_round ({self.prompts_per_round}): each minibatch holds >= 1 prompt, got {self.minibatches}")
+        _require(0 < self.clip <= 10, key + "clip", f"must be in (0, 10], got {self.clip}")
+        _require(0 < self.clip_value <= 1e6, key + "clip_value", f"must be in (0, 1e6], got {self.clip_value}")
+        for name in ("kl_coef", "vf_coef", "missing_eos_penalty"):
+            _require(getattr(self, name) >= 0, key + name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("gae_gamma", "gae_lambda"):
+            _require(0 <= getattr(self, name) <= 1, key + name, f"must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass
@@ -263,12 +308,16 @@ class TrainingConfig:
     accelerate_config: str = "params/accelerate/single.yaml"  # accelerate launch config
     num_processes: int = 1  # processes for accelerate launch
     log_with: Tracker = "tensorboard"  # experiment tracker of every training (accelerate's log_with; the same metrics as log.jsonl): tensorboard writes offline to <run>/tensorboard/; none = log.jsonl only
+    online: OnlineConfig = field(default_factory=OnlineConfig)  # the on-policy methods' rounds (ppo, rloo, grpo, vcb_online): training.online.<key>, listed below
 
     def __post_init__(self) -> None:
         _require(len(self.seeds) <= 16 and len(set(self.seeds)) == len(self.seeds) and all(x >= 0 for x in self.seeds),
                  "training.seeds", f"must be at most 16 distinct seeds >= 0, got {self.seeds}")
         bad = [m for m in self.methods if m not in methods()]
         _require(not bad, "training.methods", f"unknown method(s) {bad}; allowed: {list(methods())}")
+        grouped = [m for m in self.methods if m in ("rloo", "grpo", "vcb_online")]
+        _require(not grouped or self.online.n >= 2, "training.online.n",
+                 f"{grouped} compare a prompt's samples with each other: n must be >= 2, got {self.online.n}")
         for key in ("gamma", "lam", "learning_rate", "max_grad_norm", "eta", "alpha", "value_gamma"):
             value = getattr(self, key)
             _require(value > 0, f"training.{key}", f"must be > 0, got {value}")
@@ -360,6 +409,15 @@ class Config:
     ablation: AblationConfig = field(default_factory=AblationConfig)
     source: str = field(default="<defaults>", compare=False, repr=False)  # file the values came from
 
+    def __post_init__(self) -> None:
+        if TASKS[self.rewards.task].exact:  # every response is enumerated: |V|^L under the cap, checked before any stage
+            from vcb_lib.tasks.exact import check_space, space
+
+            try:
+                check_space(len(space().vocabulary), self.sampling.max_new_tokens)
+            except ValueError as err:
+                raise ConfigError(f"sampling.max_new_tokens: {err}") from None
+
     @property
     def run_dir(self) -> Path:
         return resolve_path(self.run.output_root) / self.run.name
@@ -449,6 +507,8 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} keys"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(tp, str(tp))
 
 
@@ -456,7 +516,12 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` converted to ``tp`` (int -> float only) or raise naming ``key``."""
     origin = typing.get_origin(tp)
     ok = False
-    if origin is Literal:
+    if dataclasses.is_dataclass(tp):  # a nested section, e.g. training.online
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return _build_section(tp, value, key, "")
+    elif origin is Literal:
         ok = value in typing.get_args(tp)
     elif origin is list:
         if isinstance(value, list):
@@ -509,8 +574,9 @@ def _unknown_key(key: str, allowed: list[str]) -> ConfigError:
     sections, when the section itself is unknown)."""
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    section = key.partition(".")[0] + "."
-    same = [a for a in allowed if a.startswith(section)] or sorted({a.partition(".")[0] for a in allowed})
+    prefix = key.rpartition(".")[0] + "."  # the keys beside it: a section's, or a nested section's (training.online.)
+    same = [a for a in allowed if a.startswith(prefix) and "." not in a[len(prefix):]] or \
+        sorted({a.partition(".")[0] for a in allowed})
     return ConfigError(f"unknown key '{key}'.{hint} Allowed: {', '.join(same)}")
 
 
@@ -523,6 +589,17 @@ def _build_section(cls: type, raw: dict[str, Any], section: str, where: str) -> 
             raise _unknown_key(f"{section}.{key}", [f"{section}.{n}" for n in names])
         kwargs[key] = _check_type(value, hints[key], f"{section}.{key}")
     return cls(**kwargs)
+
+
+def _keys(cls: type, prefix: str) -> list[str]:
+    """Every key a section takes, nested sections' keys included (``training.online.rounds``)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        out.append(f"{prefix}.{f.name}")
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _keys(hints[f.name], f"{prefix}.{f.name}")
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -583,12 +660,18 @@ def load_params(path: str | Path | None = None, overrides: list[str] | str | dic
     raw = {name: dict(raw.get(name) or {}) for name in sections}
 
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
-    all_keys = [f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls)]
+    all_keys = [k for s, cls in sections.items() for k in _keys(cls, s)]
     for key, value in items:
         if key not in all_keys:
             raise ConfigError(f"{_unknown_key(key, all_keys)} (in override {key}={value!r})")
         section, _, name = key.partition(".")
-        raw[section][name] = value
+        inner, _, leaf = name.partition(".")
+        if not leaf:
+            raw[section][name] = value
+        elif isinstance(raw[section].setdefault(inner, {}), dict):  # a nested section's key: training.online.rounds
+            raw[section][inner] = {**raw[section][inner], leaf: value}
+        else:
+            raise ConfigError(f"{section}.{inner} in {where} must be a mapping of keys, got {raw[section][inner]!r}")
     if overrides:
         where += " with overrides " + ", ".join(f"{k}={v!r}" for k, v in items)
 
@@ -609,6 +692,12 @@ def describe(cfg: Config) -> str:
         docs = field_docs(type(obj))
         lines.append(f"\n{sec.name}:  # {(type(obj).__doc__ or '').strip().splitlines()[0]}")
         for f in dataclasses.fields(obj):
-            value = json.dumps(getattr(obj, f.name), ensure_ascii=False)
-            lines.append(f"  {f.name}: {value}  # {docs.get(f.name, '')}")
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):  # a nested section: its keys one level deeper
+                lines.append(f"  {f.name}:  # {docs.get(f.name, '')}")
+                inner = field_docs(type(value))
+                lines += [f"    {g.name}: {json.dumps(getattr(value, g.name), ensure_ascii=False)}  # {inner.get(g.name, '')}"
+                          for g in dataclasses.fields(value)]
+                continue
+            lines.append(f"  {f.name}: {json.dumps(value, ensure_ascii=False)}  # {docs.get(f.name, '')}")
     return "\n".join(lines)

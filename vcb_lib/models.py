@@ -13,7 +13,11 @@ A model spec is one of:
 - ``"random:pythia-<size>"`` (``random:pythia-2.8b``, sizes 70m ... 12b): that Pythia model's exact
   architecture (GPT-NeoX, the same parameter count) with seeded random weights and the SmolLM2
   tokenizer (its 49,152 ids fit Pythia's embedding rows): the paper's scale without hub access, for
-  GPU speed and memory runs (``bench/``), never for quality.
+  GPU speed and memory runs (``bench/``), never for quality;
+- ``"random:exact"``: the exact task's model (``vcb_lib.tasks.exact``): a 2-layer Llama of ~0.1M
+  parameters whose vocabulary is the task's six tokens and nothing else, with a word-level tokenizer
+  built from them (no special tokens), so that its responses of L tokens are exactly the |V|^L
+  strings the exact metrics enumerate.
 
 The summed response log-probs log π(y|x) these models are scored with live in ``vcb_lib.logps``.
 """
@@ -39,13 +43,14 @@ import torch
 log = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
+EXACT = "exact"  # random:exact, the exact task's model
 RANDOM_PREFIX = "random:"
 PACKAGED_PREFIX = "packaged:"
 COMPLETE_MARKER = "vcb_complete.json"  # written last inside a cache folder, before the rename
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALLOWED_SPECS = (
     "a local model folder (Hugging Face format), a hub id 'org/name', "
-    f"'{PACKAGED_PREFIX}<name>', '{TINY_RANDOM}' or '{RANDOM_PREFIX}pythia-<size>'"
+    f"'{PACKAGED_PREFIX}<name>', '{TINY_RANDOM}', '{RANDOM_PREFIX}pythia-<size>' or '{RANDOM_PREFIX}exact'"
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -100,13 +105,48 @@ PYTHIA = {
 }
 
 
+def exact_config():
+    """The exact task's architecture: a 2-layer Llama (≈ 0.1M parameters) over its vocabulary only."""
+    from transformers import LlamaConfig
+
+    from vcb_lib.tasks.exact import space
+
+    return LlamaConfig(
+        vocab_size=len(space().vocabulary),  # every id is a response token: no EOS, pad or BOS to put mass on
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        initializer_range=0.1,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+
+
+def exact_tokenizer():
+    """A word-level tokenizer over the exact task's vocabulary (``tokenizers``), no special tokens:
+    "a c b" -> [0, 2, 1]; decoding joins tokens with spaces. Saved with every model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from vcb_lib.tasks.exact import space
+
+    tok = Tokenizer(models.WordLevel({v: i for i, v in enumerate(space().vocabulary)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
 def random_config(name: str):
-    """The architecture of a random-init spec value: ``"tiny-random"`` or a key of ``PYTHIA``."""
+    """The architecture of a random-init spec value: ``"tiny-random"``, ``"exact"`` or a key of ``PYTHIA``."""
     if name == TINY_RANDOM:
         return tiny_random_config()
+    if name == EXACT:
+        return exact_config()
     if name not in PYTHIA:
         raise ValueError(f"unknown random architecture {name!r}; known: {TINY_RANDOM}, "
-                         + ", ".join(RANDOM_PREFIX + k for k in PYTHIA))
+                         + ", ".join(RANDOM_PREFIX + k for k in [*PYTHIA, EXACT]))
     from transformers import GPTNeoXConfig
 
     hidden, layers, heads, vocab = PYTHIA[name]
@@ -356,7 +396,9 @@ def load_tokenizer(spec: str | os.PathLike, cache_dir: str | os.PathLike | None 
     log-prob code (``vcb_lib.logps``) pads by itself (right), whatever the tokenizer says.
     """
     kind, value = parse_spec(spec)
-    if kind == "random":
+    if kind == "random" and value == EXACT:
+        tokenizer = exact_tokenizer()
+    elif kind == "random":
         tokenizer = _load_hf_tokenizer(str(ensure_packaged_tokenizer(TINY_RANDOM_TOKENIZER, cache_dir)))
     elif kind == "packaged":
         tokenizer = _load_hf_tokenizer(str(ensure_packaged_tokenizer(value, cache_dir)))
@@ -367,6 +409,8 @@ def load_tokenizer(spec: str | os.PathLike, cache_dir: str | os.PathLike | None 
             tokenizer.pad_token = tokenizer.eos_token
         elif tokenizer.unk_token is not None:
             tokenizer.pad_token = tokenizer.unk_token
+        elif not tokenizer.all_special_tokens:
+            pass  # a closed vocabulary (the exact task's): no token to spare; logps and samplers pad with id 0 and mask by length
         else:
             raise ValueError(f"tokenizer of {spec!r} has no pad, eos or unk token to pad with")
     return tokenizer

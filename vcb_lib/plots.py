@@ -45,11 +45,16 @@ def reward_vs_kl(reward_kl: dict, path=None, *, reward: str = "evaluation reward
     on the evaluation prompts (``metrics["reward_kl"]``); lines (when ``curve`` =
     ``metrics["reward_kl_curve"]`` is given): each method's snapshots along training, from step 0
     (π_sft, KL 0) on, on the first ``evaluation.curve_prompts`` prompts."""
+    from vcb_lib.policy_gradient import is_online
+
     df = pd.DataFrame(reward_kl).T.reset_index(names="method")
+    df["trains on"] = ["own samples" if is_online(m) else "π_sft" if m == "sft" else "D_t" for m in df.method]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     palette = dict(zip(df.method, sns.color_palette(n_colors=len(df))))
     ax.errorbar(df.kl, df.reward, xerr=df.kl_se, yerr=df.reward_se, fmt="none", ecolor="grey", lw=0.8)
-    sns.scatterplot(data=df, x="kl", y="reward", hue="method", palette=palette, s=60, ax=ax)
+    online = df["trains on"].eq("own samples").any()  # on-policy methods: their own marker on the same axes
+    sns.scatterplot(data=df, x="kl", y="reward", hue="method", palette=palette, s=60, ax=ax,
+                    style="trains on" if online else None)
     for method, points in (curve or {}).items():
         c = pd.DataFrame(points)
         ax.plot(c.kl, c.reward, "-", marker=".", color=palette.get(method, "k"), lw=1, alpha=0.7)
@@ -225,3 +230,73 @@ def figure1_trajectories(fits: dict, rewards, path=None):
     g = sns.relplot(data=curves, x="step", y="probability", hue="response", col="method", kind="line", height=2.6,
                     col_wrap=5)
     return _save(g.figure, path)
+
+
+# The exact tier: metrics["exact"] (vcb_lib.stages.exact), every value exact
+
+
+def exact_near_tie(policies: dict, path=None, *, gamma: float, order: list[str] | None = None):
+    """Figure 1 in trained models: per policy (π_sft, each method, ``opt`` = Eq. 15's π_opt), its
+    probability of the last token after the near-tie's shared prefix, averaged over D_t's prompts:
+    the best ending y★, the second y☆ (a near-tie: 0.05 less reward), the other tokens (clearly
+    worse); and the log-ratio gap Δ★ − Δ☆ against Eq. 12's value (r★ − r☆)/(γσ_r), the black line.
+    ``policies``: ``metrics["exact"]["train"]`` (each with its ``near_tie``); ``order``: the policies' order
+    (``metrics["exact"]["policies"]``; default: as given)."""
+    order = ["sft", *(m for m in order or policies if m not in ("sft", "opt")), "opt"]  # π_sft, the methods, π_opt
+    rows = {m: policies[m]["near_tie"] for m in order if m in policies}
+    first = next(iter(rows.values()))
+    labels = {"last_best": f"y★ (r = {first['r_best']:.2f})", "last_second": f"y☆ (r = {first['r_second']:.2f})",
+              "last_other": f"others (r = {first['r_other']:.2f})"}
+    bars = pd.DataFrame([{"policy": m, "response": labels[k], "probability": t[k]} for m, t in rows.items() for k in labels])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    sns.barplot(data=bars, x="policy", y="probability", hue="response", ax=axes[0])
+    axes[0].set(xlabel="", ylabel="π(last token | x, shared prefix)", ylim=(0, 1),
+                title="The near-tie of Figure 1 in each trained model (mean over D_t's prompts, exact)")
+    gaps = pd.DataFrame([{"policy": m, "gap": t["gap"]} for m, t in rows.items()])
+    sns.barplot(data=gaps, y="policy", x="gap", ax=axes[1], color=sns.color_palette()[0])
+    axes[1].axvline(first["target_gap"], color="k", lw=1.2)
+    axes[1].set_xscale("symlog", linthresh=0.1)
+    axes[1].set(ylabel="", xlabel="log-ratio gap Δ★ − Δ☆ (black: Eq. 12's (r★ − r☆)/(γσ))",
+                title=f"Eq. 12 on the near-tie (γ = {gamma:g})")
+    for ax in axes[:1]:
+        ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def exact_reward_vs_kl(exact: dict, path=None, *, split: str = "train"):
+    """Fig. 5 without noise: the exact reward-vs-KL frontier (Eq. 2's optimum π_sft·e^{r/α}/Z for
+    every α, one α for all prompts: no policy does better at its KL) and every policy's exact point
+    (π_opt = Eq. 15 at the run's γ), on prompt set ``split`` ("train": D_t's prompts, or "test")."""
+    front, points = exact[f"frontier_{split}"], pd.DataFrame(exact[split]).T.reset_index(names="policy")
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.plot(front["kl"], front["reward"], "k-", lw=1, label="frontier (Eq. 2 optimum)")
+    sns.scatterplot(data=points, x="kl", y="reward", hue="policy", style="policy", s=70, ax=ax)
+    ax.set(xlabel="KL(π ‖ π_sft) per response (nats, exact)", ylabel="E_π[r] (exact)",
+           xlim=(0, max(points.kl.max(), 0.1) * 1.15), title=f"Exact reward vs KL on the {split} prompts")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def exact_sweep_frontier(table: pd.DataFrame, frontiers: dict[str, dict], path=None):
+    """An exact-tier sweep (``results.csv``: ``label``, ``method``, exact ``reward``/``kl`` on the test
+    prompts and ``train_reward``/``train_kl`` on D_t's) against the exact frontier of each prompt set
+    (``frontiers``: {"train": ..., "test": ...}, ``metrics["exact"]["frontier_<split>"]``): Fig. 5 with
+    no noise, one panel per prompt set, each method's γ points joined in order of KL."""
+    splits = [s for s in ("train", "test") if s in frontiers and (s == "test" or f"{s}_reward" in table)]
+    fig, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits), 4.4), squeeze=False)
+    colors = dict(zip(table.method.unique(), sns.color_palette(n_colors=table.method.nunique())))
+    for ax, split in zip(axes[0], splits):
+        x, y = ("kl", "reward") if split == "test" else (f"{split}_kl", f"{split}_reward")
+        ax.plot(frontiers[split]["kl"], frontiers[split]["reward"], "k-", lw=1, label="frontier (Eq. 2 optimum)")
+        for method, points in table.groupby("method", sort=False):
+            points = points.sort_values(x)
+            ax.plot(points[x], points[y], "o-", color=colors[method], label=method, ms=5, lw=0.8)
+            for _, p in points.iterrows():
+                ax.annotate(str(p["label"]).split(", ")[-1], (p[x], p[y]), fontsize=6, xytext=(3, -8), textcoords="offset points")
+        where = "D_t's (train) prompts" if split == "train" else "the test prompts"
+        ax.set(xlabel="KL(π ‖ π_sft) per response (nats, exact)", ylabel=f"E_π[r] on {where} (exact)",
+               xlim=(0, max(table[x].max(), 0.1) * 1.1), title=f"Exact reward vs KL on {where}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

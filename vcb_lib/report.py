@@ -138,6 +138,115 @@ def judge_notes(about: dict) -> list[str]:
     return lines
 
 
+def compute_section(cfg, reward_kl: dict) -> list[str]:
+    """Each trained policy's reward and KL beside what it cost (``03_train/metrics.json``'s
+    ``compute``): offline methods train on D_t (candidates drawn once from π_sft, shared by all of
+    them), the on-policy ones draw their own samples from the policy being trained, every round."""
+    path = cfg.run_dir / "03_train" / "metrics.json"
+    if not path.is_file():
+        return []
+    import json
+
+    trained = {m: v["compute"] for m, v in json.loads(path.read_text()).items() if "compute" in v and m in reward_kl}
+    if not trained:
+        return []
+    rows = {m: {"reward": reward_kl[m]["reward"], "kl": reward_kl[m]["kl"], "trains on": "own samples (online)"
+                if c["policy_samples"] else "D_t (offline)", "policy samples": f"{c['policy_samples']:,}",
+                "π_sft samples (D_t)": f"{c['sft_samples']:,}", "optimizer steps": f"{c['optimizer_steps']:,}",
+                "tokens trained": f"{c['tokens_trained']:,}" if c["tokens_trained"] is not None else "–"}
+            for m, c in trained.items()}
+    return ["Reward and KL beside the compute each policy used (policy samples = responses drawn from the policy "
+            "being trained; D_t's candidates are drawn once from π_sft and shared by every offline method; tokens "
+            "trained = prompt + response tokens through the forward and backward passes):\n",
+            _table(rows, ["trains on", "reward", "kl", "policy samples", "π_sft samples (D_t)", "optimizer steps",
+                          "tokens trained"])]
+
+
+EQ12_REACHED = 0.1  # VCB "reaches Eq. 15" on a set of pairs when its Eq. 12 residual is below this share of π_sft's
+
+
+def exact_sections(metrics: dict, rel) -> list[str]:
+    """The exact tier (``metrics["exact"]``, every response enumerated): what the run measured, in
+    sentences written from its numbers: whether VCB reaches Eq. 15 on its candidates (and beyond
+    them), how far each method is from π_opt at matched KL, where the mass of the responses D_t never
+    sampled goes, and the Figure 1 near-tie in each trained model."""
+    ex = metrics.get("exact")
+    if not ex:
+        return []
+    train, test, dt, V, L = ex["train"], ex["test"], ex["dt"], len(ex["vocabulary"]), ex["length"]
+    methods = [m for m in ex.get("policies", train) if m not in ("sft", "opt")]
+    lines = [f"## Exact tier: every response enumerated ({V}^{L} = {ex['responses_per_prompt']:,} per prompt)\n",
+             f"Every number in this section is exact (a sum over all responses, no sampling error, no CI): "
+             f"{ex['prompts']['train']} train prompts (D_t's: {dt['candidates_per_prompt']} candidates each, "
+             f"{dt['distinct_per_prompt']:.1f} distinct) and {ex['prompts']['test']} test prompts. π_opt is Eq. 15, "
+             f"π_sft·e^(r/(γσ_r))/Z at γ = {ex['gamma']:g} with σ_r the exact reward std under π_sft, computed by "
+             "Theorem 1 (`theory.optimal_log_policy`); the frontier is Eq. 2's optimum π_sft·e^(r/α)/Z for every α. "
+             f"π_sft was fitted by the SFT stage to the task's known target: KL(π_target ‖ π_sft) = "
+             f"{train['sft']['fit_kl_target']:.3f} nats on the train prompts, {test['sft']['fit_kl_target']:.3f} on the "
+             f"test prompts. log π_sft of D_t's candidates as stage 02 stored it and as the enumeration computes it "
+             f"differ by at most {dt['ref_logp_max_error']:.1e}.\n"]
+    if "vcb" in train:
+        v, sft = train["vcb"], train["sft"]
+        reached = v["eq12_rms_candidates"] < EQ12_REACHED * sft["eq12_rms_candidates"]
+        beyond = v["eq12_rms_all"] < EQ12_REACHED * sft["eq12_rms_all"]
+        lines.append(
+            f"**Does VCB reach Eq. 15 on its candidates?** {'Yes' if reached else 'No'}: the root mean square of Eq. 12's "
+            f"residual (Δ_i − Δ_j) − (r_i − r_j)/(γσ_r) over D_t's candidate pairs is {v['eq12_rms_candidates']:.3f} "
+            f"(π_sft: {sft['eq12_rms_candidates']:.3f}; reached = below {EQ12_REACHED:g}× π_sft's). Over all pairs of "
+            f"all {ex['responses_per_prompt']:,} responses it is {v['eq12_rms_all']:.3f} (π_sft: {sft['eq12_rms_all']:.3f}), "
+            f"over pairs drawn from π_sft {v['eq12_rms_sft_pairs']:.3f} (π_sft: {sft['eq12_rms_sft_pairs']:.3f}): "
+            + ("the calibration extends to the responses D_t never sampled." if beyond else
+               "the calibration holds where the loss saw pairs, not on the responses D_t never sampled.")
+            + f" Its KL to π_opt is {v['kl_to_opt']:.3f} nats on the train prompts and {test['vcb']['kl_to_opt']:.3f} "
+            "on the test prompts.\n")
+    rows = {}
+    for split, table in (("train", train), ("test", test)):
+        for m in ["sft", *methods, "opt"]:
+            t = table[m]
+            rows[f"{m} ({split})"] = t | {
+                "KL to frontier": "beyond its reach" if t["kl_to_frontier"] is None else t["kl_to_frontier"],
+                "misaligned": "reference" if m == "sft" else t["misalignment_rate"]}
+    lines += ["### Each method against the optimum at its own KL\n",
+              "frontier reward = E[r] of Eq. 2's optimum with the method's KL; regret = that minus the method's E[r]; "
+              "KL to frontier = KL(π ‖ that optimum); kl_to_opt = KL(π ‖ Eq. 15's optimum at the run's γ); "
+              "misaligned = App. A.5 over every pair of responses.\n",
+              _table(rows, ["reward", "kl", "frontier_reward", "regret", "KL to frontier", "kl_to_opt", "misaligned"])]
+    if methods:
+        closest = min(methods, key=lambda m: train[m]["kl_to_opt"])
+        lines.append(f"Closest to π_opt on D_t's prompts: **{closest}** (KL {train[closest]['kl_to_opt']:.3f}); then "
+                     + ", ".join(f"{m} {train[m]['kl_to_opt']:.3f}" for m in sorted(methods, key=lambda m: train[m]["kl_to_opt"])
+                                 if m != closest) + ".\n")
+    out = {m: train[m]["outside_dt"] for m in ["sft", *methods, "opt"]}
+    lines += ["### Where the mass of the responses D_t never sampled goes\n",
+              "mass = Σ π over the responses outside x's candidates; reward = E_π[r | outside]; better_mass = the mass on "
+              "outside responses whose reward beats every candidate of x (means over D_t's prompts).\n",
+              _table(out, ["mass", "reward", "better_mass"])]
+    s0 = out["sft"]
+    moves = "; ".join(f"{m} keeps {o['mass']:.3f} there (reward {o['reward']:.2f}, better {o['better_mass']:.3f})"
+                      for m, o in out.items() if m != "sft")
+    lines.append(f"π_sft puts {s0['sft_mass']:.3f} of its mass outside D_t (mean reward {s0['sft_reward']:.2f}, "
+                 f"{s0['sft_better_mass']:.3f} on responses better than every candidate); {moves}.\n")
+    nt = {m: train[m]["near_tie"] for m in ["sft", *methods, "opt"]}
+    first = nt["sft"]
+    lines += [f"### Figure 1 in the trained models: the near-tie y★ (r = {first['r_best']:.2f}) vs y☆ "
+              f"(r = {first['r_second']:.2f})\n",
+              "Each prompt's best response y★ and its best sibling y☆ (the same first tokens, the other good ending); "
+              "last_* = π of the last token after their shared prefix; gap = Δ★ − Δ☆, whose Eq. 12 value is "
+              f"(r★ − r☆)/(γσ_r) = {first['target_gap']:.3f} on average; 'both in D_t' = the {first['prompts_both_in_dt']} "
+              "prompts whose candidates hold both.\n",
+              _table({m: t | {"gap (both in D_t)": "–" if t["gap_both_in_dt"] is None else t["gap_both_in_dt"]}
+                      for m, t in nt.items()}, ["last_best", "last_second", "last_other", "gap", "gap (both in D_t)"])]
+    if methods and first["target_gap"] > 0:
+        lines.append("Near-tie gap over Eq. 12's value: " + ", ".join(f"{m} {nt[m]['gap'] / first['target_gap']:.1f}×"
+                                                                      for m in methods)
+                     + f" (π_opt {nt['opt']['gap'] / first['target_gap']:.1f}×). π_sft prefers y☆ "
+                     f"({first['last_second']:.2f} vs {first['last_best']:.2f} for y★). A gap far above 1× turns a 0.05 reward "
+                     "difference into a large probability ratio, what Figure 1 says the order-based losses do.\n"
+                     if first["last_second"] > first["last_best"] else ".\n")
+    lines += [f"![near-tie]({rel('exact_near_tie.png')})\n", f"![exact reward vs KL]({rel('exact_reward_vs_kl.png')})\n"]
+    return lines
+
+
 def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
     """``<run>/report.md``: the scale of the run, then Tables 2, 4, 5, 6, 7 and Figs. 5, 8 as this
     run measured them (figures linked from ``fig_dir``)."""
@@ -153,6 +262,7 @@ def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
         "The paper uses Pythia-2.8B, thousands of prompts and GPT-4/human judges: compare directions and confidence "
         "intervals, not magnitudes.\n",
         *pool_sections(metrics),
+        *exact_sections(metrics, rel),
         f"## Table 2 analogue: win rate of {ref} ({reward})\n",
         "Sampled: every policy draws from the same prompts with the same seeds. MDE = the smallest win-rate "
         f"departure from its value that these prompts detect with 80% power ({MDE_FACTOR} bootstrap SE).\n",
@@ -185,6 +295,7 @@ def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
     lines += ["## Fig. 5: reward vs KL\n", _table(metrics["reward_kl"], ["reward", "reward_se", "kl", "kl_se"])]
     if curve:
         lines += ["Along training (first evaluation prompts; step 0 = π_sft):\n", _table(curve, ["reward", "reward_se", "kl", "kl_se"])]
+    lines += compute_section(cfg, metrics["reward_kl"])
     lines += [f"![reward vs KL]({rel('fig5_reward_vs_kl.png')})\n",
               "## Table 6: misalignment rate (A.5)\n",
               _table({m: {"misalignment": "reference" if v is None else v} for m, v in metrics["misalignment_rate"].items()},

@@ -36,6 +36,7 @@ __all__ = [
     "RewardModel",
     "SentimentGold",
     "AssistantGold",
+    "ExactGold",
     "GOLD_REWARDS",
     "gold_reward",
     "LENGTH_TARGETS",
@@ -476,7 +477,32 @@ class AssistantGold:
 # Gold-reward factory (embedded tasks)
 # --------------------------------------------------------------------------------------------
 
-GOLD_REWARDS = {"sentiment": SentimentGold, "assistant": AssistantGold}
+class ExactGold:
+    """The exact task's reward r(x, y) (``vcb_lib.tasks.exact``: per-position copy preferences, the
+    e/f near-tie of the last token, the adjacent-repeat penalty) on whitespace-separated tokens.
+    A token outside the task's vocabulary is a ValueError naming it."""
+
+    name = "exact"
+
+    def features(self, prompts: Sequence[str], responses: Sequence[str]) -> pd.DataFrame:
+        """One row per response: its three terms (copy, ending, repeat) and their sum, reward."""
+        from vcb_lib.tasks import exact
+
+        prompts, responses = check_inputs(prompts, responses)
+        rows = [{k: float(v[0]) for k, v in exact.reward_terms(
+            exact.token_ids(p), np.array([exact.token_ids(r)], dtype=np.int64).reshape(1, -1)).items()}
+            for p, r in zip(prompts, responses)]
+        df = pd.DataFrame(rows, columns=["copy", "ending", "repeat"])
+        df["reward"] = df.sum(axis=1)
+        return df
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """r(x, y) per (prompt, response), float64 (N,)."""
+        reward = self.features(prompts, responses)["reward"].to_numpy(np.float64)
+        return _require_finite("reward", reward, responses)
+
+
+GOLD_REWARDS = {"sentiment": SentimentGold, "assistant": AssistantGold, "exact": ExactGold}
 
 
 def gold_reward(task: str, **kwargs) -> RewardModel:

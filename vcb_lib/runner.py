@@ -18,6 +18,7 @@ whatever else a kernel prints still reaches the terminal.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -151,6 +152,35 @@ def kernel_manager_class() -> type:
     return KernelManager
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def thread_limit(threads: int):
+    """``run.threads`` > 0: inside, the processes started from here (notebook kernels, and through
+    them accelerate's trainers: ``launch`` passes ``OMP_NUM_THREADS`` on) and this process's torch
+    use that many intra-op threads; everything is restored after. 0 changes nothing."""
+    if threads <= 0:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in THREAD_VARIABLES}
+    torch = sys.modules.get("torch")  # only when already imported: the runner itself never needs it
+    before = torch.get_num_threads() if torch is not None else None
+    os.environ.update({k: str(threads) for k in THREAD_VARIABLES})
+    if torch is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if torch is not None:
+            torch.set_num_threads(before)
+
+
 def source_cell_index(executed: Path, exec_count: int | None) -> int | None:
     """Index, in the source notebook, of the executed cell numbered ``exec_count``: papermill's
     own index counts the cells it inserted (injected parameters, error banners)."""
@@ -183,7 +213,7 @@ def run(params_path: str | Path, overrides: list[str] | None = None, *, only: li
     for stage in stages:
         check_parameters(stage, injected)
 
-    with folder_lock(cfg.run_dir):  # one writer per run folder: a second runner fails at once
+    with folder_lock(cfg.run_dir), thread_limit(cfg.run.threads):  # one writer per run folder: a second runner fails at once
         cfg.save()
         out_dir = cfg.run_dir / "notebooks"
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -894,7 +894,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m vcb_lib.trainers", description="Train a policy on a candidate table.")
     p.add_argument("--params", default=None, help="params YAML (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a parameter")
-    p.add_argument("--method", required=True, choices=methods(), help="loss (LossType)")
+    p.add_argument("--method", required=True, choices=[m for m in methods() if m in set(LossType)],
+                   help="loss (LossType); the on-policy methods train with python -m vcb_lib.stages.online")
     p.add_argument("--candidates", required=True,
                    help="candidate table (parquet): prompt_id, model_input, k, response_ids, reward, ref_logp")
     p.add_argument("--out", required=True, help="output folder (log.jsonl, checkpoints/, final/)")

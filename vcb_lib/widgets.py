@@ -18,6 +18,7 @@ import ipywidgets as W
 
 from vcb_lib.config import load_params, methods, parse_override, resolve_path
 from vcb_lib.io import folder_lock
+from vcb_lib.runner import thread_limit
 from vcb_lib.stages import ablations
 from vcb_lib.stages.evaluate import reference_method
 from vcb_lib.sweep import shared_upstream
@@ -113,15 +114,17 @@ class AblationPanel:
             if record is None:
                 cfg = self._config(values, name=name, upstream=shared_upstream(self.base, cfg))
                 step("upstream")
-                if not ablations.upstream_current(cfg):
-                    with folder_lock(ablations.upstream_config(cfg).run_dir):
-                        ablations.build_upstream(cfg, log=lambda line: None)
-                with folder_lock(cfg.run_dir):  # one writer per point folder
-                    metrics = ablations.run_point(cfg, log=lambda line: None, step=step)
-                    record = ablations.record_point(cfg, name, name, metrics, **values)
+                with thread_limit(cfg.run.threads):  # run.threads: this kernel's torch and the trainers it launches
+                    if not ablations.upstream_current(cfg):
+                        with folder_lock(ablations.upstream_config(cfg).run_dir):
+                            ablations.build_upstream(cfg, log=lambda line: None)
+                    with folder_lock(cfg.run_dir):  # one writer per point folder
+                        metrics = ablations.run_point(cfg, log=lambda line: None, step=step)
+                        record = ablations.record_point(cfg, name, name, metrics, **values)
             self.results = [r for r in self.results if r["point"] != name] + [record]
             self.progress.value, self.progress.description = self.progress.max, "done"
-            self.status.value = f"<b>{name}</b>: win rate over π_sft {record['win_rate']:.2f}, KL {record['kl']:.2f}"
+            exact = f" (exact; {record['regret']:.3f} reward below the optimum at this KL)" if record.get("exact") else ""
+            self.status.value = f"<b>{name}</b>: win rate over π_sft {record['win_rate']:.2f}, KL {record['kl']:.2f}{exact}"
             self._draw()
         except Exception:  # shown in the panel; the kernel keeps running
             self.error = traceback.format_exc()
@@ -131,11 +134,13 @@ class AblationPanel:
             self.run_button.disabled = False
 
     def plot_data(self):
-        """The table the live plots draw: one row per finished point."""
+        """The table the live plots draw: one row per finished point (on the exact tier also its regret
+        at matched KL and its KL to π_opt, exact)."""
         import pandas as pd
 
+        exact = ["regret", "kl_to_opt"] if any(r.get("exact") for r in self.results) else []
         columns = ["point", "label", "method", "win", "tie", "lose", "win_rate", "win_rate_lo", "win_rate_hi",
-                   "reward", "reward_se", "kl", "kl_se", "sft_reward", *self.values()]
+                   "reward", "reward_se", "kl", "kl_se", "sft_reward", *exact, *self.values()]
         return pd.DataFrame([{c: r.get(c) for c in columns} for r in self.results], columns=columns)
 
     def _draw(self) -> None:

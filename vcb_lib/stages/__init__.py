@@ -8,8 +8,8 @@ notebook               module                  builds
 00_theory              ``theory``              00_theory/checks.json
 01_sft_and_reward      ``sft_and_reward``      01_models/: pairs, sft/, reward_model/, metrics
 02_generate            ``generate``            02_candidates/candidates.parquet (D_t)
-03_train               ``train``               03_train/<method>/
-04_evaluate            ``evaluate``            04_eval/<policy>/samples-*.parquet, metrics.json
+03_train               ``train``, ``online``   03_train/<method>/ (``online``: the on-policy methods' rounds)
+04_evaluate            ``evaluate``, ``exact`` 04_eval/<policy>/samples-*.parquet, metrics.json (``exact``: its exact part)
 05_analysis            ``analysis``            figures/ (the report: ``vcb_lib.report``)
 06_ablations           ``ablations``           sweep and panel points (stages 03-04)
 =====================  ======================  ===============================================

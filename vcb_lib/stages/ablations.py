@@ -67,8 +67,22 @@ def point_metrics(cfg: Config) -> dict | None:
 
 
 def summarise_point(metrics: dict) -> dict:
-    """One row: the reference method's win rate over π_sft (± interval) and its reward / KL."""
+    """One row: the reference method's win rate over π_sft (± interval) and its reward / KL. On an
+    enumerable task (``metrics["exact"]``) the values are exact (``exact``: True; the interval is the
+    value itself, the SEs 0) and the row adds how far the method is from the optimum:
+    ``frontier_reward`` (Eq. 2's optimum at the method's KL), ``regret`` (that minus the method's
+    reward) and ``kl_to_opt`` (KL to Eq. 15's π_opt), all on the test prompts, and ``train_reward``,
+    ``train_kl``, ``train_regret``, ``train_kl_to_opt`` on D_t's prompts (where the method trained)."""
     method = metrics["reference"]
+    exact = metrics.get("exact")
+    if exact:
+        win, rk, test = exact["win_rate"].get("sft", {}), exact["reward_kl"].get(method, {}), exact["test"].get(method, {})
+        return {"method": method, "win": win.get("win"), "tie": win.get("tie"), "lose": win.get("lose"),
+                "win_rate": win.get("win_rate"), "win_rate_lo": win.get("win_rate"), "win_rate_hi": win.get("win_rate"),
+                "reward": rk.get("reward"), "reward_se": 0.0, "kl": rk.get("kl"), "kl_se": 0.0,
+                "sft_reward": exact["reward_kl"]["sft"]["reward"], "exact": True,
+                "frontier_reward": test.get("frontier_reward"), "regret": test.get("regret"), "kl_to_opt": test.get("kl_to_opt"),
+                **{f"train_{k}": exact["train"].get(method, {}).get(k) for k in ("reward", "kl", "regret", "kl_to_opt")}}
     win = metrics["win_rate"].get("sft", {})
     ci = win.get("win_rate_ci") or [None, None]
     rk = metrics["reward_kl"].get(method, {})

@@ -10,8 +10,9 @@ from vcb_lib.stages.evaluate import read_metrics, read_samples
 
 
 def run(cfg: Config) -> tuple[dict, dict[str, Path]]:
-    """Draw Table 2 / 5 / 6 and Figs. 5 / 8 into ``<run>/figures/``; returns the metrics and the
-    figure paths by name."""
+    """Draw Table 2 / 5 / 6 and Figs. 5 / 8 into ``<run>/figures/`` (on the exact tier also the
+    near-tie of Figure 1 in each trained model and the exact reward-vs-KL frontier); returns the
+    metrics and the figure paths by name."""
     metrics, samples = read_metrics(cfg), read_samples(cfg, "test")
     fig_dir = cfg.stage_dir("figures")
     ref, reward = metrics["reference"], metrics["evaluation_reward_name"]
@@ -27,4 +28,9 @@ def run(cfg: Config) -> tuple[dict, dict[str, Path]]:
     plots.metric_bars({m: v for m, v in metrics["misalignment_rate"].items() if v is not None}, paths["table6_misalignment"], ylabel="misalignment rate",
                       title="Misalignment (A.5, Table 6)")
     plots.lengths(samples, paths["fig8_lengths"])
+    if metrics.get("exact"):  # the exact tier: the near-tie of Figure 1 in the trained models, the exact frontier
+        exact = metrics["exact"]
+        paths |= {"exact_near_tie": fig_dir / "exact_near_tie.png", "exact_reward_vs_kl": fig_dir / "exact_reward_vs_kl.png"}
+        plots.exact_near_tie(exact["train"], paths["exact_near_tie"], gamma=exact["gamma"], order=exact.get("policies"))
+        plots.exact_reward_vs_kl(exact, paths["exact_reward_vs_kl"], split="train")
     return metrics, paths

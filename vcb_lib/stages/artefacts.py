@@ -27,6 +27,7 @@ from vcb_lib.config import UPSTREAM_TRAINING_KEYS, Config
 from vcb_lib.data import task_data
 from vcb_lib.losses import LossType
 from vcb_lib.manifest import Artefact
+from vcb_lib.policy_gradient import OnlineMethod, is_online
 
 UPSTREAM = ("run", "models", "sampling", "rewards", *(f"training.{k}" for k in UPSTREAM_TRAINING_KEYS))
 LOSS_HPARAMS = sorted({h for lt in LossType for h in lt.hparams})  # training.* keys that only some losses read
@@ -34,6 +35,7 @@ CURVE_KEYS = ("curve_points", "curve_prompts", "samples_per_prompt", "temperatur
 EVAL_SAMPLING_KEYS = ("samples_per_prompt", "temperature", "max_new_tokens")
 POOL_KEYS = ("pool_prompts", "pool_candidates", "pool_max_new_tokens", "max_new_tokens")
 METHOD_FILES = ("final/*", "summary.json", "log.jsonl", "curve/*")
+OFFLINE_ONLY_KEYS = ("epochs", "max_steps", "save_every", "grad_accum")  # read by the D_t trainer only: online methods count rounds, minibatches
 
 
 def upstream(cfg: Config) -> dict:
@@ -87,10 +89,15 @@ def method_key(cfg: Config, method: str, seed: int | None = None) -> dict:
     upstream, every training key but the lists of methods and seeds and the other losses'
     hyper-parameters, and, when the Fig. 5 curve is sampled during training, the evaluation keys
     that sampling uses."""
-    own = LossType(method).active_hparams(dataclasses.asdict(cfg.training))
+    online = is_online(method)
+    lt = OnlineMethod(method) if online else LossType(method)
+    own = lt.active_hparams(dataclasses.asdict(cfg.training))
+    skip = ("methods", "seeds", "online") + (OFFLINE_ONLY_KEYS if online else ())
     training = [f"training.{f.name}" for f in dataclasses.fields(cfg.training)
-                if f.name not in ("methods", "seeds") and (f.name not in LOSS_HPARAMS or f.name in own)]
+                if f.name not in skip and (f.name not in LOSS_HPARAMS or f.name in own)]
     key = upstream(cfg) | cfg.slice(*training) | {"method": method, "seed": training_seeds(cfg)[0] if seed is None else seed}
+    if online:  # the training.online keys this method reads, and no other: a GRPO option never retrains PPO
+        key |= {f"training.online.{k}": getattr(cfg.training.online, k) for k in lt.online_keys}
     if cfg.evaluation.curve_points:
         key |= cfg.slice(*(f"evaluation.{k}" for k in CURVE_KEYS))
     return key
@@ -101,14 +108,23 @@ NAMED_IF_CHANGED = ("normalize", "eta", "sigma_floor", "sigma_policy")  # VCB's 
 
 def method_dir_name(cfg: Config, method: str, seed: int | None = None) -> str:
     """Run folder of a method, named from what varies: ``vcb-gamma0.05-lam1.0-logsumexp-seed0``
-    (``...-logsumexp-normalizerank-seed0`` when a VCB option leaves the paper's default)."""
-    lt = LossType(method)
+    (``...-logsumexp-normalizerank-seed0`` when a VCB option leaves the paper's default); online
+    methods add their KL coefficient, GRPO its ``scale_rewards`` and iterative VCB ``-refprevious``
+    when it is REBEL-style (``ppo-kl0.05-seed0``, ``vcb_online-gamma0.05-lam1.0-logsumexp-seed0``)."""
+    lt = OnlineMethod(method) if is_online(method) else LossType(method)
     seed = training_seeds(cfg)[0] if seed is None else seed
     defaults = type(cfg.training)()
     named = [k for k in lt.active_hparams(dataclasses.asdict(cfg.training))
              if k not in NAMED_IF_CHANGED or getattr(cfg.training, k) != getattr(defaults, k)]
-    return "-".join([lt.value] + [f"{k}{getattr(cfg.training, k)}".replace("reduction", "").replace("pairs", "pairs-")
-                                   for k in named] + [f"seed{seed}"])
+    parts = [f"{k}{getattr(cfg.training, k)}".replace("reduction", "").replace("pairs", "pairs-") for k in named]
+    o = cfg.training.online
+    if "kl_coef" in getattr(lt, "online_keys", ()) and lt is not OnlineMethod.VCB_ONLINE:
+        parts.append(f"kl{o.kl_coef}")
+    if lt is OnlineMethod.GRPO:
+        parts.append(f"scale{o.scale_rewards}")
+    if lt is OnlineMethod.VCB_ONLINE and o.reference != "sft":
+        parts.append(f"ref{o.reference}")
+    return "-".join([lt.value, *parts, f"seed{seed}"])
 
 
 def method(cfg: Config, name: str, seed: int | None = None) -> Artefact:

@@ -470,6 +470,10 @@ def run(cfg: Config, *, log=print) -> dict:
     metrics["reward_kl_curve"] = reward_kl_curve(cfg, samples, log=log)  # {} unless evaluation.curve_points > 0
     metrics["judge"] = {}  # what judged: endpoint, model, server start time (empty when off)
     metrics["judge_win_rate"] = judge_win_rates(cfg, samples, about=metrics["judge"], log=log)  # {} unless evaluation.judge is set
+    if task.exact:  # every response enumerable: exact E_π[r], KL, π_opt, Eq. 12, ... (vcb_lib.stages.exact)
+        from vcb_lib.stages import exact
+
+        metrics["exact"] = exact.evaluate(cfg, reference_method(cfg), log=log)
     art = artefacts.eval_metrics(cfg)
     write_json(art.path, metrics)
     art.seal()

@@ -90,8 +90,9 @@ def start_folder(art: manifest.Artefact, *, log=print) -> None:
 def train_sft(cfg: Config, pairs: pd.DataFrame, *, log=print) -> Path | None:
     """MLE of ``models.policy`` on the SFT targets (``LossType.SFT``), saved to ``01_models/sft``.
 
-    Targets: the dataset's references for the paper's tasks, else the chosen (gold-preferred)
-    response of each train pair in ``pairs``. Returns None when ``models.sft`` is off
+    Targets: the dataset's references for the paper's tasks; for the exact task, responses drawn
+    from its known target π_target (``vcb_lib.tasks.exact.sft_targets``); else the chosen
+    (gold-preferred) response of each train pair in ``pairs``. Returns None when ``models.sft`` is off
     (``models.policy`` is π_sft)."""
     from vcb_lib.data import task_prompts
     from vcb_lib.losses import LossType
@@ -110,9 +111,15 @@ def train_sft(cfg: Config, pairs: pd.DataFrame, *, log=print) -> Path | None:
     spec = cfg.models.policy
     model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
     tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
-    if get_task(cfg.rewards.task).source == "hub":
+    task = get_task(cfg.rewards.task)
+    if task.source == "hub":
         rows = task_prompts(cfg.rewards.task, "train", cfg.sampling.num_prompts)
         groups = sft_groups(tok, [r["prompt"] for r in rows], [r["reference"] for r in rows], [r["prompt_id"] for r in rows])
+    elif task.exact:  # the task's known target π_target: sft_samples responses of L tokens per train prompt drawn from it
+        from vcb_lib.tasks.exact import sft_targets
+
+        groups = sft_groups(tok, *sft_targets(task_prompts(task.name, "train", cfg.sampling.num_prompts),
+                                              cfg.sampling.max_new_tokens))
     else:
         train = pairs[pairs.split == "train"]
         groups = sft_groups(tok, list(train.prompt), list(train.chosen), list(train.prompt_id))

@@ -7,15 +7,22 @@ Each method runs as its own process group (``python -m vcb_lib.trainers`` throug
 method and a notebook kernel never touches CUDA. Output: ``03_train/<method_dir_name>/``
 (log.jsonl, checkpoints/, final/, summary.json), reused while current; an interrupted run
 resumes from its last checkpoint. D_t must be current for this config: a stale one is refused.
+
+The on-policy methods (``ppo``, ``rloo``, ``grpo``, ``vcb_online``: ``policy_gradient.OnlineMethod``)
+sample their own data in rounds from the policy being trained (``stages.online``, launched the same
+way) and land in the same folders. ``03_train/metrics.json`` also records each method's compute:
+policy samples drawn, π_sft samples it trained on (D_t), optimizer steps and tokens trained.
 """
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pandas as pd
 
 from vcb_lib.config import Config
 from vcb_lib.io import read_json, write_json
+from vcb_lib.policy_gradient import is_online
 from vcb_lib.stages import artefacts
 from vcb_lib.stages.generate import read_candidates
 from vcb_lib.stages.sft_and_reward import start_folder
@@ -33,6 +40,13 @@ def train_method(cfg: Config, method: str, seed: int | None = None, *, log=print
     if art.current():
         log(f"{method} (seed {seed}): up to date in {art.path}")
         return read_json(art.path / "summary.json")
+    if is_online(method):  # rounds of rollouts from the policy itself: D_t is not read
+        from vcb_lib.stages import online
+
+        start_folder(art, log=log)
+        online.train(cfg, method, seed, art, log=log)
+        art.seal()
+        return read_json(art.path / "summary.json")
     read_candidates(cfg)  # refuses a stale, damaged or non-finite D_t before anything is trained on it
     start_folder(art, log=log)
     # the subprocess reads this resolved config; its run.seed is the training seed (D_t and π_sft are passed by path)
@@ -41,6 +55,19 @@ def train_method(cfg: Config, method: str, seed: int | None = None, *, log=print
                      resume=True, echo=log)
     art.seal()
     return read_json(art.path / "summary.json")
+
+
+def compute(folder: Path, summary: dict, dt_candidates: int) -> dict:
+    """What a trained policy cost: ``policy_samples`` drawn from the policy being trained (online
+    methods: rounds × prompts × n), ``sft_samples`` = D_t's size for the offline methods (the π_sft
+    samples drawn once for all of them; ``training.max_steps`` may stop before every one is read),
+    ``optimizer_steps`` and ``tokens_trained`` (prompt + response tokens through forward and
+    backward, from ``log.jsonl``)."""
+    log = folder / "log.jsonl"
+    rows = pd.read_json(log, lines=True) if log.is_file() and log.stat().st_size else None
+    online = "policy_samples" in summary
+    return {"policy_samples": int(summary.get("policy_samples", 0)), "sft_samples": 0 if online else dt_candidates,
+            "optimizer_steps": int(summary["steps"]), "tokens_trained": int(rows.tokens.sum()) if rows is not None else None}
 
 
 def logs(cfg: Config) -> pd.DataFrame:
@@ -55,6 +82,10 @@ def run(cfg: Config, *, log=print) -> dict[str, dict]:
     artefacts.candidates(cfg).require()  # a stale or damaged D_t is reported even when every method is current
     summaries = {artefacts.replicate(cfg, m, seed): train_method(cfg, m, seed, log=log)
                  for m in cfg.training.methods for seed in artefacts.training_seeds(cfg)}
-    metrics = {m: {k: s[k] for k in SUMMARY_KEYS if k in s} | {"final_dir": s["final_dir"]} for m, s in summaries.items()}
+    dt = len(read_candidates(cfg))
+    folders = {artefacts.replicate(cfg, m, seed): artefacts.method(cfg, m, seed).path
+               for m in cfg.training.methods for seed in artefacts.training_seeds(cfg)}
+    metrics = {m: {k: s[k] for k in SUMMARY_KEYS if k in s} | {"final_dir": s["final_dir"], "compute": compute(folders[m], s, dt)}
+               for m, s in summaries.items()}
     write_json(cfg.stage_dir("03_train") / "metrics.json", metrics)
     return summaries

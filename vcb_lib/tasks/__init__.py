@@ -2,7 +2,8 @@
 
 Adding an embedded task is its data file ``vcb_lib/tasks/<name>.json`` (templates × items, see
 ``vcb_lib.data``) plus one :class:`Task` entry below; a new kind of gold reward is a class in
-``vcb_lib.rewards.GOLD_REWARDS`` named by ``gold``.
+``vcb_lib.rewards.GOLD_REWARDS`` named by ``gold``. The ``exact`` task (``vcb_lib/tasks/exact.py``)
+is a small language whose every response can be enumerated: its metrics are exact.
 """
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ class Task:
     prompts: str = ""  # hub dataset of train/test prompts (and SFT references)
     preferences: str = ""  # hub dataset of human preference pairs (reward model)
     ood: str | None = None  # hub dataset of out-of-distribution prompts (Table 5); None = none
+    exact: bool = False  # every response is enumerable (vcb_lib.tasks.exact): SFT fits its known target, stage 04 adds exact metrics
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("sentiment", "embedded", gold="sentiment", reward_name="VADER compound sentiment (gold)"),
     Task("assistant", "embedded", gold="assistant", reward_name="white-box assistant reward (gold)"),
+    Task("exact", "embedded", gold="exact", reward_name="exact-task reward (gold)", exact=True),
     Task("hh", "hub", gold=None, reward_name="reward model", prompts="Anthropic/hh-rlhf",
          preferences="Anthropic/hh-rlhf"),
     Task("tldr", "hub", gold=None, reward_name="reward model", judge_kind="summary",
