@@ -153,3 +153,27 @@ def test_the_command_line_names_what_is_allowed(run_dir, tmp_path, capsys):
     assert main(["export", str(run_dir), "--format", "trl-groups", "--out", str(out)]) == 0
     assert main(["export", str(run_dir), "--format", "trl-groups", "--out", str(out)]) == 0  # an export is replaced
     assert "exported 6 prompts" in capsys.readouterr().out and sorted(p.name for p in out.iterdir()) == ["README.md", "train.parquet"]
+
+
+def test_trl_prepares_the_trl_pairs_export_as_our_model_saw_it(run_dir, tmp_path):
+    """TRL's own dataset preparation (the chat template DPOTrainer applies to a conversational
+    dataset) turns the export back into exactly the prompt text D_t's candidates were sampled from.
+    Runs where TRL is installed (`make bench` installs it); skips otherwise."""
+    pytest.importorskip("trl")
+    from datasets import load_dataset
+    from trl.data_utils import is_conversational, maybe_apply_chat_template
+
+    from vcb_lib.models import load_tokenizer
+
+    cfg = load_params(run_dir / "config.yaml")
+    tok = load_tokenizer(cfg.models.policy, cache_dir=cfg.models.cache_dir)
+    out = export_run(run_dir, "trl-pairs", tmp_path / "pairs", pairs="all", log=lambda m: None)
+    rows = load_dataset(str(out), split="train", cache_dir=str(tmp_path / "cache"))
+    by = stored_dt(run_dir).set_index(["prompt_id", "k"])
+    assert len(rows) > 0
+    for row in rows:
+        assert is_conversational(row)
+        prepared = maybe_apply_chat_template(row, tok)
+        w, l = by.loc[(row["prompt_id"], row["chosen_k"])], by.loc[(row["prompt_id"], row["rejected_k"])]
+        assert prepared["prompt"] == w.model_input
+        assert prepared["chosen"].startswith(w.response) and prepared["rejected"].startswith(l.response)
