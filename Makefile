@@ -33,7 +33,8 @@ $(VLLM_STAMP): $(STAMP)
 
 vllm: $(VLLM_STAMP)
 
-run: setup
+# vLLM is the default's sampler (sampling.backend auto): what the README's timing measured.
+run: setup vllm
 	$(BIN)/python -m vcb_lib run $(PARAMS)
 
 # Figs. 6-7 (App. A.6) on top of a finished `make run`: notebook 06 runs the three sweeps (their

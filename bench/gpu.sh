@@ -6,10 +6,11 @@
 #      (H200) sequences of 128 + 128 tokens per step): tokens/s, peak GPU memory, MFU, ratios against TRL's DPOTrainer;
 #   3. the same with gradient checkpointing (what 2.8B needs on 40-80 GB cards), twice the sequences and
 #      256-token (HH-like) prompts: ours with and without shared prompts vs TRL with precomputed references;
-#   4. bench/logps.py (the reference pass, fp32 vs bf16) and 5. bench/sampling.py (HF fp32 vs bf16).
+#   4. LoRA adapters (training.lora) at that scale: ours vs TRL's DPOTrainer with the same peft_config;
+#   5. bench/logps.py (the reference pass, fp32 vs bf16) and 6. bench/sampling.py (HF fp32 vs bf16).
 # Prepare on a machine with pip access: `make gpu-bundle` (wheels the GPU image lacks + the tokenizer, in
 # .gpu/), then run this with .gpu carried along. Each step has its own time limit and a
-# failing step does not stop the next (limits 90 + 210 + 120 + 60 + 60 s). Output: $OUT (default outputs/gpu/): gpu.log and one JSON per bench.
+# failing step does not stop the next (limits 90 + 210 + 120 + 90 + 60 + 60 s). Output: $OUT (default outputs/gpu/): gpu.log and one JSON per bench.
 # Smaller, to try the script (on a CPU too): MODEL=random:pythia-70m SEQS=8 TOKENS=16 WHEELS= bash bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,10 +47,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, report how it e
   step tests "${TESTS_S:-90}" "$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
     tests/test_models.py tests/test_samplers.py tests/test_trainers.py
   step train_step "${STEPS_S:-210}" "$PY" bench/train_step.py --model "$MODEL" --seqs "$SEQS" --prompt-tokens "$TOKENS" \
+    --runs ours-vcb,ours-vcb-flat,ours-dpo,trl-dpo,trl-dpo-pre \
     --response-tokens "$TOKENS" --steps 5 --warmup 2 --threads "$THREADS" --json "$OUT/train_step.json"
   step train_step_checkpointed "${CKPT_S:-120}" "$PY" bench/train_step.py --model "$MODEL" --gradient-checkpointing \
     --runs ours-vcb,ours-vcb-flat,trl-dpo-pre --seqs "$((2 * SEQS))" --prompt-tokens "$((2 * TOKENS))" \
     --response-tokens "$TOKENS" --steps 4 --warmup 1 --threads "$THREADS" --json "$OUT/train_step_checkpointed.json"
+  step train_step_lora "${LORA_S:-90}" "$PY" bench/train_step.py --model "$MODEL" --runs ours-vcb-lora,trl-dpo-lora \
+    --seqs "$SEQS" --prompt-tokens "$TOKENS" --response-tokens "$TOKENS" --steps 5 --warmup 2 --threads "$THREADS" \
+    --json "$OUT/train_step_lora.json"
   step logps "${LOGPS_S:-60}" "$PY" bench/logps.py --model "$MODEL" --batch-sizes 32 --layouts shared --pairs 128 \
     --response-tokens "$TOKENS" --threads "$THREADS" --json "$OUT/logps.json"
   step sampling "${SAMPLING_S:-60}" "$PY" bench/sampling.py --model "$MODEL" --backends hf-fp32,hf-bf16 --prompts 16 \

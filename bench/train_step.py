@@ -3,7 +3,7 @@
 Every run is a fresh subprocess (so its peak RSS is its own), started back to back from this script
 on the same data, model, precision, thread count, sequences per optimizer step and number of steps::
 
-    .venv/bin/python bench/train_step.py                                 # SmolLM2-135M, fp32, CPU, ~5 min
+    .venv/bin/python bench/train_step.py                                 # SmolLM2-135M, fp32, CPU, ~11 min (9 runs)
     .venv/bin/python bench/train_step.py --model tiny-random --steps 8   # seconds
     .venv/bin/python bench/train_step.py --pairs all --data sampled --json out.json
 
@@ -12,6 +12,16 @@ once for its n candidates), ``ours-vcb-flat`` (the same with ``share_prompts=Fal
 prompt, as before 2026-11-26), ``ours-dpo`` (Trainer + dpo_loss on the same groups; with best_worst
 pairs it trains only the 2 candidates the loss reads), ``trl-dpo`` (DPOTrainer with its reference model) and
 ``trl-dpo-pre`` (DPOTrainer with ``precompute_ref_log_probs=True``: no reference model while training).
+With LoRA adapters (peft, the same ``LoraConfig`` on both sides: ``--lora-r``, ``--lora-alpha``,
+``--lora-targets``): ``ours-vcb-lora``, ``ours-dpo-lora`` (``Trainer(lora=...)``, what ``training.lora``
+does) vs ``trl-dpo-lora`` (``DPOTrainer(peft_config=...)``: its reference is the policy with the adapters
+disabled, a forward every step) and ``trl-dpo-pre-lora`` (that reference pass once, at start-up).
+
+Memory floor. Next to each run's peak RSS: the floor of its training, the measured bytes of its
+weights, gradients (trained parameters) and optimizer states plus the process baseline (RSS before the
+model is loaded), and peak / floor. ``--memory-profile`` runs each child under torch.profiler's memory
+timeline and prints what is alive at the peak of live tensor bytes, by kind (parameters, gradients,
+optimizer states, activations, temporaries, ...); that run's own timings and RSS are not comparable.
 
 Data. G prompts, each with n candidates: ``--data synthetic`` (default) uses real task prompts padded
 with filler words to exactly ``--prompt-tokens`` tokens and random response token ids of exactly
@@ -65,7 +75,9 @@ from pathlib import Path
 from common import MODELS, child_env, print_cells, spawn_child, split_choices, without_json, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ("ours-vcb", "ours-vcb-flat", "ours-dpo", "trl-dpo", "trl-dpo-pre")
+RUNS = ("ours-vcb", "ours-vcb-flat", "ours-dpo", "trl-dpo", "trl-dpo-pre",
+        "ours-vcb-lora", "ours-dpo-lora", "trl-dpo-lora", "trl-dpo-pre-lora")
+ATTENTION = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "gpt_neox": ["query_key_value", "dense"]}  # --lora-targets attention
 FILLER = (" please", " and", " thanks", " ok", " a")  # filler words that pad a prompt to an exact token count
 
 
@@ -93,6 +105,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(large tensors mmapped and page-faulted anew each step)")
     p.add_argument("--trl-optim", default="adamw_torch_fused",
                    help="TRL's optim (default adamw_torch_fused = TRL's own default and the fused AdamW our Trainer uses)")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the -lora runs (both sides)")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha of the -lora runs (both sides)")
+    p.add_argument("--lora-targets", default="attention",
+                   help="comma-separated modules that get adapters in the -lora runs, or 'attention' (default): the "
+                        "attention projections (Llama/SmolLM2: q_proj,k_proj,v_proj,o_proj; GPT-NeoX/Pythia: "
+                        "query_key_value,dense)")
+    p.add_argument("--memory-profile", action="store_true",
+                   help="print what is alive at the peak of live tensor bytes in each run (torch.profiler memory "
+                        "timeline; slow, and that run's timings and RSS are not comparable)")
     p.add_argument("--gamma", type=float, default=0.05, help="γ of VCB / β of DPO")
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--seed", type=int, default=0)
@@ -105,6 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.spec = MODELS.get(args.model, args.model)
     args.runs = split_choices(p, args.runs, RUNS, "run")
+    args.lora_targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     if args.seqs % args.n or args.seqs % 2:
         p.error(f"--seqs ({args.seqs}) must be a multiple of --n ({args.n}) and of 2")
     if args.n < 2 or args.steps <= args.warmup:
@@ -224,7 +246,7 @@ def build_data(args, path: Path) -> dict:
 def child_ours(args, data: dict, device: str, bf16: bool) -> dict:
     import dataclasses
 
-    from vcb_lib.config import load_params
+    from vcb_lib.config import LoraConfig, load_params
     from vcb_lib.data import CandidateGroup
     from vcb_lib.losses import LossType
     from vcb_lib.models import load_policy, load_tokenizer
@@ -242,7 +264,8 @@ def child_ours(args, data: dict, device: str, bf16: bool) -> dict:
     base_rss = rss_mib()
     groups = [CandidateGroup(f"p{b}", data["prompts"][b], data["responses"][b], data["rewards"][b], data["ref_logps"][b])
               for b in range(len(data["prompts"]))]
-    loss = args.child.split("-")[1]  # ours-vcb, ours-vcb-flat, ours-dpo
+    loss = args.child.split("-")[1]  # ours-vcb, ours-vcb-flat, ours-dpo, ours-vcb-lora, ours-dpo-lora
+
     trained = prune_groups(groups, LossType(loss), {"top_k": 1, "pairs": args.pairs})  # what the Trainer keeps
     k = round(sum(len(g.response_ids) for g in trained) / len(groups))  # candidates trained per prompt
     per_step = args.seqs // k
@@ -255,18 +278,63 @@ def child_ours(args, data: dict, device: str, bf16: bool) -> dict:
     tok = load_tokenizer(args.spec)
     model = load_policy(args.spec, device=device).train()
     loaded_rss = rss_mib()
+    lora = LoraConfig(enabled=True, r=args.lora_r, alpha=args.lora_alpha, target_modules=lora_targets(args, model)) \
+        if args.child.endswith("-lora") else None
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         trainer = NoSaveTrainer(model, tok, groups, loss, cfg, out, seed=args.seed,
-                                share_prompts=not args.child.endswith("-flat"))
+                                share_prompts=not args.child.endswith("-flat"), lora=lora)
         init_s = time.perf_counter() - t0
         trainer.train()
         rows = [json.loads(ln) for ln in (Path(out) / "log.jsonl").read_text().splitlines() if ln]
-    return {"tokens": [r["tokens"] for r in rows], "step_s": [r["tokens"] / r["tokens/s"] for r in rows],
+    return memory_floor(trainer.model, trainer.optimizer, base_rss) | {"tokens": [r["tokens"] for r in rows], "step_s": [r["tokens"] / r["tokens/s"] for r in rows],
             "loss": [r["loss"] for r in rows], "init_s": init_s, "base_rss": base_rss, "loaded_rss": loaded_rss,
             "seqs_per_step": per_step * k, "epoch_steps": len(groups) / per_step,
             "n_params": matmul_params(model),
             "forwarded_per_token": forwarded_per_token(data["prompt_ids"], trained, trainer.share_prompts)}
+
+
+def lora_targets(args, model) -> list[str]:
+    """``--lora-targets`` as a list, ``attention`` resolved for ``model``'s architecture."""
+    if args.lora_targets != ["attention"]:
+        return args.lora_targets
+    kind = model.config.model_type
+    if kind not in ATTENTION:
+        raise SystemExit(f"--lora-targets attention: not known for model type {kind!r} (known: {', '.join(ATTENTION)}); "
+                         "name the modules")
+    return ATTENTION[kind]
+
+
+def memory_floor(model, optimizer, base_rss: float) -> dict:
+    """The floor of a training's memory (MiB), measured on its model and optimizer after training: the
+    weights (every distinct parameter storage), the gradients of the trained parameters, the optimizer
+    states (every tensor in ``optimizer.state``), and the process baseline ``base_rss`` beside them."""
+    import torch
+
+    seen, weights, grads = set(), 0, 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:  # a tied weight counts once
+            continue
+        seen.add(p.data_ptr())
+        weights += p.numel() * p.element_size()
+        grads += p.numel() * p.element_size() if p.requires_grad else 0
+    states = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    mib = 2**20
+    return {"weights_mib": weights / mib, "grads_mib": grads / mib, "states_mib": states / mib,
+            "floor_mib": base_rss + (weights + grads + states) / mib}
+
+
+def live_at_peak(prof, device: str) -> dict:
+    """What is alive when live tensor bytes peak (torch.profiler's memory timeline, by its categories:
+    parameter, gradient, optimizer_state, activation, temporary, input, autograd_detail, unknown), MiB,
+    with the seconds since profiling started."""
+    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
+
+    times, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(device)
+    peak = max(range(len(sizes)), key=lambda i: sum(sizes[i]))
+    names = {i + 1: c.name.lower() if c is not None else "unknown" for c, i in _CATEGORY_TO_INDEX.items()}
+    return {names[i]: sizes[peak][i] / 2**20 for i in sorted(names)} | {
+        "live_total": sum(sizes[peak]) / 2**20, "at_s": (times[peak] - times[0]) / 1e6, "of_s": (times[-1] - times[0]) / 1e6}
 
 
 def forwarded_per_token(prompt_ids: list[list[int]], groups, shared: bool) -> float:
@@ -321,14 +389,21 @@ def child_trl(args, data: dict, device: str, bf16: bool) -> dict:
             if logs and "loss" in logs:
                 self.loss.append(logs["loss"])
 
-    pre = args.child == "trl-dpo-pre"
+    pre, lora = args.child.startswith("trl-dpo-pre"), args.child.endswith("-lora")
     P, R = data["prompt_ids"], data["responses"]
     ds = Dataset.from_dict({"prompt_ids": [P[b] for b, _, _ in data["pairs"]],
                             "chosen_ids": [R[b][w] for b, w, _ in data["pairs"]],
                             "rejected_ids": [R[b][l] for b, _, l in data["pairs"]]})
     tok = load_tokenizer(args.spec)
     model = load_policy(args.spec, device=device).train()
-    ref_model = None if pre else load_policy(args.spec, device=device)  # what TRL loads itself from a hub id
+    # what TRL loads itself from a hub id; with adapters its reference is the policy with them disabled
+    ref_model = None if pre or lora else load_policy(args.spec, device=device)
+    peft_config = None
+    if lora:  # what vcb_lib.models.apply_lora builds from the same numbers
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                 target_modules=lora_targets(args, model), bias="none", task_type="CAUSAL_LM")
     loaded_rss = rss_mib()
     with tempfile.TemporaryDirectory() as out:
         ds.save_to_disk(f"{out}/ds")  # a dataset with cache files: TRL's precompute caches its log-probs there
@@ -346,10 +421,10 @@ def child_trl(args, data: dict, device: str, bf16: bool) -> dict:
         timer = StepTimer()
         t0 = time.perf_counter()
         trainer = BenchDPOTrainer(model=model, ref_model=ref_model, args=cfg, train_dataset=ds,
-                                  processing_class=tok, callbacks=[timer])
+                                  processing_class=tok, callbacks=[timer], peft_config=peft_config)
         init_s = time.perf_counter() - t0
         trainer.train()
-    return {"tokens": trainer.bench_tokens, "step_s": timer.step_s, "loss": timer.loss, "init_s": init_s,
+    return memory_floor(trainer.model, trainer.optimizer, base_rss) | {"tokens": trainer.bench_tokens, "step_s": timer.step_s, "loss": timer.loss, "init_s": init_s,
             "base_rss": base_rss, "loaded_rss": loaded_rss, "seqs_per_step": args.seqs,
             "epoch_steps": len(data["pairs"]) // (args.seqs // 2), "n_params": matmul_params(model)}
 
@@ -398,6 +473,13 @@ def run_child(args) -> None:
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
         table += "\n" + prof.key_averages(group_by_input_shape=False).table(sort_by="self_cpu_memory_usage", row_limit=15)
         (Path(args.profile) / f"{args.child}.txt").write_text(table)
+    elif args.memory_profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            res = fn(args, data, device, bf16)
+        res["at_peak"] = live_at_peak(prof, device)
     else:
         res = fn(args, data, device, bf16)
     res |= {"run": args.child, "peak_rss": peak_rss_mib(), "device": device, "bf16": bf16, "load_avg": os.getloadavg()[0],
@@ -424,6 +506,8 @@ def summarise(reps: list[dict], warmup: int) -> dict:
          "s/step": s_step, "tokens/s": statistics.mean(tokens) / s_step,
          "peak RSS MiB": max(r["peak_rss"] for r in reps),
          "RSS over base MiB": max(r["peak_rss"] - r["base_rss"] for r in reps),
+         "floor MiB": max(r["floor_mib"] for r in reps),
+         "peak/floor": max(r["peak_rss"] / r["floor_mib"] for r in reps),
          "init s": statistics.median(r["init_s"] for r in reps), "epoch s": res["epoch_steps"] * s_step,
          "load avg": max(r["load_avg"] for r in reps)}
     if "peak_gpu_mib" in res:
@@ -433,7 +517,8 @@ def summarise(reps: list[dict], warmup: int) -> dict:
     return s
 
 
-INT_COLS = ("tokens/step", "tokens/s", "peak RSS MiB", "RSS over base MiB", "peak GPU MiB")
+INT_COLS = ("tokens/step", "tokens/s", "peak RSS MiB", "RSS over base MiB", "floor MiB", "peak GPU MiB")
+PEAK_KINDS = ("parameter", "gradient", "optimizer_state", "activation", "temporary", "autograd_detail", "input", "unknown")
 
 
 def print_table(rows: list[dict], int_cols=INT_COLS) -> None:
@@ -485,10 +570,24 @@ def main(argv=None) -> dict:
     if summaries:
         print_table(summaries)
     by = {s["run"]: s for s in summaries}
+    floors = [{"run": s["run"], "weights MiB": r["weights_mib"], "grads MiB": r["grads_mib"], "states MiB": r["states_mib"],
+               "base MiB": r["base_rss"], "floor MiB": r["floor_mib"], "peak RSS MiB": s["peak RSS MiB"],
+               "peak/floor": s["peak/floor"]} for s in summaries for r in results[s["run"]][:1]]
+    if floors:
+        print("\nmemory floor: weights + gradients (trained parameters) + optimizer states + process baseline (RSS "
+              "before the model loads), measured on each run's model and optimizer")
+        print_table(floors, int_cols=("weights MiB", "grads MiB", "states MiB", "base MiB", "floor MiB", "peak RSS MiB"))
+    peaks = [{"run": run, "at s": f"{r['at_peak']['at_s']:.1f}/{r['at_peak']['of_s']:.1f}",
+              "live MiB": r["at_peak"]["live_total"], **{k: r["at_peak"][k] for k in PEAK_KINDS}}
+             for run in args.runs for r in results.get(run, [])[:1] if "at_peak" in r]
+    if peaks:
+        print("\nalive at the peak of live tensor bytes (torch.profiler memory timeline, MiB by kind; 'at s' = when / "
+              "profiled seconds)")
+        print_table(peaks, int_cols=("live MiB", *PEAK_KINDS))
     ratios = []
-    for ours in ("ours-vcb", "ours-vcb-flat", "ours-dpo"):
-        for peer in ("trl-dpo", "trl-dpo-pre"):
-            if ours in by and peer in by:
+    for ours in ("ours-vcb", "ours-vcb-flat", "ours-dpo", "ours-vcb-lora", "ours-dpo-lora"):
+        for peer in ("trl-dpo", "trl-dpo-pre", "trl-dpo-lora", "trl-dpo-pre-lora"):
+            if ours in by and peer in by and ours.endswith("-lora") == peer.endswith("-lora"):
                 a, b = by[ours], by[peer]
                 ratios.append({"ours / TRL": f"{ours} / {peer}", "tokens/s": a["tokens/s"] / b["tokens/s"],
                                "s/step": a["s/step"] / b["s/step"], "peak RSS": a["peak RSS MiB"] / b["peak RSS MiB"],
@@ -496,7 +595,7 @@ def main(argv=None) -> dict:
                                "epoch s": a["epoch s"] / b["epoch s"]}
                               | ({"peak GPU": a["peak GPU MiB"] / b["peak GPU MiB"]} if "peak GPU MiB" in a else {}))
     if ratios:
-        print("\nratios (goal, not asserted: tokens/s >= 1.5, peak memory <= 0.6)")
+        print("\nratios (goals, not asserted: tokens/s >= 1.5; peak memory <= 0.6 full fine-tuning, <= 0.8 LoRA)")
         print_table(ratios, int_cols=())
     return write_report(args, ("child", "data_file", "out_file"), device=device, bf16=bf16, summary=summaries,
                         ratios=ratios, raw=results)

@@ -39,6 +39,17 @@ def make_notebook(path: Path, *code: str, parameters: str | None = PARAMETERS_CE
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tests with one torch thread (tiny models: threads cost more than they give, and
+    results do not depend on the reduction order). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def smoke_params() -> Path:
     return PROJECT_ROOT / "params" / "smoke.yaml"

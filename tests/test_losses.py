@@ -29,8 +29,11 @@ F64 = torch.float64
 HP = SimpleNamespace(
     gamma=0.1, lam=1.0, reduction="logsumexp", delta=1.0, sft_weight=1.0, pairs="all", length_penalty=1.0, top_k=1,
     normalize="prompt_std", eta=1.0, sigma_floor=0.0, sigma_policy="floor", alpha=1.0, value_gamma=1.0,
-    offset_scale=1.0,
+    offset_scale=1.0, cut_alpha=1.0, cut_lambda=1.1,
 )
+# The losses on summed sequence log-probs (B, n): every test of this file that calls lt.fn generically.
+# CUT (token level, judged) has the same checks on its own inputs in test_cut.py.
+SEQUENCE = [lt for lt in LossType if not lt.token_level]
 
 
 def hparams(lt: LossType, **over) -> dict:
@@ -308,7 +311,7 @@ def test_vcb_equal_rewards_pull_log_ratios_together(value, dtype):
     assert torch.isfinite(lse).all() and lse.item() > 0
 
 
-@pytest.mark.parametrize("lt", list(LossType))
+@pytest.mark.parametrize("lt", SEQUENCE)
 def test_fewer_than_two_valid_responses(lt):
     policy = torch.tensor([[-2.0, 5.0, 7.0], [-3.0, -1.0, 0.0]], dtype=F64, requires_grad=True)
     ref = torch.zeros(2, 3, dtype=F64)
@@ -327,7 +330,7 @@ def test_fewer_than_two_valid_responses(lt):
     assert all(torch.isfinite(v).all() for v in metrics.values())
 
 
-@pytest.mark.parametrize("lt", list(LossType))
+@pytest.mark.parametrize("lt", SEQUENCE)
 @pytest.mark.parametrize("garbage", [float("inf"), float("-inf"), float("nan"), 1e30])
 def test_padded_garbage_changes_nothing(lt, garbage):
     """Adding a padded column full of garbage leaves losses unchanged; its gradient is exactly 0."""
@@ -347,7 +350,7 @@ def test_padded_garbage_changes_nothing(lt, garbage):
     assert all(torch.isfinite(v).all() for v in metrics.values())
 
 
-@pytest.mark.parametrize("lt", list(LossType))
+@pytest.mark.parametrize("lt", SEQUENCE)
 def test_prompts_are_independent(lt):
     """Each prompt's loss is the same computed alone or in a batch."""
     policy, ref, rewards, mask, n_tokens = random_batch(9, B=5, n=4)
@@ -360,7 +363,7 @@ def test_prompts_are_independent(lt):
 
 def test_float32_matches_float64():
     policy, ref, rewards, mask, n_tokens = random_batch(2, B=6, n=5)
-    for lt in LossType:
+    for lt in SEQUENCE:
         l64, _ = lt.fn(policy, ref, rewards, mask, n_tokens=n_tokens, **hparams(lt))
         l32, m32 = lt.fn(policy.float(), ref.float(), rewards.float(), mask, n_tokens=n_tokens.float(), **hparams(lt))
         assert l32.dtype == torch.float32 and all(v.dtype == torch.float32 for v in m32.values())
@@ -488,7 +491,7 @@ def _kink_free_inputs():
 
 
 GRADCHECK_CASES = [(LossType.VCB, red, "all") for red in ("logsumexp", "mean")] + [
-    (lt, "logsumexp", pairs) for lt in list(LossType)[1:] for pairs in ("all", "best_worst")
+    (lt, "logsumexp", pairs) for lt in SEQUENCE[1:] for pairs in ("all", "best_worst")
 ]
 
 
@@ -510,7 +513,7 @@ def test_gradients_finite_on_extreme_values():
     policy = torch.tensor([[-1e4, -1.0, -500.0], [-50.0, -50.0, -50.0]], dtype=torch.float32, requires_grad=True)
     ref = torch.tensor([[-1.0, -1e4, -2.0], [-50.0, -50.0, -50.0]], dtype=torch.float32)
     rewards = torch.tensor([[1e6, -1e6, 0.0], [2.0, 2.0, 2.0]], dtype=torch.float32)
-    for lt in LossType:
+    for lt in SEQUENCE:
         loss, _ = lt.fn(policy, ref, rewards, n_tokens=torch.full((2, 3), 7.0), **hparams(lt, lam=0.01))
         assert torch.isfinite(loss).all(), lt
         loss.sum().backward()
@@ -537,10 +540,13 @@ def test_loss_type_facts():
         LossType.NCA: (True, True, True),
         LossType.A2PO: (True, True, True),
         LossType.ODPO: (True, True, True),
+        LossType.CUT: (False, False, False),
         LossType.BT: (False, False, True),
     }
     assert [lt.value for lt in LossType] == ["vcb", "dpo", "ipo", "slic", "rrhf", "rest", "sft", "infonca", "nca",
-                                             "a2po", "odpo", "bt"]
+                                             "a2po", "odpo", "cut", "bt"]
+    assert [lt for lt in LossType if lt.token_level or lt.judged] == [LossType.CUT]
+    assert LossType.CUT.data_hparams == ("cut_positive",) and all(not lt.data_hparams for lt in SEQUENCE)
     assert LossType.parse("VCB") is LossType.VCB and LossType(" ReST ") is LossType.REST
     assert LossType.REST.fn.keywords == {"select": "best"} and LossType.SFT.fn.keywords["select"] == "all"
 
@@ -550,12 +556,14 @@ def test_hparams_are_exactly_the_keyword_arguments(lt):
     fn = lt.fn
     fixed = getattr(fn, "keywords", {})
     sig = inspect.signature(fn)
-    kwonly = [k for k, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY and k != "n_tokens" and k not in fixed]
+    judged = ("judged_logps", "negative") if lt.judged else ()  # the batch's inputs of a judged loss, not hparams
+    kwonly = [k for k, p in sig.parameters.items()
+              if p.kind is p.KEYWORD_ONLY and k not in ("n_tokens", *judged) and k not in fixed]
     assert list(lt.hparams) == kwonly
     assert list(sig.parameters)[:4] == ["policy_logps", "ref_logps", "rewards", "mask"]
 
 
-@pytest.mark.parametrize("lt", list(LossType))
+@pytest.mark.parametrize("lt", SEQUENCE)
 def test_uniform_trainer_call(lt):
     policy, ref, rewards, mask, n_tokens = random_batch(0, B=3, n=4)
     policy.requires_grad_()
@@ -617,7 +625,7 @@ def _compact(x: torch.Tensor, keep: torch.Tensor, fill=0.0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("lt,over", [(lt, {}) for lt in LossType] + [
+@pytest.mark.parametrize("lt,over", [(lt, {}) for lt in SEQUENCE] + [
     (lt, {"pairs": "best_worst"}) for lt in (LossType.DPO, LossType.IPO, LossType.SLIC, LossType.RRHF, LossType.ODPO)] + [
     (LossType.REST, {"top_k": 2})])
 def test_used_candidates_carry_the_whole_loss(seed, lt, over):

@@ -132,42 +132,39 @@ def _softmax(xs):
     return [v / sum(e) for v in e]
 
 
-def ref_infonca(policy, ref, rewards, mask, *, gamma, alpha):
+def _listwise(policy, ref, rewards, mask, per_prompt):
+    """``per_prompt(d, r)`` on each prompt's implied log-ratios d_i = log π - log π_sft (scalar tensors)
+    and rewards r (floats); 0 for a prompt with fewer than 2 valid candidates."""
     out = []
     for p, q, r in _prompts(policy, ref, rewards, mask):
-        if len(r) < 2:
-            out.append(_zero(policy))
-            continue
-        w = _softmax([x / alpha for x in r])
-        z = torch.logsumexp(torch.stack([gamma * (p[i] - q[i]) for i in range(len(r))]), 0)
-        out.append(-sum(w[i] * (gamma * (p[i] - q[i]) - z) for i in range(len(r))))
+        out.append(per_prompt([p[i] - q[i] for i in range(len(r))], r) if len(r) >= 2 else _zero(policy))
     return torch.stack(out)
+
+
+def ref_infonca(policy, ref, rewards, mask, *, gamma, alpha):
+    def one(d, r):
+        w = _softmax([x / alpha for x in r])
+        z = torch.logsumexp(torch.stack([gamma * di for di in d]), 0)
+        return -sum(wi * (gamma * di - z) for wi, di in zip(w, d))
+
+    return _listwise(policy, ref, rewards, mask, one)
 
 
 def ref_nca(policy, ref, rewards, mask, *, gamma, alpha):
-    out = []
-    for p, q, r in _prompts(policy, ref, rewards, mask):
-        m = len(r)
-        if m < 2:
-            out.append(_zero(policy))
-            continue
+    def one(d, r):
         w = _softmax([x / alpha for x in r])
-        out.append(-sum(w[i] * F.logsigmoid(gamma * (p[i] - q[i])) + F.logsigmoid(-gamma * (p[i] - q[i])) / m
-                        for i in range(m)))
-    return torch.stack(out)
+        return -sum(wi * F.logsigmoid(gamma * di) + F.logsigmoid(-gamma * di) / len(r) for wi, di in zip(w, d))
+
+    return _listwise(policy, ref, rewards, mask, one)
 
 
 def ref_a2po(policy, ref, rewards, mask, *, gamma, value_gamma):
-    out = []
-    for p, q, r in _prompts(policy, ref, rewards, mask):
-        m = len(r)
-        if m < 2:
-            out.append(_zero(policy))
-            continue
-        mx = max(r)
+    def one(d, r):
+        mx, m = max(r), len(r)
         v = mx + value_gamma * math.log(sum(math.exp((x - mx) / value_gamma) for x in r) / m)  # γ' log mean e^{r/γ'}
-        out.append(sum((gamma * (p[i] - q[i]) - (r[i] - v)) ** 2 for i in range(m)) / m)
-    return torch.stack(out)
+        return sum((gamma * di - (ri - v)) ** 2 for di, ri in zip(d, r)) / m
+
+    return _listwise(policy, ref, rewards, mask, one)
 
 
 def ref_odpo(policy, ref, rewards, mask, *, gamma, offset_scale, pairs="all"):
@@ -611,7 +608,7 @@ def test_artefact_key_holds_exactly_the_methods_own_hyperparameters(method):
     cfg = load_params(None)
     # VCB's eta is read only with normalize=none, sigma_policy only with sigma_floor > 0
     inactive = {"eta", "sigma_policy"} if method == "vcb" else set()
-    own = set(LossType(method).hparams) - inactive
+    own = (set(LossType(method).hparams) | set(LossType(method).data_hparams)) - inactive  # CUT: + cut_positive
     every = set(artefacts.LOSS_HPARAMS)
     assert {"normalize", "eta", "sigma_floor", "sigma_policy", "alpha", "value_gamma", "offset_scale"} <= every
     in_key = {k.split(".", 1)[1] for k in artefacts.method_key(cfg, method) if k.split(".", 1)[-1] in every}
@@ -619,7 +616,7 @@ def test_artefact_key_holds_exactly_the_methods_own_hyperparameters(method):
     name = artefacts.method_dir_name(cfg, method)
     named = own - set(artefacts.NAMED_IF_CHANGED)  # VCB's options are named only off the paper's default
     assert name.startswith(f"{method}-") and all(f"{k}{getattr(cfg.training, k)}".replace("pairs", "pairs-")
-                                                 .replace("reduction", "") in name for k in named)
+                                                 .replace("reduction", "").replace("cut_", "") in name for k in named)
     if method == "vcb":
         assert name == "vcb-gamma0.05-lam1.0-logsumexp-seed0"  # the paper's settings keep their old folder
         active = load_params(None, {"training.normalize": "none", "training.eta": 2.5,

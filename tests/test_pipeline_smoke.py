@@ -95,6 +95,21 @@ def test_training_stage(smoke):
         assert list((smoke.run_dir / "tensorboard" / "03_train" / folder.name).glob("events.out.tfevents.*")), method
 
 
+def test_lora_method_in_the_smoke_tier(smoke):
+    """Issue 22: smoke.yaml trains DPO with LoRA adapters (training.lora.methods: [dpo]); its final/ is
+    the merged model beside final/adapter/, and stage 04 sampled and scored it like every policy."""
+    from vcb_lib.stages.artefacts import method_dir_name
+
+    assert smoke.training.lora_for("dpo") is not None and smoke.training.lora_for("vcb") is None
+    folder = smoke.run_dir / "03_train" / method_dir_name(smoke, "dpo")
+    assert folder.name.endswith(f"-lora-r{smoke.training.lora.r}-seed{smoke.run.seed}")
+    assert json.loads((folder / "training_config.json").read_text())["lora"]["r"] == smoke.training.lora.r
+    assert (folder / "final" / "model.safetensors").is_file() and (folder / "final" / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((smoke.run_dir / "03_train" / "metrics.json").read_text())["dpo"]["final_dir"].endswith(f"{folder.name}/final")
+    metrics = json.loads((smoke.run_dir / "04_eval" / "metrics.json").read_text())
+    assert "dpo" in metrics["pool"]["methods"] and math.isfinite(metrics["reward_kl"]["dpo"]["kl"])
+
+
 def test_online_methods_in_the_smoke_tier(smoke):
     """Issue 20: every on-policy method trains 2 rounds of its own samples through stage 03, lands
     in 03_train/<method>/ like the offline ones, is scored on the pool and sampled by stage 04, and
@@ -123,6 +138,32 @@ def test_online_methods_in_the_smoke_tier(smoke):
     assert {m.value for m in OnlineMethod} <= set(metrics["pool"]["methods"]) & set(metrics["reward_kl"])
     report = (smoke.run_dir / "report.md").read_text()
     assert "beside the compute each policy used" in report and "| ppo | own samples (online) |" in report
+
+
+def test_cut_in_the_smoke_tier(smoke):
+    """Issue 21: CUT trains through stage 03 on D_t with a judgment per candidate (judged.parquet in its
+    folder), logs its token-level metrics, is evaluated like every method, notebook 05 looked at the
+    tokens its rule marks, and the report has its section."""
+    from vcb_lib.stages.artefacts import method_dir_name
+
+    assert "cut" in smoke.training.methods
+    folder = smoke.run_dir / "03_train" / method_dir_name(smoke, "cut")
+    judged = pd.read_parquet(folder / "judged.parquet")
+    dt = pd.read_parquet(smoke.run_dir / "02_candidates" / "candidates.parquet")
+    assert list(judged.response) == list(dt.response) and set(judged.judgment_source) == {"whitebox-sentiment"}
+    assert (judged.positive_input == judged.model_input).all()  # cut_positive none: the evaluation's template
+    assert all(j == "The review is clearly positive and uses no negative words." for j, p in
+               zip(judged.judgment, judged.judgment_positive) if p)
+    rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert all(0 <= r["cut/detected"] <= 1 and np.isfinite(r["cut/align_n_nll"]) for r in rows)
+    metrics = json.loads((smoke.run_dir / "04_eval" / "metrics.json").read_text())
+    assert "cut" in metrics["pool"]["methods"] and "vcb-vs-cut" in metrics["pool"]["paired"]
+    marks = json.loads((smoke.run_dir / "figures" / "cut_marks.json").read_text())
+    negatives = int((~judged.judgment_positive).sum())
+    assert marks["summary"]["candidates"] == min(negatives, 256) and marks["summary"]["judged_candidates"] == len(dt)
+    assert all(len(e["tokens"]) == len(e["marked"]) == len(e["evidence"]) for e in marks["examples"])
+    report = (smoke.run_dir / "report.md").read_text()
+    assert "## Judgments vs reward values: CUT" in report and "vcb − cut = " in report
 
 
 def test_evaluation_and_report(smoke):

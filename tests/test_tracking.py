@@ -8,7 +8,6 @@ import json
 import typing
 
 import pytest
-import torch
 
 from test_trainers import SMOKE, cfg_, candidate_table, make_groups
 from vcb_lib.config import ConfigError, TrainingConfig, load_params
@@ -16,12 +15,7 @@ from vcb_lib.models import load_policy, load_tokenizer
 from vcb_lib.trainers import Trainer, main, tracked_values, tracker_dir, tracker_kwargs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,7 @@ from vcb_lib.trainers import (
 WORDS = ["cat", "dog", "sun", "sky", "tree", "river", "stone", "cloud"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +90,13 @@ def tiny_reward_model():
         return LlamaForSequenceClassification(config)
 
 
+def judged_groups(groups: list[CandidateGroup]) -> list[CandidateGroup]:
+    """``groups`` with a judgment per candidate (CUT): every second candidate negative, its judgment
+    context the prompt with a critique appended."""
+    return [dataclasses.replace(g, judged_prompts=[f"{g.prompt} Judgment: too dull, answer {k}." for k in range(len(g.response_ids))],
+                                negative=[k % 2 == 0 for k in range(len(g.response_ids))]) for g in groups]
+
+
 def preference_groups(n_prompts: int, seed: int = 0) -> list[CandidateGroup]:
     """(chosen, rejected) pairs, labels [1, 0]: chosen responses use low token ids, rejected high."""
     rng = random.Random(seed)
@@ -113,6 +115,8 @@ def preference_groups(n_prompts: int, seed: int = 0) -> list[CandidateGroup]:
 def test_one_step_changes_every_parameter(lt, tok, base, groups, tmp_path):
     if lt is LossType.BT:
         model, data, score_fn = tiny_reward_model(), preference_groups(4), reward_scores
+    elif lt.judged:  # CUT: each candidate with a judgment, negative ones also scored in its context
+        model, data, score_fn = copy.deepcopy(base), judged_groups(groups[:4]), policy_scores
     else:
         model, data, score_fn = copy.deepcopy(base), groups[:4], policy_scores
     before = {k: v.clone() for k, v in model.state_dict().items()}

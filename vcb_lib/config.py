@@ -273,6 +273,34 @@ class OnlineConfig:
 
 
 @dataclass
+class LoraConfig:
+    """training.lora: LoRA adapters (peft) on π_sft for the offline methods; only the adapters train, final/ holds the merged policy."""
+
+    enabled: bool = False  # train LoRA adapters (peft) instead of every weight; false = full fine-tuning
+    r: int = 8  # adapter rank (peft r); 1..4096
+    alpha: int = 16  # the update is scaled by alpha / r (peft lora_alpha); >= 1
+    dropout: float = 0.0  # dropout on the adapters' input (peft lora_dropout); [0, 1)
+    target_modules: list[str] = field(default_factory=list)  # names (or dotted suffixes) of the layers that get adapters, e.g. [q_proj, v_proj]; [all-linear] = every linear layer but the LM head; empty = peft's default for the architecture (Llama: q_proj, v_proj; GPT-NeoX: query_key_value)
+    methods: list[str] = field(default_factory=list)  # methods trained with adapters; empty = every method in training.methods; a name not in training.methods is ignored (a sweep may narrow them); never an on-policy method
+
+    def __post_init__(self) -> None:
+        from vcb_lib.policy_gradient import OnlineMethod
+
+        key = "training.lora."
+        _require(1 <= self.r <= 4096, key + "r", f"must be in 1..4096, got {self.r}")
+        _require(self.alpha >= 1, key + "alpha", f"must be >= 1, got {self.alpha}")
+        _require(0 <= self.dropout < 1, key + "dropout", f"must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.target_modules if not re.fullmatch(r"[\w.-]+", t)]
+        _require(not bad, key + "target_modules", f"{bad} are not module names (letters, digits, _ . -), e.g. [q_proj, v_proj]")
+        _require("all-linear" not in self.target_modules or self.target_modules == ["all-linear"], key + "target_modules",
+                 f"all-linear stands alone (it names every linear layer but the LM head), got {self.target_modules}")
+        offline = [m for m in methods() if m not in {o.value for o in OnlineMethod}]
+        unknown = [m for m in self.methods if m not in offline]
+        _require(not unknown, key + "methods", f"{unknown} cannot train adapters; allowed: {offline} (the on-policy "
+                 "methods train every weight)")
+
+
+@dataclass
 class TrainingConfig:
     """Step 3 (Sec. 4.3): calibration training of π on D_t; hyper-parameters of every loss."""
 
@@ -288,11 +316,14 @@ class TrainingConfig:
     alpha: float = 1.0  # InfoNCA / NCA: temperature α of the softmax(r/α) targets (arXiv 2402.05369); > 0
     value_gamma: float = 1.0  # A*-PO (a2po): γ' of V̂(x) = γ' log mean exp(r/γ') (the paper's β1; γ is its β2); > 0
     offset_scale: float = 1.0  # ODPO: α of the offset α·log(r_w - r_l) (arXiv 2402.10571); 0 = DPO
+    cut_alpha: float = 1.0  # CUT (arXiv 2312.14591): α, weight of the unlikelihood term -log(1 - p) on detected tokens (the official README's 1); >= 0
+    cut_lambda: float = 1.1  # CUT: λ, a token is inappropriate when p(y_t | x, negative judgment) / p(y_t | positive context) > λ (official threshold 1.1); > 0
+    cut_positive: Literal["none", "judgment"] = "none"  # CUT's positive context (Align-P, Misalign): none = the instruction alone, the paper's code and the evaluation template; judgment = the instruction with the positive judgment
     delta: float = 1.0  # SLiC hinge margin δ, Eq. 7
     sft_weight: float = 1.0  # cross-entropy regulariser weight for SLiC and RRHF
     length_penalty: float = 1.0  # RRHF scores are log π / n_tokens^length_penalty
     top_k: int = 1  # ReST: responses per prompt kept (highest reward) for the NLL
-    pairs: Literal["all", "best_worst"] = "all"  # preference pairs for order-based losses
+    pairs: Literal["all", "best_worst"] = "all"  # preference pairs for order-based losses; CUT: every candidate, or each prompt's best and worst by reward
     learning_rate: float = 5e-6  # AdamW peak learning rate; <= 1.0
     weight_decay: float = 0.0  # AdamW weight decay
     batch_size: int = 4  # prompts per optimizer micro-batch (each with n candidates)
@@ -309,6 +340,7 @@ class TrainingConfig:
     num_processes: int = 1  # processes for accelerate launch
     log_with: Tracker = "tensorboard"  # experiment tracker of every training (accelerate's log_with; the same metrics as log.jsonl): tensorboard writes offline to <run>/tensorboard/; none = log.jsonl only
     online: OnlineConfig = field(default_factory=OnlineConfig)  # the on-policy methods' rounds (ppo, rloo, grpo, vcb_online): training.online.<key>, listed below
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters instead of full fine-tuning (peft; off by default): training.lora.<key>, listed below
 
     def __post_init__(self) -> None:
         _require(len(self.seeds) <= 16 and len(set(self.seeds)) == len(self.seeds) and all(x >= 0 for x in self.seeds),
@@ -318,12 +350,12 @@ class TrainingConfig:
         grouped = [m for m in self.methods if m in ("rloo", "grpo", "vcb_online")]
         _require(not grouped or self.online.n >= 2, "training.online.n",
                  f"{grouped} compare a prompt's samples with each other: n must be >= 2, got {self.online.n}")
-        for key in ("gamma", "lam", "learning_rate", "max_grad_norm", "eta", "alpha", "value_gamma"):
+        for key in ("gamma", "lam", "learning_rate", "max_grad_norm", "eta", "alpha", "value_gamma", "cut_lambda"):
             value = getattr(self, key)
             _require(value > 0, f"training.{key}", f"must be > 0, got {value}")
         _at_most(self.learning_rate, 1.0, "training.learning_rate", "larger is a typo, e.g. 5e6 for 5e-6")
         for key in ("delta", "sft_weight", "length_penalty", "weight_decay", "warmup_steps", "max_steps", "save_every",
-                    "sigma_floor", "offset_scale"):
+                    "sigma_floor", "offset_scale", "cut_alpha"):
             value = getattr(self, key)
             _require(value >= 0, f"training.{key}", f"must be >= 0, got {value}")
         _require(not (self.sigma_floor > 0 and self.sigma_policy == "floor" and self.normalize in ("none", "rank")),
@@ -333,6 +365,19 @@ class TrainingConfig:
         for key in ("batch_size", "grad_accum", "epochs", "num_processes", "top_k"):
             value = getattr(self, key)
             _require(value >= 1, f"training.{key}", f"must be >= 1, got {value}")
+        if self.lora.enabled and not self.lora.methods:
+            from vcb_lib.policy_gradient import OnlineMethod
+
+            online = [m for m in self.methods if m in {o.value for o in OnlineMethod}]
+            _require(not online, "training.lora.methods", f"is empty, so adapters would train every method in "
+                     f"training.methods, but the on-policy methods {online} train every weight: name the methods to "
+                     f"adapt, e.g. [{next((m for m in self.methods if m not in online), 'dpo')}]")
+
+    def lora_for(self, method: str) -> LoraConfig | None:
+        """``training.lora`` where it applies to ``method`` (enabled, and ``method`` in its ``methods``
+        or that list empty), else None: the one rule the trainer, the artefact key and the folder name read."""
+        lora = self.lora
+        return lora if lora.enabled and (not lora.methods or method in lora.methods) else None
 
 
 @dataclass

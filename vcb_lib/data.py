@@ -342,15 +342,27 @@ class CandidateGroup:
     response_ids: list[list[int]]  # n_b responses as token ids
     rewards: list[float]
     ref_logps: list[float]
+    # Losses that learn from judgments (LossType.judged: CUT) only; None elsewhere. ``prompt`` is then the
+    # positive context (the instruction, or it with the positive judgment: training.cut_positive).
+    judged_prompts: list[str | list[int]] | None = None  # each candidate's own judgment context (model input)
+    negative: list[bool] | None = None  # True where the candidate's judgment is negative (Align-N + Misalign)
 
 
-def candidate_groups(table, prompt_column: str = "model_input") -> list[CandidateGroup]:
+JUDGED_COLUMNS = {"prompt_column": "positive_input", "judged_column": "judged_input"}  # a judged D_t's contexts
+
+
+def candidate_groups(table, prompt_column: str = "model_input", judged_column: str | None = None) -> list[CandidateGroup]:
     """Group a candidate table (pandas DataFrame) by prompt, candidates in ``k`` order.
 
     Groups come out in the order prompts first appear in the table. Rows with a missing reward
-    or reference log-prob are an error (score and finish the table first).
+    or reference log-prob are an error (score and finish the table first). ``judged_column``: a
+    judged D_t (``vcb_lib.judgments.judged_candidates``; ``candidate_groups(table, **JUDGED_COLUMNS)``):
+    each group also gets its candidates' judgment contexts from that column and ``negative`` from
+    ``judgment_positive``; ``prompt_column`` then names the positive context (``positive_input``).
     """
-    missing = [c for c in ("prompt_id", prompt_column, "k", "response_ids", "reward", "ref_logp") if c not in table]
+    needed = ("prompt_id", prompt_column, "k", "response_ids", "reward", "ref_logp") + \
+        ((judged_column, "judgment_positive") if judged_column else ())
+    missing = [c for c in needed if c not in table]
     if missing:
         raise ValueError(f"candidate table lacks column(s) {missing}; it has {list(table.columns)}")
     for column in ("reward", "ref_logp"):
@@ -361,18 +373,28 @@ def candidate_groups(table, prompt_column: str = "model_input") -> list[Candidat
     groups = []
     for prompt_id, rows in table.groupby("prompt_id", sort=False):
         rows = rows.sort_values("k")
+        if rows[prompt_column].nunique() != 1:
+            raise ValueError(f"candidate table: prompt {prompt_id!r} has {rows[prompt_column].nunique()} different "
+                             f"{prompt_column!r} values; a group shares one prompt")
+        judged = {} if not judged_column else {"judged_prompts": [str(x) for x in rows[judged_column]],
+                                               "negative": [not bool(x) for x in rows["judgment_positive"]]}
         groups.append(CandidateGroup(
             prompt_id=str(prompt_id), prompt=str(rows[prompt_column].iloc[0]),
             response_ids=[[int(t) for t in ids] for ids in rows["response_ids"]],
-            rewards=[float(r) for r in rows["reward"]], ref_logps=[float(r) for r in rows["ref_logp"]],
+            rewards=[float(r) for r in rows["reward"]], ref_logps=[float(r) for r in rows["ref_logp"]], **judged,
         ))
     return groups
 
 
 def collate_groups(tokenizer, groups: Sequence[CandidateGroup], *, max_length: int | None = None,
-                   share_prompts: bool = False) -> dict:
+                   share_prompts: bool = False, judged: bool = False) -> dict:
     """B groups -> one batch: the valid responses flattened to rows of a right-padded token
     batch, plus the ``(B, n)`` tensors the losses take (``n`` = the largest group).
+
+    ``judged`` (losses that learn from judgments, ``LossType.judged``): every group must carry
+    ``judged_prompts`` and ``negative``; the batch then holds R + R⁻ rows, the R⁻ negative candidates
+    once more after the R rows, in their own judgment's context (row-major order of
+    ``batch["negative"]`` (B, n) bool), in the same forward.
 
     Returns ``input_ids, attention_mask, response_mask`` (R, T) with R = number of valid
     responses, and ``rewards, ref_logps`` (B, n) float32, ``mask`` (B, n) bool, ``n_tokens``
@@ -400,10 +422,31 @@ def collate_groups(tokenizer, groups: Sequence[CandidateGroup], *, max_length: i
     heads: dict[int, list[int]] = {}  # group -> its first row's prompt ids
     for b, (p, _) in zip(prompt_index, pairs):
         heads.setdefault(b, p)
+    negative = torch.zeros(B, n, dtype=torch.bool)
+    extra: list[tuple[list[int], list[int]]] = []  # judged: the negative candidates in their judgment's context
+    if judged:
+        lacking = [g.prompt_id for g in groups if g.judged_prompts is None or g.negative is None
+                   or len(g.judged_prompts) != len(g.response_ids) or len(g.negative) != len(g.response_ids)]
+        if lacking:
+            raise ValueError(f"collate_groups(judged=True): group {lacking[0]!r} has no judgment per candidate "
+                             "(judged_prompts, negative); build judged groups with vcb_lib.judgments")
+        rows = [(b, k) for b, g in enumerate(groups) for k in range(len(g.response_ids)) if g.negative[k]]
+        for b, k in rows:
+            negative[b, k] = True
+        if rows:
+            extra = encode_pairs(tokenizer, [groups[b].judged_prompts[k] for b, k in rows],
+                                 [groups[b].response_ids[k] for b, k in rows], max_length=max_length)
+            flat_row = {bk: r for r, bk in enumerate((b, k) for b, g in enumerate(groups) for k in range(len(g.response_ids)))}
+            cut = [(groups[b].prompt_id, k) for (b, k), (_, r) in zip(rows, extra) if len(r) != len(pairs[flat_row[b, k]][1])]
+            if cut:
+                raise ValueError(f"max_length={max_length} cuts the response of prompt {cut[0][0]!r}, candidate {cut[0][1]}, "
+                                 "differently in its judgment's context than in the positive one; raise max_length")
     if share_prompts and all(p == heads[b] for b, (p, _) in zip(prompt_index, pairs)):
-        batch = collate_shared_prompts([heads[b] for b in range(B)], [r for _, r in pairs], prompt_index, pad)
+        batch = collate_shared_prompts([heads[b] for b in range(B)] + [p for p, _ in extra],
+                                       [r for _, r in pairs] + [r for _, r in extra],
+                                       prompt_index + [B + j for j in range(len(extra))], pad)
     else:
-        batch = collate_pairs(pairs, pad)  # (R, T)
+        batch = collate_pairs(pairs + extra, pad)  # (R + R⁻, T)
     mask = torch.zeros(B, n, dtype=torch.bool)
     rewards = torch.zeros(B, n)
     ref_logps = torch.zeros(B, n)
@@ -413,8 +456,9 @@ def collate_groups(tokenizer, groups: Sequence[CandidateGroup], *, max_length: i
         rewards[b, :m] = torch.tensor(g.rewards, dtype=torch.float32)
         ref_logps[b, :m] = torch.tensor(g.ref_logps, dtype=torch.float32)
     n_tokens = torch.zeros(B, n, dtype=torch.long)
-    n_tokens[mask] = batch.pop("n_tokens")  # (R,) -> (B, n)
-    return {**batch, "rewards": rewards, "ref_logps": ref_logps, "mask": mask, "n_tokens": n_tokens}
+    n_tokens[mask] = batch.pop("n_tokens")[:len(pairs)]  # (R,) -> (B, n); judged rows have the same lengths
+    out = {**batch, "rewards": rewards, "ref_logps": ref_logps, "mask": mask, "n_tokens": n_tokens}
+    return out | {"negative": negative} if judged else out
 
 
 CANDIDATE_COLUMNS = ["prompt_id", "split", "prompt", "model_input", "k", "response", "response_ids", "n_tokens", "finish_reason",

@@ -280,7 +280,7 @@ def export_run(run: str | os.PathLike | Config, fmt: str, out: str | os.PathLike
                pairs: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Export a run's D_t (and, for ``hf``, its evaluation samples) as ``fmt``; returns the folder.
     ``pairs`` (trl-pairs): ``all`` or ``best_worst``, default the run's ``training.pairs``."""
-    from vcb_lib.io import atomic_write_bytes, atomic_write_text
+    from vcb_lib.io import atomic_write_bytes, atomic_write_text, replace_folder
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
@@ -317,9 +317,7 @@ def export_run(run: str | os.PathLike | Config, fmt: str, out: str | os.PathLike
     else:
         atomic_write_bytes(tmp / "train.parquet", data.to_parquet(index=False))
     atomic_write_text(tmp / CARD, dataset_card(cfg, fmt, record, info, chat, gold))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_folder(tmp, out)
     log(f"exported {info['rows']} {'candidates' if fmt == 'hf' else 'pairs' if fmt == 'trl-pairs' else 'prompts'} "
         f"of {cfg.run_dir} as {fmt} -> {out}")
     return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import tempfile
 import threading
@@ -60,6 +61,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
+
+
+def replace_folder(tmp: str | Path, target: str | Path) -> Path:
+    """Put the finished folder ``tmp`` at ``target``: an earlier ``target`` is moved aside before the
+    rename and deleted after it, so a crash leaves one whole version (or the aside copy), never a mix."""
+    tmp, target = Path(tmp), Path(target)
+    old = target.with_name(".old-" + target.name)
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

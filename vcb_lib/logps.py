@@ -17,9 +17,11 @@ Batches, two layouts, both read by ``batch_logps``:
 
 Kernels. ``token_logps`` (B, K, V), (B, K) -> (B, K); ``logps_from_logits`` (B, K, V) logits,
 (B, T) ids and mask -> (B,). ``batch_logps(model, batch)`` returns the summed response log-probs
-(B,) or (R,) with grad (training); ``sequence_logps(model, tokenizer, prompts, responses)`` -> (N,)
+(B,) or (R,) with grad (training), ``batch_token_logps`` the same per token (R, Tc), left-aligned on
+each response (token-level losses: CUT); ``sequence_logps(model, tokenizer, prompts, responses)`` -> (N,)
 float32 on CPU loops length-sorted batches under ``torch.no_grad()`` (reference log-probs,
-scoring). ``prompt_cache`` gives the samplers the shared prompts' KV cache.
+scoring), ``sequence_token_logps`` returns each pair's token log-probs. ``prompt_cache`` gives the
+samplers the shared prompts' KV cache.
 """
 from __future__ import annotations
 
@@ -199,7 +201,32 @@ def batch_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     Only the positions from the batch's first response token on go through the LM head
     (``logits_to_keep``): the (B, T, V) logits of the prompts are never built."""
     if "prompt_index" in batch:
-        return _shared_prompt_logps(model, batch)
+        lp, mask = _shared_prompt_token_logps(model, batch)  # (R, Tc), (R, Tc)
+        return (lp * mask.to(lp.dtype)).sum(-1)  # (R,)
+    return logps_from_logits(*_flat_logits(model, batch))  # (B, keep, V) -> (B,)
+
+
+def batch_token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token response log-probs of either batch layout, keeping the graph (token-level losses).
+
+    Returns (R, Tc), left-aligned on each row's response: ``[r, t] = log p(y_t | prompt, y_<t)`` of
+    response r's token t for t < ``n_tokens[r]``, 0 beyond it; Tc = the longest response (>= 1). The
+    same forward as :func:`batch_logps`, whose values are these rows' sums."""
+    if "prompt_index" in batch:
+        lp, mask = _shared_prompt_token_logps(model, batch)  # already (R, Tc), left-aligned
+        return lp.masked_fill(mask == 0, 0.0)
+    logits, input_ids, response_mask = _flat_logits(model, batch)
+    K = logits.shape[1]
+    lp = token_logps(logits[:, :-1], input_ids[:, -(K - 1):])  # (B, K-1): position t predicts token t+1
+    m = response_mask[:, -(K - 1):].bool()  # (B, K-1)
+    width = max(1, int(m.sum(-1).max()))
+    order = torch.sort((~m).to(torch.int8), dim=1, stable=True).indices[:, :width]  # response columns first, in order
+    return torch.gather(lp, 1, order).masked_fill(~torch.gather(m, 1, order), 0.0)  # (B, Tc)
+
+
+def _flat_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of a flat batch: (logits of its last K positions (B, K, V), input_ids (B, T),
+    response_mask (B, T)), K = from the position before the batch's first response token on."""
     device = next(model.parameters()).device
     input_ids, response_mask = batch["input_ids"].to(device), batch["response_mask"].to(device)
     T = input_ids.shape[1]
@@ -208,7 +235,7 @@ def batch_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     keep = T - max(first, 1) + 1  # positions first-1 .. T-1 (first-1 predicts the first response token)
     out = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device), use_cache=False,
                 logits_to_keep=keep)
-    return logps_from_logits(out.logits, input_ids, response_mask)  # (B, keep, V) -> (B,)
+    return out.logits, input_ids, response_mask
 
 
 def _left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -289,8 +316,9 @@ def _checkpointed_layers_keep_cache(model):
             del m._can_checkpoint_with_cache
 
 
-def _shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(R,) summed response log-probs with one forward per distinct prompt.
+def _shared_prompt_token_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, Tc) response token log-probs and their mask ``completion_mask`` (R, Tc), with one forward
+    per distinct prompt (:func:`batch_logps` sums them over the mask).
 
     1. the P left-padded prompts go through the model once, keeping their keys and values per
        layer and the logits of their last position (which predict every continuation's first token);
@@ -320,8 +348,7 @@ def _shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
                      past_key_values=cache, use_cache=False)  # logits (R, Tc, V)
     first = token_logps(last[rows], ids[:, :1])  # (R, 1): the prompt's last position predicts token 0
     rest = token_logps(cont.logits[:, :-1], ids[:, 1:])  # (R, Tc-1): response position t predicts t+1
-    lp = torch.cat([first, rest], 1)  # (R, Tc)
-    return (lp * mask.to(lp.dtype)).sum(-1)  # (R,)
+    return torch.cat([first, rest], 1), mask  # (R, Tc), (R, Tc)
 
 
 def sequence_logps(
@@ -378,3 +405,32 @@ def sequence_logps(
     finally:
         model.train(was_training)
     return (logps, n_tokens) if return_n_tokens else logps
+
+
+def sequence_token_logps(
+    model,
+    tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    responses: Sequence[str | Sequence[int]],
+    *,
+    batch_size: int = 8,
+    max_length: int | None = None,
+) -> list[torch.Tensor]:
+    """log p(y_t | prompt, y_<t) of every response token, for N pairs -> N float32 CPU tensors of
+    shape (n_tokens_i,). Inference only (no grad, eval mode for the call), flat rows in input order;
+    what an analysis inspects token by token (e.g. which tokens CUT's rule marks)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pairs = encode_pairs(tokenizer, prompts, responses, max_length=max_length)
+    out: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start:start + batch_size]
+                lp = batch_token_logps(model, collate_pairs(chunk, _pad_id(tokenizer))).float().cpu()  # (b, Tc)
+                out += [lp[i, :len(r)] for i, (_, r) in enumerate(chunk)]
+    finally:
+        model.train(was_training)
+    return out

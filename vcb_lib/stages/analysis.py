@@ -1,11 +1,15 @@
 """Stage 05 (notebook 05): the paper's figures for this run, from stage 04's checked metrics and
-samples (``vcb_lib.plots``). The report itself is written by ``vcb_lib.report``."""
+samples (``vcb_lib.plots``), and :func:`cut_marks`, which tokens CUT's rule marks. The report itself
+is written by ``vcb_lib.report``."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from vcb_lib import plots
 from vcb_lib.config import Config
+from vcb_lib.io import atomic_write_text, write_json
+from vcb_lib.stages import artefacts
 from vcb_lib.stages.evaluate import read_metrics, read_samples
 
 
@@ -34,3 +38,80 @@ def run(cfg: Config) -> tuple[dict, dict[str, Path]]:
         plots.exact_near_tie(exact["train"], paths["exact_near_tie"], gamma=exact["gamma"], order=exact.get("policies"))
         plots.exact_reward_vs_kl(exact, paths["exact_reward_vs_kl"], split="train")
     return metrics, paths
+
+
+CUT_MARKS_CAP = 256  # negative candidates of D_t scored for the summary (each twice: two contexts)
+
+
+def cut_marks(cfg: Config, *, examples: int = 4, policy: str = "cut") -> dict:
+    """Which response tokens CUT's rule marks as inappropriate, p(y_t | x, j⁻) / p(y_t | x⁺) > λ
+    (``losses.cut_detect``, ``training.cut_lambda``), under the trained CUT policy (``policy="sft"``:
+    under π_sft, where training started), on the negative candidates of the judged D_t it trained on
+    (``03_train/<cut>/judged.parquet``; the first :data:`CUT_MARKS_CAP`), and how the marks relate to the
+    features behind each judgment: the tokens a judgment quotes (its negative words, repeated n-grams,
+    last words: ``judgments.evidence_mask``) are its evidence.
+
+    Returns and writes to ``figures/cut_marks.json`` (``html`` also to ``figures/cut_marks.html``):
+    ``summary`` (candidates, tokens, share marked; evidence tokens, the share of marked tokens that are
+    evidence against the evidence base rate, and the share of evidence marked), ``per_feature`` (for
+    the candidates failing each feature: how many, share of their tokens marked), ``examples`` (the
+    first ``examples`` negative candidates of different prompts: tokens, marks, evidence, log-ratio),
+    ``html`` (those examples, marked tokens highlighted, evidence underlined)."""
+    from html import escape
+
+    import numpy as np
+    import pandas as pd
+
+    from vcb_lib.judgments import evidence_mask, marked_html
+    from vcb_lib.logps import sequence_token_logps
+    from vcb_lib.models import load_policy, load_tokenizer
+    from vcb_lib.stages.train import JUDGED_FILE
+
+    folder = artefacts.method(cfg, "cut").require()
+    table = pd.read_parquet(folder / JUDGED_FILE)
+    neg = table[~table.judgment_positive].head(CUT_MARKS_CAP).reset_index(drop=True)
+    spec = str(folder / "final") if policy == "cut" else artefacts.sft_spec(cfg)
+    model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
+    tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
+    lam = cfg.training.cut_lambda
+    responses = [list(map(int, ids)) for ids in neg.response_ids]
+    lp_m = sequence_token_logps(model, tok, list(neg.positive_input), responses) if len(neg) else []
+    lp_n = sequence_token_logps(model, tok, list(neg.judged_input), responses) if len(neg) else []
+    rows, per_feature = [], {}
+    for i, r in neg.iterrows():
+        tokens = [tok.decode([t]) for t in responses[i]]
+        ratio = (lp_n[i] - lp_m[i]).double().numpy()  # log p_N - log p_M per token
+        marked = (ratio > np.log(lam)).tolist()
+        evidence = evidence_mask(tokens, r.judgment)
+        rows.append({"prompt_id": r.prompt_id, "k": int(r.k), "prompt": r.prompt, "judgment": r.judgment,
+                     "failed": list(r.judgment_failed), "values": json.loads(r.judgment_values), "tokens": tokens,
+                     "marked": marked, "evidence": evidence, "log_ratio": [round(float(x), 4) for x in ratio]})
+        for name in r.judgment_failed:
+            f = per_feature.setdefault(name, {"candidates": 0, "tokens": 0, "marked": 0})
+            f["candidates"] += 1
+            f["tokens"] += len(tokens)
+            f["marked"] += sum(marked)
+    n_tok = sum(len(r["tokens"]) for r in rows)
+    n_marked = sum(sum(r["marked"]) for r in rows)
+    n_ev = sum(sum(r["evidence"]) for r in rows)
+    both = sum(m and e for r in rows for m, e in zip(r["marked"], r["evidence"]))
+    ratio_or_none = lambda a, b: a / b if b else None  # noqa: E731
+    summary = {"policy": policy, "lambda": lam, "candidates": len(rows), "judged_candidates": len(table),
+               "negative_share": float((~table.judgment_positive).mean()) if len(table) else None,
+               "tokens": n_tok, "marked": n_marked, "marked_share": ratio_or_none(n_marked, n_tok),
+               "evidence_tokens": n_ev, "evidence_share": ratio_or_none(n_ev, n_tok),
+               "marked_that_are_evidence": ratio_or_none(both, n_marked), "evidence_marked": ratio_or_none(both, n_ev)}
+    for f in per_feature.values():
+        f["marked_share"] = ratio_or_none(f["marked"], f["tokens"])
+    chosen, seen = [], set()
+    for r in rows:
+        if r["prompt_id"] not in seen and len(chosen) < examples:
+            chosen.append(r)
+            seen.add(r["prompt_id"])
+    html = "".join(f"<p><b>{escape(r['prompt'])}</b><br><i>{escape(r['judgment'])}</i><br>"
+                   f"{marked_html(r['tokens'], r['marked'], r['evidence'])}</p>" for r in chosen)
+    out = {"summary": summary, "per_feature": per_feature, "examples": chosen, "html": html}
+    fig_dir = cfg.stage_dir("figures")
+    write_json(fig_dir / "cut_marks.json", out)
+    atomic_write_text(fig_dir / "cut_marks.html", "<html><body>" + html + "</body></html>\n")
+    return out

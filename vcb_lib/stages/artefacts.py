@@ -10,7 +10,10 @@ pairs.parquet       01_sft_and_reward                run, models, sampling, rewa
 sft/, reward_model/ 01_sft_and_reward                UPSTREAM: those + the training keys SFT/RM use
 candidates.parquet  02_generate                      UPSTREAM
 03_train/<method>/  03_train                         UPSTREAM + the method's training keys (+ the
-                                                     evaluation keys of the Fig. 5 snapshots)
+                                                     evaluation keys of the Fig. 5 snapshots; + the
+                                                     training.lora keys when adapters train it; CUT:
+                                                     + cut_positive and the judgment templates' hash,
+                                                     its judged.parquet inside)
 samples-<split>     04_evaluate                      the policy's slice + the evaluation sampling keys
 pool/candidates     04_evaluate                      UPSTREAM + the pool keys
 pool/<policy>       04_evaluate                      the policy's slice + the pool keys
@@ -30,11 +33,12 @@ from vcb_lib.manifest import Artefact
 from vcb_lib.policy_gradient import OnlineMethod, is_online
 
 UPSTREAM = ("run", "models", "sampling", "rewards", *(f"training.{k}" for k in UPSTREAM_TRAINING_KEYS))
-LOSS_HPARAMS = sorted({h for lt in LossType for h in lt.hparams})  # training.* keys that only some losses read
+LOSS_HPARAMS = sorted({h for lt in LossType for h in (*lt.hparams, *lt.data_hparams)})  # training.* keys that only some losses read
 CURVE_KEYS = ("curve_points", "curve_prompts", "samples_per_prompt", "temperature", "max_new_tokens")
 EVAL_SAMPLING_KEYS = ("samples_per_prompt", "temperature", "max_new_tokens")
 POOL_KEYS = ("pool_prompts", "pool_candidates", "pool_max_new_tokens", "max_new_tokens")
-METHOD_FILES = ("final/*", "summary.json", "log.jsonl", "curve/*")
+METHOD_FILES = ("final/*", "final/adapter/*", "summary.json", "log.jsonl", "curve/*",  # final/adapter/: LoRA runs
+                "judged.parquet")  # judged.parquet: the judged D_t a judgment method (CUT) trained on
 OFFLINE_ONLY_KEYS = ("epochs", "max_steps", "save_every", "grad_accum")  # read by the D_t trainer only: online methods count rounds, minibatches
 
 
@@ -87,36 +91,47 @@ def replicate(cfg: Config, method: str, seed: int | None = None) -> str:
 def method_key(cfg: Config, method: str, seed: int | None = None) -> dict:
     """What training ``method`` with training seed ``seed`` (default: the main one) depends on: the
     upstream, every training key but the lists of methods and seeds and the other losses'
-    hyper-parameters, and, when the Fig. 5 curve is sampled during training, the evaluation keys
-    that sampling uses."""
+    hyper-parameters, the adapter's keys when ``training.lora`` applies to the method (none otherwise,
+    so full fine-tuning's key is what it was), and, when the Fig. 5 curve is sampled during training,
+    the evaluation keys that sampling uses."""
     online = is_online(method)
     lt = OnlineMethod(method) if online else LossType(method)
     own = lt.active_hparams(dataclasses.asdict(cfg.training))
-    skip = ("methods", "seeds", "online") + (OFFLINE_ONLY_KEYS if online else ())
+    skip = ("methods", "seeds", "online", "lora") + (OFFLINE_ONLY_KEYS if online else ())
     training = [f"training.{f.name}" for f in dataclasses.fields(cfg.training)
                 if f.name not in skip and (f.name not in LOSS_HPARAMS or f.name in own)]
     key = upstream(cfg) | cfg.slice(*training) | {"method": method, "seed": training_seeds(cfg)[0] if seed is None else seed}
     if online:  # the training.online keys this method reads, and no other: a GRPO option never retrains PPO
         key |= {f"training.online.{k}": getattr(cfg.training.online, k) for k in lt.online_keys}
+    elif lt.judged:  # what wrote its judgments: edited templates retrain it
+        from vcb_lib.judgments import judgments_fingerprint
+
+        key |= {"judgments": judgments_fingerprint(cfg.rewards.task)}
+    lora = cfg.training.lora_for(method)
+    if lora is not None:  # which other methods use adapters is not part of what this one computes
+        key |= {f"training.lora.{k}": v for k, v in dataclasses.asdict(lora).items() if k not in ("enabled", "methods")}
     if cfg.evaluation.curve_points:
         key |= cfg.slice(*(f"evaluation.{k}" for k in CURVE_KEYS))
     return key
 
 
-NAMED_IF_CHANGED = ("normalize", "eta", "sigma_floor", "sigma_policy")  # VCB's options: in the name only off the paper's default
+NAMED_IF_CHANGED = ("normalize", "eta", "sigma_floor", "sigma_policy",  # VCB's options: in the name only off the paper's default
+                    "cut_positive")  # and CUT's positive context
 
 
 def method_dir_name(cfg: Config, method: str, seed: int | None = None) -> str:
     """Run folder of a method, named from what varies: ``vcb-gamma0.05-lam1.0-logsumexp-seed0``
     (``...-logsumexp-normalizerank-seed0`` when a VCB option leaves the paper's default); online
     methods add their KL coefficient, GRPO its ``scale_rewards`` and iterative VCB ``-refprevious``
-    when it is REBEL-style (``ppo-kl0.05-seed0``, ``vcb_online-gamma0.05-lam1.0-logsumexp-seed0``)."""
+    when it is REBEL-style (``ppo-kl0.05-seed0``, ``vcb_online-gamma0.05-lam1.0-logsumexp-seed0``); a
+    method trained with LoRA adapters adds their rank (``dpo-gamma0.05-pairs-all-lora-r8-seed0``)."""
     lt = OnlineMethod(method) if is_online(method) else LossType(method)
     seed = training_seeds(cfg)[0] if seed is None else seed
     defaults = type(cfg.training)()
     named = [k for k in lt.active_hparams(dataclasses.asdict(cfg.training))
              if k not in NAMED_IF_CHANGED or getattr(cfg.training, k) != getattr(defaults, k)]
-    parts = [f"{k}{getattr(cfg.training, k)}".replace("reduction", "").replace("pairs", "pairs-") for k in named]
+    parts = [f"{k}{getattr(cfg.training, k)}".replace("reduction", "").replace("pairs", "pairs-").replace("cut_", "")
+             for k in named]
     o = cfg.training.online
     if "kl_coef" in getattr(lt, "online_keys", ()) and lt is not OnlineMethod.VCB_ONLINE:
         parts.append(f"kl{o.kl_coef}")
@@ -124,6 +139,9 @@ def method_dir_name(cfg: Config, method: str, seed: int | None = None) -> str:
         parts.append(f"scale{o.scale_rewards}")
     if lt is OnlineMethod.VCB_ONLINE and o.reference != "sft":
         parts.append(f"ref{o.reference}")
+    lora = cfg.training.lora_for(method)
+    if lora is not None:
+        parts.append(f"lora-r{lora.r}")
     return "-".join([lt.value, *parts, f"seed{seed}"])
 
 
@@ -146,7 +164,9 @@ def policy_key(cfg: Config, policy: str) -> dict:
 
 
 def policy_specs(cfg: Config) -> dict[str, str]:
-    """Evaluated policies: ``sft`` (π_sft) and each trained method's ``final/`` model (checked)."""
+    """Evaluated policies: ``sft`` (π_sft) and each trained method's ``final/`` model (checked). A
+    ``final/`` is always a whole transformers model, LoRA runs included (the adapters merged into its
+    weights; the adapter itself in ``final/adapter/``), so every loader reads it as it is."""
     return {"sft": sft_spec(cfg), **{m: str(method(cfg, m).require() / "final") for m in cfg.training.methods}}
 
 

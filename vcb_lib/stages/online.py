@@ -5,9 +5,13 @@ Each method of ``policy_gradient.OnlineMethod`` in ``training.methods`` trains i
 
 1. **prompts**: ``prompts_per_round`` train prompts, positions (r-1)·P .. r·P-1 of an endless
    sequence of seeded permutations of the prompts D_t uses (``sampling.num_prompts``);
-2. **sample**: ``n`` responses per prompt from the CURRENT policy (HF ``generate``, temperature
-   ``online.temperature``, top_p 1, seeded by (run.seed, r) per chunk of ``sampling.batch_size``
-   prompts, so a resumed or multi-process run draws the same tokens);
+2. **sample**: ``n`` responses per prompt from the CURRENT policy with ``sampling.backend``'s
+   sampler, temperature ``online.temperature``, top_p 1, seeded by (run.seed, r) per prompt (vLLM)
+   or per chunk of ``sampling.batch_size`` prompts (HF ``generate``), so a resumed or
+   multi-process run draws the same tokens. HF samples from the training policy itself; vLLM's
+   engine is started once per run and given the policy's weights at the start of every round
+   (``VLLMSampler.sync_weights``; one engine per process under ``accelerate launch``). The
+   log-probs that train are always the trainer's own (step 3), whichever sampler drew the tokens;
 3. **score**: the configured reward (``rewards.reward_model``: the gold reward, the learned reward
    model or a folder) on each response, minus ``missing_eos_penalty`` for a response cut without
    EOS; per-token log-probs of every response under the current policy (``old``) and π_sft
@@ -40,6 +44,7 @@ Command line (what :func:`train` launches through ``accelerate launch``)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -103,20 +108,22 @@ def load_reward(spec: str, task: str):
 # --------------------------------------------------------------------------------------------
 
 
-def collect_round(cfg: Config, method: OnlineMethod, trainer, ref, reward, prompts: list[dict], r: int) -> tuple[list[dict], dict]:
-    """Sample and score round ``r`` (this process's chunks, then gathered): one dict per response,
-    prompt-major (row p·n + k), with per-token ``old_logps``, ``ref_logps`` and ``values`` (PPO).
-    Returns the rows and the seconds spent sampling and scoring (this process)."""
+def collect_round(cfg: Config, method: OnlineMethod, trainer, sampler, ref, reward, prompts: list[dict],
+                  r: int) -> tuple[list[dict], dict]:
+    """Sample (``sampler``, given the policy's current weights first) and score round ``r`` (this
+    process's chunks, then gathered): one dict per response, prompt-major (row p·n + k), with
+    per-token ``old_logps``, ``ref_logps`` and ``values`` (PPO). Returns the rows and the seconds
+    spent syncing weights, sampling and scoring (this process)."""
     from vcb_lib.logps import encode_pairs
     from vcb_lib.models import format_prompt
-    from vcb_lib.samplers import HFSampler
 
     o, s, acc, tok = cfg.training.online, cfg.sampling, trainer.accelerator, trainer.tokenizer
     chosen = round_prompts(prompts, r, o.prompts_per_round, cfg.run.seed)
     bs = s.batch_size
     temperature = o.temperature if method.temperature_in_logps else 1.0
-    sampler = HFSampler(trainer.policy, tok, batch_size=bs)
-    seconds = {"sample": 0.0, "score": 0.0}
+    t0 = time.perf_counter()
+    sampler.sync_weights(trainer.policy)
+    seconds = {"sync": time.perf_counter() - t0, "sample": 0.0, "score": 0.0}
     rows: list[dict] = []
     trainer.policy.eval()
     try:
@@ -219,6 +226,7 @@ def run_rounds(cfg: Config, method: str, out_dir, *, model_spec: str | None = No
     from vcb_lib.data import task_prompts
     from vcb_lib.models import load_policy, load_tokenizer
     from vcb_lib.onpolicy import OnPolicyTrainer, PolicyAndValue, disable_dropout
+    from vcb_lib.samplers import make_sampler
     from vcb_lib.trainers import CurveSampler, peak_memory, tracked_values, tracker_dir
 
     om, o, t = OnlineMethod(method), cfg.training.online, cfg.training
@@ -264,51 +272,54 @@ def run_rounds(cfg: Config, method: str, out_dir, *, model_spec: str | None = No
     curve = CurveSampler(cfg, tok, out) if cfg.evaluation.curve_points else None
     hparams = {k: getattr(o, k) for k in om.objective_keys} | {k: getattr(t, k) for k in om.hparams}
     temperature = o.temperature if om.temperature_in_logps else 1.0
-    bar = tqdm(total=o.rounds, initial=done, desc=f"{method} rounds", disable=not acc.is_main_process)
-    t_start, update_seconds, update_tokens = time.perf_counter(), 0.0, 0
-    for r in range(done + 1, o.rounds + 1):
-        t_round = time.perf_counter()
-        bar.set_postfix_str(f"round {r}: sampling and scoring", refresh=True)
-        rows, seconds = collect_round(cfg, om, trainer, ref, reward, prompts, r)
-        tensors = round_tensors(rows, o.n, o.missing_eos_penalty)
-        check_finite_rewards(tensors["scores"], f"{method}, round {r}", [rows[j * o.n]["prompt_id"] for j in range(len(rows) // o.n)])
-        fields, metrics = om.prepare(tensors, **{k: getattr(o, k) for k in om.prepare_keys})
-        round_stats = {k: float(v) for k, v in metrics.items()} | {
-            "round/reward": float(np.mean([row["reward"] for row in rows])),
-            "round/response_tokens": float(np.mean([row["n_tokens"] for row in rows])),
-            "round/stopped": float(np.mean([row["finish_reason"] == "stop" for row in rows]))}
-        per_row = {k: tensors[k] for k in ("mask", "old_logps", "ref_logps", "old_values") if k in tensors}
-        rollout = {"prompt_ids": [row["prompt_ids"] for row in rows], "response_ids": [row["response_ids"] for row in rows],
-                   "n": o.n, "rows": per_row | (fields if om.per_token else {}), "groups": {} if om.per_token else fields}
-        first = (r - 1) * steps_per_round
-        t_update = time.perf_counter()
-        bar.set_postfix_str(f"round {r}: updating ({steps_per_round} steps)", refresh=True)
+    sampler = make_sampler(cfg.sampling.backend, spec, model=trainer.policy, tokenizer=tok, batch_size=cfg.sampling.batch_size,
+                           dtype=cfg.models.dtype, seed=cfg.run.seed, cache_dir=cfg.models.cache_dir, log=log)
+    with contextlib.closing(sampler):
+        bar = tqdm(total=o.rounds, initial=done, desc=f"{method} rounds", disable=not acc.is_main_process)
+        t_start, update_seconds, update_tokens = time.perf_counter(), 0.0, 0
+        for r in range(done + 1, o.rounds + 1):
+            t_round = time.perf_counter()
+            bar.set_postfix_str(f"round {r}: sampling and scoring", refresh=True)
+            rows, seconds = collect_round(cfg, om, trainer, sampler, ref, reward, prompts, r)
+            tensors = round_tensors(rows, o.n, o.missing_eos_penalty)
+            check_finite_rewards(tensors["scores"], f"{method}, round {r}", [rows[j * o.n]["prompt_id"] for j in range(len(rows) // o.n)])
+            fields, metrics = om.prepare(tensors, **{k: getattr(o, k) for k in om.prepare_keys})
+            round_stats = {k: float(v) for k, v in metrics.items()} | {
+                "round/reward": float(np.mean([row["reward"] for row in rows])),
+                "round/response_tokens": float(np.mean([row["n_tokens"] for row in rows])),
+                "round/stopped": float(np.mean([row["finish_reason"] == "stop" for row in rows]))}
+            per_row = {k: tensors[k] for k in ("mask", "old_logps", "ref_logps", "old_values") if k in tensors}
+            rollout = {"prompt_ids": [row["prompt_ids"] for row in rows], "response_ids": [row["response_ids"] for row in rows],
+                       "n": o.n, "rows": per_row | (fields if om.per_token else {}), "groups": {} if om.per_token else fields}
+            first = (r - 1) * steps_per_round
+            t_update = time.perf_counter()
+            bar.set_postfix_str(f"round {r}: updating ({steps_per_round} steps)", refresh=True)
 
-        def on_step(row: dict, r=r) -> None:
-            nonlocal first, update_tokens
-            first += 1
-            update_tokens += row["tokens"]
-            row = {"step": first, "round": r} | row | round_stats | {
-                "elapsed": elapsed0 + time.perf_counter() - t_start}
-            if acc.is_main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                acc.log(tracked_values(row), step=row["step"])
-            if curve is not None:
-                curve(row["step"], SimpleNamespace(total_steps=trainer.total_steps, accelerator=acc, model=trainer.policy))
+            def on_step(row: dict, r=r) -> None:
+                nonlocal first, update_tokens
+                first += 1
+                update_tokens += row["tokens"]
+                row = {"step": first, "round": r} | row | round_stats | {
+                    "elapsed": elapsed0 + time.perf_counter() - t_start}
+                if acc.is_main_process:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    acc.log(tracked_values(row), step=row["step"])
+                if curve is not None:
+                    curve(row["step"], SimpleNamespace(total_steps=trainer.total_steps, accelerator=acc, model=trainer.policy))
 
-        trainer.update(rollout, om.objective, hparams, per_token=om.per_token, temperature=temperature,
-                       epochs=o.epochs, minibatches=o.minibatches, order_key=f"{method}/round{r}", on_step=on_step)
-        seconds["update"] = time.perf_counter() - t_update
-        update_seconds += seconds["update"]
-        _seal_round(cfg, om, trainer, out, key, r, rows, tensors, fields, round_stats | {
-            f"seconds/{k}": v for k, v in seconds.items()} | {"elapsed": elapsed0 + time.perf_counter() - t_start,
-                                                              "round_seconds": time.perf_counter() - t_round})
-        bar.update(1)
-        bar.set_postfix(reward=f"{round_stats['round/reward']:.3g}", kl=f"{round_stats['objective/kl']:.3g}")
-        if on_round is not None:
-            on_round(r)
-    bar.close()
+            trainer.update(rollout, om.objective, hparams, per_token=om.per_token, temperature=temperature,
+                           epochs=o.epochs, minibatches=o.minibatches, order_key=f"{method}/round{r}", on_step=on_step)
+            seconds["update"] = time.perf_counter() - t_update
+            update_seconds += seconds["update"]
+            _seal_round(cfg, om, trainer, out, key, r, rows, tensors, fields, round_stats | {
+                f"seconds/{k}": v for k, v in seconds.items()} | {"elapsed": elapsed0 + time.perf_counter() - t_start,
+                                                                  "round_seconds": time.perf_counter() - t_round})
+            bar.update(1)
+            bar.set_postfix(reward=f"{round_stats['round/reward']:.3g}", kl=f"{round_stats['objective/kl']:.3g}")
+            if on_round is not None:
+                on_round(r)
+        bar.close()
     final = trainer.save_final(out / "final")
     summary = _summary(cfg, om, out, final, update_tokens / max(update_seconds, 1e-9)) | peak_memory()
     if acc.is_main_process:

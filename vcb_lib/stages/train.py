@@ -12,6 +12,13 @@ The on-policy methods (``ppo``, ``rloo``, ``grpo``, ``vcb_online``: ``policy_gra
 sample their own data in rounds from the policy being trained (``stages.online``, launched the same
 way) and land in the same folders. ``03_train/metrics.json`` also records each method's compute:
 policy samples drawn, π_sft samples it trained on (D_t), optimizer steps and tokens trained.
+
+``cut`` (judgments instead of reward values, arXiv 2312.14591) trains on the same D_t, each candidate
+with the judgment the task's white-box features write (``vcb_lib.judgments``): its folder also holds
+``judged.parquet``, the D_t it read. Like every method it is evaluated with the plain instruction
+template (the chat template of the prompt alone, ``models.format_prompt``), the paper's inference
+setting; with ``training.cut_positive: none`` (default) that is also the context of its Align-P and
+Misalign terms.
 """
 from __future__ import annotations
 
@@ -21,13 +28,15 @@ from pathlib import Path
 import pandas as pd
 
 from vcb_lib.config import Config
-from vcb_lib.io import read_json, write_json
+from vcb_lib.io import atomic_write_bytes, read_json, write_json
+from vcb_lib.losses import LossType
 from vcb_lib.policy_gradient import is_online
 from vcb_lib.stages import artefacts
 from vcb_lib.stages.generate import read_candidates
 from vcb_lib.stages.sft_and_reward import start_folder
 
 SUMMARY_KEYS = ("steps", "loss", "tokens/s", "peak_rss_mb", "elapsed")
+JUDGED_FILE = "judged.parquet"  # a judgment method's judged D_t, in its folder (artefacts.METHOD_FILES)
 
 
 def train_method(cfg: Config, method: str, seed: int | None = None, *, log=print) -> dict:
@@ -47,14 +56,39 @@ def train_method(cfg: Config, method: str, seed: int | None = None, *, log=print
         online.train(cfg, method, seed, art, log=log)
         art.seal()
         return read_json(art.path / "summary.json")
-    read_candidates(cfg)  # refuses a stale, damaged or non-finite D_t before anything is trained on it
+    table = read_candidates(cfg)  # refuses a stale, damaged or non-finite D_t before anything is trained on it
     start_folder(art, log=log)
+    candidates = artefacts.candidates(cfg).path
+    if LossType(method).judged:  # CUT: D_t with each candidate's judgment and the contexts it is scored in
+        candidates = judged_candidates(cfg, table, art.path / JUDGED_FILE, log=log)
     # the subprocess reads this resolved config; its run.seed is the training seed (D_t and π_sft are passed by path)
     params = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed)).save(art.path / "params.yaml")
-    train_subprocess(params, method, artefacts.candidates(cfg).path, art.path, model=artefacts.sft_spec(cfg),
-                     resume=True, echo=log)
+    train_subprocess(params, method, candidates, art.path, model=artefacts.sft_spec(cfg), resume=True, echo=log)
     art.seal()
     return read_json(art.path / "summary.json")
+
+
+def judged_candidates(cfg: Config, table: pd.DataFrame, path: Path, *, log=print) -> Path:
+    """``03_train/<cut folder>/judged.parquet``: D_t with the task's white-box judgments
+    (``vcb_lib.judgments``) and the two contexts CUT scores each candidate in (``positive_input``:
+    ``training.cut_positive``; ``judged_input``), chat-formatted by π_sft's tokenizer. Kept while the
+    folder is (a resumed training reads the same judgments)."""
+    from vcb_lib.judgments import judged_candidates as judge_table
+    from vcb_lib.judgments import judgment_source
+    from vcb_lib.models import load_tokenizer
+
+    if path.is_file():
+        return path
+    try:
+        source = judgment_source(cfg.rewards.task)
+    except ValueError as err:
+        raise ValueError(f"training.methods has cut, which learns from judgments: {err}") from None
+    tokenizer = load_tokenizer(artefacts.sft_spec(cfg), cache_dir=cfg.models.cache_dir)
+    judged = judge_table(table, source, tokenizer, positive=cfg.training.cut_positive)
+    atomic_write_bytes(path, judged.to_parquet(index=False))
+    negative = int((~judged.judgment_positive).sum())
+    log(f"judgments ({source.name}): {negative} of {len(judged)} candidates negative -> {path}")
+    return path
 
 
 def compute(folder: Path, summary: dict, dt_candidates: int) -> dict:
