@@ -50,6 +50,22 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny-random model's tokenizer (SmolLM2's vocabulary)."""
+    from vcb_lib.models import load_tokenizer
+
+    return load_tokenizer("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def base():
+    """The tiny-random policy (a 2-layer Llama, random weights): π_sft of the trainer tests."""
+    from vcb_lib.models import load_policy
+
+    return load_policy("tiny-random")
+
+
 @pytest.fixture
 def smoke_params() -> Path:
     return PROJECT_ROOT / "params" / "smoke.yaml"

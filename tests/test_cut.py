@@ -267,20 +267,6 @@ def test_config_registry_and_artefact_key():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from vcb_lib.models import load_tokenizer
-
-    return load_tokenizer("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def base():
-    from vcb_lib.models import load_policy
-
-    return load_policy("tiny-random")
-
-
-@pytest.fixture(scope="module")
 def judged(tok, base):
     from test_trainers import judged_groups, make_groups
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import re
 
 import pandas as pd
@@ -15,17 +14,17 @@ import torch
 from safetensors.torch import load_file
 
 from vcb_lib.config import PROJECT_ROOT, ConfigError, LoraConfig, TrainingConfig, load_params
-from vcb_lib.data import CandidateGroup, candidate_groups
+from vcb_lib.data import candidate_groups
 from vcb_lib.launch import launch_subprocess
 from vcb_lib.logps import sequence_logps
-from vcb_lib.models import load_policy, load_tokenizer
+from vcb_lib.models import load_policy
 from vcb_lib.stages.artefacts import method_dir_name, method_key
+from test_trainers import make_groups
 from vcb_lib.trainers import ADAPTER_DIR, ADAPTER_FILE, MODEL_FILE, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SMOKE = PROJECT_ROOT / "params" / "smoke.yaml"
-WORDS = ["cat", "dog", "sun", "sky", "tree", "river", "stone", "cloud"]
 LR_EQ = 5e-5  # as tests/test_trainers.py: Adam sign flips of near-cancelling gradients stay below 1e-6
 ENTRY_OVERRIDES = ["training.max_steps=0", "training.warmup_steps=0", f"training.learning_rate={LR_EQ}", "training.gamma=0.5",
                    "models.sft=false", "training.lora.enabled=true", "training.lora.methods=[vcb]",
@@ -33,25 +32,8 @@ ENTRY_OVERRIDES = ["training.max_steps=0", "training.warmup_steps=0", f"training
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_policy("tiny-random")
-
-
-@pytest.fixture(scope="module")
 def groups(tok, base):
-    """Random prompts and responses, Gaussian rewards, reference log-probs from π_sft (``base``)."""
-    rng = random.Random(0)
-    prompts = [f"prompt {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) for i in range(12)]
-    resp = [[[rng.randrange(3, 5000) for _ in range(rng.randint(3, 10))] for _ in range(3)] for _ in prompts]
-    ref = sequence_logps(base, tok, [p for p, rs in zip(prompts, resp) for _ in rs], [r for rs in resp for r in rs])
-    ref = ref.view(len(prompts), 3).tolist()
-    return [CandidateGroup(f"p{i}", prompts[i], resp[i], [rng.gauss(0, 1) for _ in range(3)], ref[i])
-            for i in range(len(prompts))]
+    return make_groups(tok, base, 12)
 
 
 def cfg_(**kw) -> TrainingConfig:

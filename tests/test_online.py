@@ -233,13 +233,6 @@ def test_round_prompts_cycle_through_every_prompt_once_per_pass():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from vcb_lib.models import load_tokenizer
-
-    return load_tokenizer("tiny-random")
-
-
 def tiny():
     from vcb_lib.models import load_policy
 

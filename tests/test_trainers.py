@@ -19,7 +19,7 @@ from vcb_lib.data import CandidateGroup, candidate_groups
 from vcb_lib.launch import launch_subprocess
 from vcb_lib.losses import LossType
 from vcb_lib.logps import sequence_logps
-from vcb_lib.models import load_policy, load_tokenizer, tiny_random_config
+from vcb_lib.models import load_policy, tiny_random_config
 from vcb_lib.trainers import (
     CheckpointWarning,
     Trainer,
@@ -35,16 +35,6 @@ WORDS = ["cat", "dog", "sun", "sky", "tree", "river", "stone", "cloud"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def base():
-    return load_policy("tiny-random")
 
 
 def make_groups(tok, model, n_prompts: int, n: int = 3, seed: int = 0, vocab=(3, 5000)) -> list[CandidateGroup]:
