@@ -140,10 +140,12 @@ def test_online_methods_in_the_smoke_tier(smoke):
     assert "beside the compute each policy used" in report and "| ppo | own samples (online) |" in report
 
 
-def test_cut_in_the_smoke_tier(smoke):
+def test_cut_in_the_smoke_tier(smoke, monkeypatch):
     """Issue 21: CUT trains through stage 03 on D_t with a judgment per candidate (judged.parquet in its
     folder), logs its token-level metrics, is evaluated like every method, notebook 05 looked at the
-    tokens its rule marks, and the report has its section."""
+    tokens its rule marks (an artefact: asked again, it loads no model), and the report has its section."""
+    from vcb_lib import models
+    from vcb_lib.stages import analysis
     from vcb_lib.stages.artefacts import method_dir_name
 
     assert "cut" in smoke.training.methods
@@ -162,6 +164,8 @@ def test_cut_in_the_smoke_tier(smoke):
     negatives = int((~judged.judgment_positive).sum())
     assert marks["summary"]["candidates"] == min(negatives, 256) and marks["summary"]["judged_candidates"] == len(dt)
     assert all(len(e["tokens"]) == len(e["marked"]) == len(e["evidence"]) for e in marks["examples"])
+    monkeypatch.setattr(models, "load_policy", lambda *a, **k: pytest.fail("cut_marks recomputed a current artefact"))
+    assert analysis.cut_marks(smoke) == marks
     report = (smoke.run_dir / "report.md").read_text()
     assert "## Judgments vs reward values: CUT" in report and "vcb − cut = " in report
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from vcb_lib import plots
 from vcb_lib.config import Config
-from vcb_lib.io import atomic_write_text, write_json
+from vcb_lib.io import atomic_write_text, read_json, write_json
+from vcb_lib.manifest import Artefact
 from vcb_lib.stages import artefacts
 from vcb_lib.stages.evaluate import read_metrics, read_samples
 
@@ -51,6 +52,9 @@ def cut_marks(cfg: Config, *, examples: int = 4, policy: str = "cut") -> dict:
     features behind each judgment: the tokens a judgment quotes (its negative words, repeated n-grams,
     last words: ``judgments.evidence_mask``) are its evidence.
 
+    An artefact (``figures/cut_marks.json``, keyed on the CUT policy's key and these arguments): the
+    two scoring passes over the negative candidates run once per CUT policy, not on every run of 05.
+
     Returns and writes to ``figures/cut_marks.json`` (``html`` also to ``figures/cut_marks.html``):
     ``summary`` (candidates, tokens, share marked; evidence tokens, the share of marked tokens that are
     evidence against the evidence base rate, and the share of evidence marked), ``per_feature`` (for
@@ -68,6 +72,12 @@ def cut_marks(cfg: Config, *, examples: int = 4, policy: str = "cut") -> dict:
     from vcb_lib.stages.train import JUDGED_FILE
 
     folder = artefacts.method(cfg, "cut").require()
+    fig_dir = cfg.stage_dir("figures")
+    art = Artefact(fig_dir / "cut_marks.json", "05_analysis", artefacts.method_key(cfg, "cut") | {
+        "cut_marks": {"policy": policy, "examples": examples, "cap": CUT_MARKS_CAP}})
+    if art.current() and (fig_dir / "cut_marks.html").is_file():
+        return read_json(art.path)
+    art.invalidate()
     table = pd.read_parquet(folder / JUDGED_FILE)
     neg = table[~table.judgment_positive].head(CUT_MARKS_CAP).reset_index(drop=True)
     spec = str(folder / "final") if policy == "cut" else artefacts.sft_spec(cfg)
@@ -111,7 +121,7 @@ def cut_marks(cfg: Config, *, examples: int = 4, policy: str = "cut") -> dict:
     html = "".join(f"<p><b>{escape(r['prompt'])}</b><br><i>{escape(r['judgment'])}</i><br>"
                    f"{marked_html(r['tokens'], r['marked'], r['evidence'])}</p>" for r in chosen)
     out = {"summary": summary, "per_feature": per_feature, "examples": chosen, "html": html}
-    fig_dir = cfg.stage_dir("figures")
-    write_json(fig_dir / "cut_marks.json", out)
     atomic_write_text(fig_dir / "cut_marks.html", "<html><body>" + html + "</body></html>\n")
+    write_json(art.path, out)
+    art.seal()
     return out
