@@ -12,8 +12,8 @@ from vcb_lib.judge import WEAK_JUDGES
 from vcb_lib.metrics import MDE_FACTOR
 
 
-def _table(rows: dict, columns: list[str], fmt: str = "{:.3f}") -> str:
-    head = "| method | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+def _table(rows: dict, columns: list[str], fmt: str = "{:.3f}", label: str = "method") -> str:
+    head = f"| {label} | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
     body = ""
     for method, values in rows.items():
         cells = [fmt.format(values[c]) if isinstance(values.get(c), (int, float)) else str(values.get(c, "")) for c in columns]
@@ -295,7 +295,9 @@ def cut_section(cfg, metrics: dict, marks: dict | None) -> list[str]:
                      "is marked.\n")
         if marks["per_feature"]:
             lines += ["Share of tokens marked, by the feature that failed (a candidate counts under each of its failed features):\n",
-                      _table({k: v for k, v in marks["per_feature"].items()}, ["candidates", "tokens", "marked_share"])]
+                      _table({k: {"candidates": str(v["candidates"]), "tokens": str(v["tokens"]), "marked_share": v["marked_share"]}
+                              for k, v in marks["per_feature"].items()}, ["candidates", "tokens", "marked_share"],
+                             label="failed feature")]
         for ex in marks["examples"][:3]:
             lines.append(f"> *{ex['prompt']}* — {ex['judgment']}\n>\n> {_marked_markdown(ex)}\n")
     return lines
