@@ -19,7 +19,7 @@ from vcb_lib.launch import launch_subprocess
 from vcb_lib.logps import sequence_logps
 from vcb_lib.models import load_policy
 from vcb_lib.stages.artefacts import method_dir_name, method_key
-from test_trainers import make_groups
+from test_trainers import kill_at, make_groups
 from vcb_lib.trainers import ADAPTER_DIR, ADAPTER_FILE, MODEL_FILE, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -149,14 +149,7 @@ def test_resume_equals_uninterrupted_run(tok, base, groups, tmp_path, monkeypatc
     Trainer(copy.deepcopy(base), tok, groups, "vcb", cfg, tmp_path / "full", lora=lora).train()
 
     out = tmp_path / "cut"
-    step_fn = Trainer._optimizer_step
-
-    def killed_at_5(self, step, chunk):
-        if step == 5:
-            raise KeyboardInterrupt
-        return step_fn(self, step, chunk)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", killed_at_5)
+    kill_at(monkeypatch, 5)
     first = Trainer(copy.deepcopy(base), tok, groups, "vcb", cfg, out, lora=lora)
     with pytest.raises(KeyboardInterrupt):
         first.train()

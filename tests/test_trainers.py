@@ -48,6 +48,19 @@ def make_groups(tok, model, n_prompts: int, n: int = 3, seed: int = 0, vocab=(3,
             for i in range(n_prompts)]
 
 
+def kill_at(monkeypatch, step: int) -> None:
+    """Make every Trainer raise KeyboardInterrupt at optimizer step ``step`` (a kill stand-in;
+    ``monkeypatch.undo()`` lifts it)."""
+    step_fn = Trainer._optimizer_step
+
+    def killed(self, s, chunk):
+        if s == step:
+            raise KeyboardInterrupt
+        return step_fn(self, s, chunk)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", killed)
+
+
 @pytest.fixture(scope="module")
 def groups(tok, base):
     return make_groups(tok, base, 12)
@@ -311,14 +324,7 @@ def test_resume_equals_uninterrupted_run(tok, base, groups, tmp_path, monkeypatc
 
     out = tmp_path / "cut"
     first = Trainer(model(), tok, groups, "vcb", cfg, out)
-    step_fn = Trainer._optimizer_step
-
-    def killed_at_5(self, step, chunk):
-        if step == 5:
-            raise KeyboardInterrupt
-        return step_fn(self, step, chunk)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", killed_at_5)
+    kill_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         first.train()
     monkeypatch.undo()
