@@ -120,6 +120,13 @@ def load_templates(path: str | Path = TEMPLATES_PATH) -> Templates:
     def fail(where: str, message: str):
         raise JudgmentTemplateError(f"{path}: {where}: {message}")
 
+    def fields(where: str, text: str, allowed: str = "") -> list[str]:
+        """The placeholders of format string ``text`` (else fail at ``where``)."""
+        try:
+            return _placeholders(text)
+        except ValueError as err:
+            fail(where, f"not a format string ({err})" + allowed)
+
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -141,10 +148,7 @@ def load_templates(path: str | Path = TEMPLATES_PATH) -> Templates:
     context = raw["context"]
     if not isinstance(context, str):
         fail("context", f"must be a string with {{instruction}} and {{judgment}}, got {context!r}")
-    try:
-        names = _placeholders(context)
-    except ValueError as err:
-        fail("context", f"not a format string ({err}); allowed placeholders: {{instruction}}, {{judgment}}")
+    names = fields("context", context, "; allowed placeholders: {instruction}, {judgment}")
     for name in names:
         if name not in CONTEXT_FIELDS:
             fail("context", f"unknown placeholder {{{name}}}; allowed: {{instruction}}, {{judgment}}")
@@ -161,10 +165,7 @@ def load_templates(path: str | Path = TEMPLATES_PATH) -> Templates:
         positive = section["positive"]
         if not isinstance(positive, str) or not positive.strip():
             fail(f"{task}.positive", f"must be a non-empty string, got {positive!r}")
-        try:
-            fields_used = _placeholders(positive)
-        except ValueError as err:
-            fail(f"{task}.positive", f"not a format string ({err})")
+        fields_used = fields(f"{task}.positive", positive)
         if fields_used:
             fail(f"{task}.positive", f"must be plain text without placeholders (it is also CUT's fake positive "
                                      f"judgment of a negative candidate), found {', '.join('{' + f + '}' for f in fields_used)}")
@@ -204,10 +205,7 @@ def load_templates(path: str | Path = TEMPLATES_PATH) -> Templates:
             text_ = rule["text"]
             if not isinstance(text_, str) or not text_.strip():
                 fail(f"{where}.text", f"must be a non-empty string, got {text_!r}")
-            try:
-                used = _placeholders(text_)
-            except ValueError as err:
-                fail(f"{where}.text", f"not a format string ({err})")
+            used = fields(f"{where}.text", text_)
             unknown = [u for u in used if u not in types]
             if unknown:
                 fail(f"{where}.text", f"unknown field {{{unknown[0]}}}; allowed: {', '.join(types)}")
