@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from vcb_lib import theory
-from vcb_lib.logps import encode_pairs
+from vcb_lib.logps import encode_pairs, evaluating
 from vcb_lib.tasks.exact import all_responses, check_space
 
 NORMALISATION_TOL = 1e-4  # |Σ_y π(y|x) − 1| allowed before the enumeration is declared incomplete
@@ -58,7 +58,6 @@ def one_thread():
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def policy_logps(model, tokenizer, prompts: Sequence[str], length: int, *, batch_rows: int = 4096) -> np.ndarray:
     """log π(y|x) of every response y of ``length`` tokens over the tokenizer's vocabulary, for each
     prompt: (P, |V|^L) float64, columns in ``all_responses(|V|, length)`` order.
@@ -72,26 +71,21 @@ def policy_logps(model, tokenizer, prompts: Sequence[str], length: int, *, batch
     check_space(V, length)
     prefixes = torch.as_tensor(all_responses(V, length - 1) if length > 1 else np.zeros((1, 0), dtype=np.int64))
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = np.empty((len(prompts), V ** length))
-    try:
-        with one_thread():
-            for p, (ids, _) in enumerate(encode_pairs(tokenizer, list(prompts), [[]] * len(prompts))):
-                P = len(ids)
-                parts = []
-                for start in range(0, len(prefixes), batch_rows):
-                    rows = prefixes[start:start + batch_rows]  # (R, L-1)
-                    x = torch.cat([torch.tensor(ids).expand(len(rows), P), rows], 1).to(device)  # (R, P+L-1)
-                    logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, P - 1:].double()  # (R, L, V')
-                    lp = torch.log_softmax(logits, -1)
-                    if lp.shape[-1] != V:  # ids beyond the tokenizer's: their mass is lost to the enumeration
-                        lp = lp[..., :V]
-                    own = lp[:, :-1].gather(-1, rows.to(device)[..., None]).squeeze(-1).sum(-1)  # (R,) log π(y_<L)
-                    parts.append((own[:, None] + lp[:, -1]).reshape(-1).cpu())  # (R·V,): prefix-major = product order
-                out[p] = torch.cat(parts).numpy()
-    finally:
-        model.train(was_training)
+    with evaluating(model), one_thread():
+        for p, (ids, _) in enumerate(encode_pairs(tokenizer, list(prompts), [[]] * len(prompts))):
+            P = len(ids)
+            parts = []
+            for start in range(0, len(prefixes), batch_rows):
+                rows = prefixes[start:start + batch_rows]  # (R, L-1)
+                x = torch.cat([torch.tensor(ids).expand(len(rows), P), rows], 1).to(device)  # (R, P+L-1)
+                logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, P - 1:].double()  # (R, L, V')
+                lp = torch.log_softmax(logits, -1)
+                if lp.shape[-1] != V:  # ids beyond the tokenizer's: their mass is lost to the enumeration
+                    lp = lp[..., :V]
+                own = lp[:, :-1].gather(-1, rows.to(device)[..., None]).squeeze(-1).sum(-1)  # (R,) log π(y_<L)
+                parts.append((own[:, None] + lp[:, -1]).reshape(-1).cpu())  # (R·V,): prefix-major = product order
+            out[p] = torch.cat(parts).numpy()
     mass = np.exp(out).sum(1)
     bad = np.flatnonzero(np.abs(mass - 1) > NORMALISATION_TOL)
     if bad.size:

@@ -351,6 +351,19 @@ def _shared_prompt_token_logps(model, batch: dict[str, torch.Tensor]) -> tuple[t
     return torch.cat([first, rest], 1), mask  # (R, Tc), (R, Tc)
 
 
+@contextlib.contextmanager
+def evaluating(model):
+    """Inference on ``model`` for the block: eval mode (no dropout) and no grad; its training flag is
+    restored after, also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def sequence_logps(
     model,
     tokenizer,
@@ -392,18 +405,13 @@ def sequence_logps(
     logps = torch.zeros(len(pairs), dtype=torch.float32)
     n_tokens = torch.tensor([len(r) for _, r in pairs], dtype=torch.long)
     device_type = next(model.parameters()).device.type
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast_bf16):
-            for batch_chunks in batches:
-                idx = [i for chunk in batch_chunks for i in chunk]
-                batch = collate_pairs([pairs[i] for i in idx], _pad_id(tokenizer)) if plain_rows else \
-                    collate_shared_prompts([pairs[c[0]][0] for c in batch_chunks], [pairs[i][1] for i in idx],
-                                           [j for j, c in enumerate(batch_chunks) for _ in c], _pad_id(tokenizer))
-                logps[idx] = batch_logps(model, batch).float().cpu()
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast_bf16):
+        for batch_chunks in batches:
+            idx = [i for chunk in batch_chunks for i in chunk]
+            batch = collate_pairs([pairs[i] for i in idx], _pad_id(tokenizer)) if plain_rows else \
+                collate_shared_prompts([pairs[c[0]][0] for c in batch_chunks], [pairs[i][1] for i in idx],
+                                       [j for j, c in enumerate(batch_chunks) for _ in c], _pad_id(tokenizer))
+            logps[idx] = batch_logps(model, batch).float().cpu()
     return (logps, n_tokens) if return_n_tokens else logps
 
 
@@ -423,14 +431,9 @@ def sequence_token_logps(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pairs = encode_pairs(tokenizer, prompts, responses, max_length=max_length)
     out: list[torch.Tensor] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(pairs), batch_size):
-                chunk = pairs[start:start + batch_size]
-                lp = batch_token_logps(model, collate_pairs(chunk, _pad_id(tokenizer))).float().cpu()  # (b, Tc)
-                out += [lp[i, :len(r)] for i, (_, r) in enumerate(chunk)]
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            lp = batch_token_logps(model, collate_pairs(chunk, _pad_id(tokenizer))).float().cpu()  # (b, Tc)
+            out += [lp[i, :len(r)] for i, (_, r) in enumerate(chunk)]
     return out
