@@ -249,6 +249,10 @@ def test_value_aware_sweep_and_methods_in_the_smoke_tier(smoke):
     report = (smoke.run_dir / "report.md").read_text()
     section = report.split("### normalize, methods")[1]
     assert "Reward vs KL, the points side by side" in section and "| infonca | infonca |" in section
+    # both points scored on the run's own pool (notebook 04 drew it), InfoNCA paired with the first point
+    assert "On the held-out pool (every point scored on the same π_sft candidates" in section
+    assert results.same_pool.iloc[1] and results.vs_first_lo.iloc[1] <= results.vs_first.iloc[1] <= results.vs_first_hi.iloc[1]
+    assert not (root / "infonca" / "04_eval" / "sft").exists() and not (root / "infonca" / "04_eval" / "pool" / "candidates.parquet").exists()
 
 
 def test_panel_runs_a_point_headless(smoke):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -157,9 +158,26 @@ grid: {{training.gamma: [0.1, 1.0]}}
     assert list(root.glob("upstream-*")) == upstream
     saved = pd.read_csv(root / "results.csv")
     assert list(saved["training.gamma"]) == [0.1, 1.0] and saved.win_rate.between(0, 1).all()
+    # π_sft's samples and the pool were drawn once, in the shared upstream; each point holds only its own policy's
+    assert {p.name for p in (upstream[0] / "04_eval").iterdir() if p.is_dir()} == {"pool", "sft"}
     for r in saved.itertuples():
-        assert sorted(p.name for p in (root / r.point / "04_eval").iterdir() if p.is_dir()) == ["pool", "sft", "vcb"]
+        assert sorted(p.name for p in (root / r.point / "04_eval").iterdir() if p.is_dir()) == ["pool", "vcb"]
+        assert [p.name for p in (root / r.point / "04_eval" / "pool").glob("*.parquet")] == ["vcb.parquet"]
         assert json.loads((root / r.point / "point.json").read_text())["win_rate"] == pytest.approx(r.win_rate)
+        assert r.pool_gold_lo <= r.pool_gold <= r.pool_gold_hi and r.pool_vs_sft_lo <= r.pool_vs_sft <= r.pool_vs_sft_hi
+    # the second point against the first, paired on the same pool candidates, by hand
+    from vcb_lib.metrics import paired_difference
+    from vcb_lib.stages.evaluate import pool_per_prompt
+
+    sweep = load_sweep(path)
+    cfgs = [sweep.config(p, name=p.name, output_root=str(root), upstream=upstream[0].name) for p in sweep.points]
+    a, b = (pool_per_prompt(c, "vcb") for c in cfgs)
+    d = paired_difference(b.to_numpy(), a.to_numpy(), bootstrap=cfgs[0].evaluation.bootstrap, seed=0)
+    second = saved.iloc[1]
+    assert second.same_pool and second.vs_first == pytest.approx(d["diff"]) and second.vs_first_lo == pytest.approx(d["ci"][0])
+    assert abs(second.vs_first) > 0 and np.isnan(saved.iloc[0].vs_first)  # trained with other γ; the first is the reference
+    metrics = json.loads((root / "gamma-1.0" / "04_eval" / "metrics.json").read_text())
+    assert metrics["pool"]["methods"]["vcb"]["gold"] == pytest.approx(float(b.mean()))
 
 
 @pytest.mark.parametrize("path", sorted((PROJECT_ROOT / "params" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
@@ -202,3 +220,26 @@ def test_reward_kl_points_put_every_point_side_by_side():
     assert "π_sft: reward 0.250, KL 0" in head
     assert "| vcb rank | vcb | 0.300 ± 0.050 | 0.200 ± 0.010 | 0.050 | 0.250 |" in body
     assert "| infonca | infonca | 0.280 | 0.000 ± 0.000 | 0.030 | – |" in body  # no SE, no KL: no ratio
+
+
+def test_pool_points_pair_every_point_with_the_first():
+    """The report's pool table: Δ vs π_sft and vs the first point with their CIs, and the verdict
+    per comparison and family-wise (a point resolved alone but not at the Bonferroni level says so)."""
+    from vcb_lib.report import pool_points
+
+    base = {"method": "vcb", "pool_gold": 0.39, "pool_gold_lo": 0.36, "pool_gold_hi": 0.43, "pool_vs_sft": 0.081,
+            "pool_vs_sft_lo": 0.056, "pool_vs_sft_hi": 0.105, "slope": 0.0106, "misalignment": 0.42}
+    table = pd.DataFrame([
+        base | {"label": "vcb (Eq. 10)", "vs_first": float("nan")},
+        base | {"label": "rank", "vs_first": -0.008, "vs_first_lo": -0.015, "vs_first_hi": -0.001,
+                "vs_first_resolved": True, "vs_first_resolved_all": False, "same_pool": True},
+        base | {"label": "dpo", "method": "dpo", "vs_first": -0.013, "vs_first_lo": -0.021, "vs_first_hi": -0.005,
+                "vs_first_resolved": True, "vs_first_resolved_all": True, "same_pool": True},
+        base | {"label": "max", "vs_first": 0.002, "vs_first_lo": -0.004, "vs_first_hi": 0.009,
+                "vs_first_resolved": False, "vs_first_resolved_all": False, "same_pool": True}])
+    head, body = pool_points(table)
+    assert "same π_sft candidates" in head and "Bonferroni over the 3 comparisons with vcb (Eq. 10)" in head
+    assert "| vcb (Eq. 10) | vcb | 0.390 [0.360, 0.430] | +0.081 [0.056, 0.105] | – | (reference) |" in body
+    assert "| rank | vcb | 0.390 [0.360, 0.430] | +0.081 [0.056, 0.105] | -0.008 [-0.015, -0.001] | resolved alone, not family-wise |" in body
+    assert "| -0.013 [-0.021, -0.005] | resolved |" in body and "| +0.002 [-0.004, 0.009] | not resolved |" in body
+    assert pool_points(table.drop(columns=[c for c in table if c.startswith("pool_")])) == []  # rows without a pool

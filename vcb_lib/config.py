@@ -467,13 +467,15 @@ class Config:
     def run_dir(self) -> Path:
         return resolve_path(self.run.output_root) / self.run.name
 
+    @property
+    def upstream_dir(self) -> Path:
+        """The run folder holding π_sft, the reward model and D_t: ``run.upstream``'s when set, else this run's."""
+        return (resolve_path(self.run.output_root) / self.run.upstream).resolve() if self.run.upstream else self.run_dir
+
     def stage_dir(self, stage: str, *, create: bool = True) -> Path:
         """``<run_dir>/<stage>``, created if missing. With ``run.upstream`` set, the upstream
         stages (``01_models``, ``02_candidates``) are the upstream run's."""
-        root = self.run_dir
-        if self.run.upstream and stage in UPSTREAM_STAGES:
-            root = resolve_path(self.run.output_root) / self.run.upstream
-        path = root / stage
+        path = (self.upstream_dir if stage in UPSTREAM_STAGES else self.run_dir) / stage
         if create:
             path.mkdir(parents=True, exist_ok=True)
         return path

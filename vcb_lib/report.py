@@ -393,9 +393,49 @@ def reward_kl_points(table: pd.DataFrame) -> list[str]:
     return [f"{head}:\n", _table(rows, ["trains", "reward ± SE", "KL ± SE (nats)", "reward gain over π_sft", "gain per nat"])]
 
 
+def _num(value) -> bool:
+    return value is not None and value == value  # not None, not NaN (a results.csv gap)
+
+
+def pool_points(table: pd.DataFrame) -> list[str]:
+    """One sweep's points on the shared held-out pool: per point its expected evaluation reward,
+    its difference with π_sft and with the sweep's first point (paired over prompts; 95% bootstrap
+    CIs; resolved per comparison, and whether it stays resolved family-wise, Bonferroni over the
+    points compared), Eq. 12's slope and the misalignment rate. [] when the rows have no pool."""
+    if "pool_gold" not in table or not table["pool_gold"].map(_num).any():
+        return []
+    records = table.to_dict(orient="records")
+    first = str(records[0]["label"])
+
+    def ci(r, key) -> str:
+        lo, hi = r.get(f"{key}_lo"), r.get(f"{key}_hi")
+        return f"{r[key]:+.3f} [{lo:.3f}, {hi:.3f}]" if _num(r.get(key)) and _num(lo) and _num(hi) else "–"
+
+    def verdict(r) -> str:
+        if not _num(r.get("vs_first")):
+            return "(reference)" if r is records[0] else "no comparison"
+        if not r.get("vs_first_resolved"):
+            return "not resolved"
+        return "resolved" if r.get("vs_first_resolved_all") else "resolved alone, not family-wise"
+
+    rows = {str(r["label"]): {"trains": r["method"], "pool reward [95% CI]": ci(r, "pool_gold").lstrip("+"),
+                              "Δ vs π_sft [95% CI]": ci(r, "pool_vs_sft"), f"Δ vs {first} [95% CI]": ci(r, "vs_first"),
+                              "verdict": verdict(r), "Eq. 12 slope": r.get("slope") if _num(r.get("slope")) else "–",
+                              "misalignment": r.get("misalignment") if _num(r.get("misalignment")) else "–"}
+            for r in records}
+    compared = sum(_num(r.get("vs_first")) for r in records)
+    shared = all(bool(r.get("same_pool")) for r in records[1:] if _num(r.get("vs_first")))
+    return [f"On the held-out pool ({'every point scored on the same π_sft candidates' if shared else 'paired over prompts'}; "
+            f"Δ paired over prompts, 95% bootstrap CIs; family-wise: Bonferroni over the {compared} comparisons "
+            f"with {first}):\n",
+            _table(rows, ["trains", "pool reward [95% CI]", "Δ vs π_sft [95% CI]", f"Δ vs {first} [95% CI]", "verdict",
+                          "Eq. 12 slope", "misalignment"])]
+
+
 def add_ablations_to_report(cfg, tables: dict[str, pd.DataFrame], fig_path: Path) -> Path:
-    """Append (or replace) the ablation section of ``<run>/report.md``: per sweep its win-rate table
-    and its reward-vs-KL points side by side (:func:`reward_kl_points`), then the figure. Notebook
+    """Append (or replace) the ablation section of ``<run>/report.md``: per sweep its win-rate table,
+    its reward-vs-KL points side by side (:func:`reward_kl_points`) and its points on the held-out
+    pool, each against π_sft and the first point (:func:`pool_points`), then the figure. Notebook
     05 writes the rest of the report."""
     path = cfg.run_dir / "report.md"
     text = path.read_text() if path.is_file() else f"# Run `{cfg.run.name}`\n"
@@ -407,7 +447,7 @@ def add_ablations_to_report(cfg, tables: dict[str, pd.DataFrame], fig_path: Path
         rows = {str(r["label"]): r | {"95% CI": f"[{r['win_rate_lo']:.2f}, {r['win_rate_hi']:.2f}]"}
                 for r in table.to_dict(orient="records")}
         lines += [f"### {title}\n", _table(rows, ["win", "tie", "lose", "win_rate", "95% CI", "reward", "kl"]),
-                  *reward_kl_points(table)]
+                  *reward_kl_points(table), *pool_points(table)]
     lines.append(f"![ablations]({Path(fig_path).parent.name}/{Path(fig_path).name})\n")
     atomic_write_text(path, text + "\n".join(lines))
     return path

@@ -15,8 +15,13 @@ Each point runs notebooks 03 (train) and 04 (evaluate) through the runner into
 ``<sweep>/upstream-<hash>/`` built once by notebooks 01-02. A finished point (its ``point.json``
 is current for the point's config, ``vcb_lib.stages.ablations``) is skipped, so a killed sweep resumes where it stopped; within a point,
 training resumes from its checkpoints when ``training.save_every`` > 0 and sampling from its shards.
-``results.csv`` holds one row per point: VCB's (or the first method's) win rate over π_sft under
-the evaluation reward, with its bootstrap interval, and reward / KL(π‖π_sft).
+Points sharing an upstream also share π_sft's evaluation samples and the held-out pool, drawn
+once in the upstream folder (``ablations.share_sft_evaluation``), so every point is scored on the
+same pool candidates. ``results.csv`` holds one row per point: VCB's (or the first method's) win
+rate over π_sft under the evaluation reward, with its bootstrap interval, and reward / KL(π‖π_sft)
+on the sampled test prompts; on the pool, its expected evaluation reward and difference with π_sft
+(95% CIs), Eq. 12's slope, the misalignment rate, and its paired difference with the sweep's first
+point (``vs_first``, 95% CI, resolved per comparison and family-wise: ``ablations.compare_points``).
 """
 from __future__ import annotations
 
@@ -177,27 +182,31 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, *,
     output_root = str(root.relative_to(resolve_path(".")) if root.is_relative_to(resolve_path(".")) else root)
     base_cfg = load_params(sweep.base, sweep.extra)  # the caller's run: its upstream may be shared
     with folder_lock(root):  # one writer per sweep folder (each point is locked by its run)
-        rows = []
+        rows, cfgs = [], {}
         bar = tqdm(sweep.points, desc=f"sweep {sweep.name}", unit="point")
         for point in bar:
             bar.set_postfix_str(point.name)
             cfg = sweep.config(point, name=point.name, output_root=output_root)
             record = ablations.point_metrics(cfg)
+            upstream = shared_upstream(base_cfg, cfg)
+            cfg = cfgs[point.name] = sweep.config(point, name=point.name, output_root=output_root, upstream=upstream)
             if record is None:
-                upstream = shared_upstream(base_cfg, cfg)
-                if not ablations.upstream_current(with_upstream(cfg, upstream)):
+                if not ablations.upstream_current(cfg):
                     log(f"[{sweep.name}] upstream {upstream} (stages 01-02)")
                     run(sweep.base, _strings(sweep.overrides(point, name=upstream, output_root=output_root)),
                         only=UPSTREAM_STAGES, log=log)
-                cfg = sweep.config(point, name=point.name, output_root=output_root, upstream=upstream)
+                ablations.share_sft_evaluation(cfg, log=log)  # π_sft's samples and the pool: once per upstream
                 log(f"[{sweep.name}] point {point.name}: {point.overrides}")
                 run(sweep.base, _strings(sweep.overrides(point, name=point.name, output_root=output_root, upstream=upstream)),
                     only=POINT_STAGES, log=log)
-                metrics = evaluate.read_metrics(cfg)
-                record = ablations.record_point(cfg, point.name, point.label, metrics, overrides=point.overrides)
+                record = ablations.record_point(cfg, point.name, point.label, evaluate.read_metrics(cfg),
+                                                overrides=point.overrides)
+            else:  # a finished point: its row re-read from its metrics (point.json may predate a column)
+                record |= ablations.summarise_point(evaluate.read_metrics(cfg))
             rows.append({k: v for k, v in record.items() if k not in ("config", "overrides")} |
                         {k: _short(cfg_value(cfg, k)) for k in sweep.keys})
-        table = pd.DataFrame(rows)
+        pairs = ablations.compare_points(cfgs, log=log)
+        table = pd.DataFrame([row | pairs.get(row["point"], {}) for row in rows])
         atomic_write_text(root / "results.csv", table.to_csv(index=False))
     return table
 

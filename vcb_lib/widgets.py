@@ -118,6 +118,7 @@ class AblationPanel:
                     if not ablations.upstream_current(cfg):
                         with folder_lock(ablations.upstream_config(cfg).run_dir):
                             ablations.build_upstream(cfg, log=lambda line: None)
+                    ablations.share_sft_evaluation(cfg, log=lambda line: None)
                     with folder_lock(cfg.run_dir):  # one writer per point folder
                         metrics = ablations.run_point(cfg, log=lambda line: None, step=step)
                         record = ablations.record_point(cfg, name, name, metrics, **values)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from vcb_lib.config import Config, resolve_path
+from vcb_lib.config import Config
 from vcb_lib.io import read_json, write_json
 from vcb_lib.manifest import Artefact
 from vcb_lib.stages import artefacts, evaluate, generate, sft_and_reward, train
@@ -23,7 +23,7 @@ def upstream_config(cfg: Config) -> Config:
     """The config that builds ``cfg``'s upstream folder (``run.upstream``) as a run of its own."""
     if not cfg.run.upstream:
         return cfg
-    up = (resolve_path(cfg.run.output_root) / cfg.run.upstream).resolve()
+    up = cfg.upstream_dir
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=up.name, upstream="", output_root=str(up.parent)))
 
 
@@ -44,6 +44,31 @@ def build_upstream(cfg: Config, *, log=print) -> None:
     generate.run(up, log=log)
 
 
+def share_sft_evaluation(cfg: Config, *, log=print) -> bool:
+    """Draw what stage 04 needs from π_sft alone (its test/OOD samples, the held-out pool) once, in
+    the upstream run's folder, where every point reading that upstream finds it
+    (:func:`vcb_lib.stages.artefacts.shared`): a sweep then draws it once, not once per point, and
+    all its points are scored on one pool, so their per-prompt estimates pair. Returns True when
+    the upstream holds them, current. False, with a log line, when that folder is being written by
+    another process (a run whose notebook 06 runs this sweep: its own notebook 04 drew them when
+    its evaluation keys are the point's); each point then draws its own, as a run of its own does."""
+    from vcb_lib.io import FolderBusy, folder_lock
+
+    up = upstream_config(cfg)
+    todo = [s for s in evaluate.splits(up) if not artefacts.samples(up, "sft", s).current()]
+    if not todo and artefacts.pool(up).current():
+        return True
+    try:
+        with folder_lock(up.run_dir):
+            for split in todo:
+                evaluate.sample_policies(up, split, ["sft"], log=log)
+            evaluate.build_pool(up, log=log)  # reused when current
+    except FolderBusy as err:
+        log(f"π_sft's evaluation stays per point: {err}")
+        return False
+    return True
+
+
 def run_point(cfg: Config, *, log=print, step: Callable[[str], None] = lambda stage: None) -> dict:
     """Stages 03-04 for one point, as notebooks 03-04 run them; returns stage 04's metrics.
     ``step`` is called before each stage (progress)."""
@@ -53,6 +78,48 @@ def run_point(cfg: Config, *, log=print, step: Callable[[str], None] = lambda st
     train.run(cfg, log=log)  # every method is current now: this only writes 03_train/metrics.json
     step("evaluate")
     return evaluate.run(cfg, log=log)
+
+
+def compare_points(points: dict[str, Config], *, log=print) -> dict[str, dict]:
+    """Every point against the first one, paired by prompt on the held-out pool: per point, the mean
+    over prompts of (its method's per-prompt estimate − the first point's) as ``vs_first`` with its
+    95% bootstrap CI (``vs_first_lo``/``_hi``) and ``vs_first_resolved``, and
+    ``vs_first_resolved_all``: whether the CI at the family-wise level 1 − 0.05/(points − 1)
+    (Bonferroni over the comparisons) excludes 0 too. ``same_pool`` says whether both were scored
+    on the same candidates (points sharing an upstream are: :func:`share_sft_evaluation`); on
+    different pools of the same prompts the pairing is over prompts only and the CI wider. A point
+    whose pool is missing or stale, or that has other prompts, gets no comparison (logged)."""
+    from vcb_lib.manifest import ArtefactError
+    from vcb_lib.metrics import paired_difference
+
+    names = list(points)
+    if len(names) < 2:
+        return {}
+    first_cfg = points[names[0]]
+    e, family = first_cfg.evaluation, 1 - 0.05 / (len(names) - 1)
+    try:
+        first = evaluate.pool_per_prompt(first_cfg, evaluate.reference_method(first_cfg))
+    except ArtefactError as err:
+        log(f"no comparison between points: the first point's pool cannot be read ({err})")
+        return {}
+    out = {}
+    for name in names[1:]:
+        cfg = points[name]
+        try:
+            mine = evaluate.pool_per_prompt(cfg, evaluate.reference_method(cfg))
+        except ArtefactError as err:
+            log(f"point {name}: not compared with {names[0]}: {err}")
+            continue
+        if list(mine.index) != list(first.index):
+            log(f"point {name}: not compared with {names[0]}: its pool has other prompts")
+            continue
+        d = paired_difference(mine.to_numpy(), first.to_numpy(), bootstrap=e.bootstrap, seed=cfg.run.seed)
+        d_all = paired_difference(mine.to_numpy(), first.to_numpy(), bootstrap=e.bootstrap, seed=cfg.run.seed, ci=family)
+        lo, hi = d["ci"] or [None, None]
+        out[name] = {"vs_first": d["diff"], "vs_first_lo": lo, "vs_first_hi": hi, "vs_first_resolved": d["resolved"],
+                     "vs_first_resolved_all": d_all["resolved"],
+                     "same_pool": artefacts.pool(cfg).path == artefacts.pool(first_cfg).path}
+    return out
 
 
 def point_artefact(cfg: Config) -> Artefact:
@@ -89,7 +156,21 @@ def summarise_point(metrics: dict) -> dict:
     return {"method": method, "win": win.get("win"), "tie": win.get("tie"), "lose": win.get("lose"),
             "win_rate": win.get("win_rate"), "win_rate_lo": ci[0], "win_rate_hi": ci[1],
             "reward": rk.get("reward"), "reward_se": rk.get("reward_se"), "kl": rk.get("kl"), "kl_se": rk.get("kl_se"),
-            "sft_reward": metrics["reward_kl"].get("sft", {}).get("reward")}
+            "sft_reward": metrics["reward_kl"].get("sft", {}).get("reward"), **pool_summary(metrics.get("pool"), method)}
+
+
+def pool_summary(pool: dict | None, method: str) -> dict:
+    """The point's row from the held-out pool (``metrics["pool"]``, its 95% CIs over prompts): the
+    method's expected evaluation reward ``pool_gold``, its paired difference with π_sft
+    ``pool_vs_sft`` (and ``pool_vs_sft_resolved``), the Eq. 12 slope and the misalignment rate."""
+    if not pool:
+        return {}
+    m, vs = pool["methods"].get(method, {}), pool["paired"].get(f"{method}-vs-sft", {})
+    lo_hi = lambda ci: ci or [None, None]  # noqa: E731
+    return {"pool_gold": m.get("gold"), **dict(zip(("pool_gold_lo", "pool_gold_hi"), lo_hi(m.get("gold_ci")))),
+            "pool_vs_sft": vs.get("gold_diff"), **dict(zip(("pool_vs_sft_lo", "pool_vs_sft_hi"), lo_hi(vs.get("ci")))),
+            "pool_vs_sft_resolved": vs.get("resolved"), "slope": m.get("slope"),
+            **dict(zip(("slope_lo", "slope_hi"), lo_hi(m.get("slope_ci")))), "misalignment": m.get("misalignment_rate")}
 
 
 def record_point(cfg: Config, name: str, label: str, metrics: dict, **extra: Any) -> dict:

@@ -16,6 +16,8 @@ candidates.parquet  02_generate                      UPSTREAM
                                                      its judged.parquet inside)
 samples-<split>     04_evaluate                      the policy's slice + the evaluation sampling keys
 pool/candidates     04_evaluate                      UPSTREAM + the pool keys
+  (π_sft's samples and the pool: with run.upstream set, the upstream run's copy when it is
+  current there, :func:`shared`; sweep and panel points draw them once)
 pool/<policy>       04_evaluate                      the policy's slice + the pool keys
 04_eval/metrics     04_evaluate                      run .. evaluation
 ==================  ===============================  ===========================================
@@ -163,19 +165,35 @@ def policy_key(cfg: Config, policy: str) -> dict:
     return upstream(cfg) if policy == "sft" else method_key(cfg, policy)
 
 
-def policy_specs(cfg: Config) -> dict[str, str]:
-    """Evaluated policies: ``sft`` (π_sft) and each trained method's ``final/`` model (checked). A
-    ``final/`` is always a whole transformers model, LoRA runs included (the adapters merged into its
-    weights; the adapter itself in ``final/adapter/``), so every loader reads it as it is."""
-    return {"sft": sft_spec(cfg), **{m: str(method(cfg, m).require() / "final") for m in cfg.training.methods}}
+def policy_specs(cfg: Config, policies: list[str] | None = None) -> dict[str, str]:
+    """Evaluated policies (``policies``, default all): ``sft`` (π_sft) and each trained method's
+    ``final/`` model (checked). A ``final/`` is always a whole transformers model, LoRA runs included
+    (the adapters merged into its weights; the adapter itself in ``final/adapter/``), so every
+    loader reads it as it is."""
+    names = ["sft", *cfg.training.methods] if policies is None else policies
+    return {p: sft_spec(cfg) if p == "sft" else str(method(cfg, p).require() / "final") for p in names}
+
+
+def shared(cfg: Config, art: Artefact) -> Artefact:
+    """π_sft's evaluation artefacts (its samples, the pool) depend on the upstream and the
+    evaluation keys only, not on what this run trains. A run that reads another run's upstream
+    (``run.upstream``: sweep and panel points) therefore uses that run's copy when it is current
+    there (same key, same freshness rule), so the points of a sweep draw them once; otherwise its
+    own copy, built here as before. Only reading crosses folders: each run writes its own."""
+    if not cfg.run.upstream:
+        return art
+    theirs = Artefact(cfg.upstream_dir / art.path.relative_to(cfg.run_dir), art.stage, art.key, art.include)
+    return theirs if theirs.current() else art
 
 
 def samples(cfg: Config, policy: str, split: str) -> Artefact:
-    """``04_eval/<policy>/samples-<split>.parquet``: the policy's evaluation samples, scored."""
+    """``04_eval/<policy>/samples-<split>.parquet``: the policy's evaluation samples, scored
+    (π_sft's: the upstream run's when current there, :func:`shared`)."""
     prompts = "num_prompts" if split == "test" else "ood_prompts"
     key = policy_key(cfg, policy) | cfg.slice(*(f"evaluation.{k}" for k in (prompts, *EVAL_SAMPLING_KEYS))) | \
         {"policy": policy, "split": split}
-    return Artefact(cfg.run_dir / "04_eval" / policy / f"samples-{split}.parquet", "04_evaluate", key)
+    art = Artefact(cfg.run_dir / "04_eval" / policy / f"samples-{split}.parquet", "04_evaluate", key)
+    return shared(cfg, art) if policy == "sft" else art
 
 
 def eval_metrics(cfg: Config) -> Artefact:
@@ -186,9 +204,10 @@ def eval_metrics(cfg: Config) -> Artefact:
 
 def pool(cfg: Config) -> Artefact:
     """``04_eval/pool/candidates.parquet``: the shared held-out pool drawn once from π_sft, scored
-    by the reward model and the evaluation reward, with log π_sft."""
-    return Artefact(cfg.run_dir / "04_eval" / "pool" / "candidates.parquet", "04_evaluate",
-                    upstream(cfg) | cfg.slice(*(f"evaluation.{k}" for k in POOL_KEYS)))
+    by the reward model and the evaluation reward, with log π_sft (the upstream run's when current
+    there, :func:`shared`)."""
+    return shared(cfg, Artefact(cfg.run_dir / "04_eval" / "pool" / "candidates.parquet", "04_evaluate",
+                                upstream(cfg) | cfg.slice(*(f"evaluation.{k}" for k in POOL_KEYS))))
 
 
 def pool_scores(cfg: Config, method_name: str, seed: int | None = None) -> Artefact:

@@ -36,21 +36,21 @@ def evaluation_reward(cfg: Config) -> tuple[str, str]:
     return ("gold", task.reward_name) if task.gold else ("reward", f"{cfg.rewards.reward_model} reward model")
 
 
-def sample_policies(cfg: Config, split: str, *, log=print) -> pd.DataFrame:
+def sample_policies(cfg: Config, split: str, policies: list[str] | None = None, *, log=print) -> pd.DataFrame:
     """``evaluation.samples_per_prompt`` samples per ``split`` prompt ("test" or "ood") from every
-    policy, with what the metrics need: the reward model's ``reward``, the gold reward (tasks with
-    one), log π of each sample (the sampler's, raw) and log π_sft (for KL and misalignment).
-    Every policy samples with the same seeds on the same prompts; returns all rows, ``method``
-    naming the policy."""
+    policy (or those named in ``policies``), with what the metrics need: the reward model's
+    ``reward``, the gold reward (tasks with one), log π of each sample (the sampler's, raw) and
+    log π_sft (for KL and misalignment). Every policy samples with the same seeds on the same
+    prompts; returns all rows, ``method`` naming the policy."""
     from vcb_lib.data import build_candidates, task_prompts
     from vcb_lib.manifest import key_hash
     from vcb_lib.models import format_prompt, load_policy, load_tokenizer
     from vcb_lib.rewards import gold_reward
     from vcb_lib.samplers import HFSampler
 
-    e, specs = cfg.evaluation, artefacts.policy_specs(cfg)
+    e, specs = cfg.evaluation, artefacts.policy_specs(cfg, policies)
     prompts = task_prompts(cfg.rewards.task, split, e.num_prompts if split == "test" else e.ood_prompts)
-    ref_spec = specs["sft"]
+    ref_spec = artefacts.sft_spec(cfg)
     ref, tok = None, load_tokenizer(ref_spec, cache_dir=cfg.models.cache_dir)
     rm, gold = None, None
     tables = []
@@ -124,6 +124,24 @@ def pool_logps(cfg: Config, pool: pd.DataFrame, *, log=print) -> dict[str, np.nd
             raise ValueError(f"{art.path} does not match the pool's rows: rebuild it (delete its manifest)")
         out[name] = check_rewards(scores, ("logp",), str(art.path)).logp.to_numpy(dtype=np.float64)
     return out
+
+
+def pool_per_prompt(cfg: Config, policy: str) -> pd.Series:
+    """Per pool prompt, the SNIS estimate of E_π[evaluation reward | x] under ``policy`` (``sft`` or a
+    trained method's main replicate), indexed by prompt_id in the pool's order: the per-prompt
+    values ``metrics["pool"]`` averages, read back from the stored pool and scores (both checked)."""
+    from vcb_lib.metrics import snis
+
+    pool = pd.read_parquet(artefacts.pool(cfg).require())
+    lp = pool.ref_logp
+    if policy != "sft":
+        art = artefacts.pool_scores(cfg, policy)
+        scores = pd.read_parquet(art.require())
+        if not (scores.prompt_id.to_numpy() == pool.prompt_id.to_numpy()).all():
+            raise ValueError(f"{art.path} does not match the pool's rows: rebuild it (delete its manifest)")
+        lp = scores.logp
+    est, _ = snis(_grid(pool.assign(_lp=lp.to_numpy()), "_lp"), _grid(pool, "ref_logp"), _grid(pool, evaluation_reward(cfg)[0]))
+    return pd.Series(est, index=pool.prompt_id.unique())
 
 
 def pool_metrics(cfg: Config, pool: pd.DataFrame, logps: dict[str, np.ndarray]) -> dict:
@@ -456,13 +474,19 @@ def summarise(cfg: Config, samples: pd.DataFrame, ood_samples: pd.DataFrame | No
     return metrics
 
 
+def splits(cfg: Config) -> list[str]:
+    """The prompt splits every policy samples: "test", and "ood" where the task has OOD prompts."""
+    task = get_task(cfg.rewards.task)
+    return ["test", *(["ood"] if task.source == "embedded" or task.ood else [])]
+
+
 def run(cfg: Config, *, log=print) -> dict:
     """The stage: sample (or reuse) every policy on the test and OOD prompts, summarise, add the
     Fig. 5 curve and the judge, write ``04_eval/metrics.json``; returns the metrics."""
     check_judge(cfg)  # before the sampling, not after it
     task = get_task(cfg.rewards.task)
     samples = sample_policies(cfg, "test", log=log)
-    ood = sample_policies(cfg, "ood", log=log) if task.source == "embedded" or task.ood else None
+    ood = sample_policies(cfg, "ood", log=log) if "ood" in splits(cfg) else None
     metrics = summarise(cfg, samples, ood)
     pool = build_pool(cfg, log=log)
     metrics["pool"] = pool_metrics(cfg, pool, pool_logps(cfg, pool, log=log))
