@@ -97,6 +97,10 @@ def test_command_line_reports_a_bad_sweep(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vcb_lib", "sweep", str(path)], capture_output=True, text=True,
                           cwd=PROJECT_ROOT)
     assert proc.returncode == 2 and "Did you mean 'training.gamma'?" in proc.stderr
+    good = write(tmp_path, "name: a\nbase: BASE\ngrid: {training.gamma: [0.1]}\n", name="good.yaml")
+    proc = subprocess.run([sys.executable, "-m", "vcb_lib", "sweep", str(good), "--set", "training.lam=-1"],
+                          capture_output=True, text=True, cwd=PROJECT_ROOT)  # --set reaches every point, checked first
+    assert proc.returncode == 2 and "training.lam" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_scientific_notation_is_a_number_as_in_params_files(tmp_path):

@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p_sweep = sub.add_parser("sweep", help="run every unfinished point of a sweep file into outputs/<run>/sweeps/<sweep>/<point>/")
     p_sweep.add_argument("sweep", help="sweep file, e.g. params/sweeps/gamma.yaml")
+    p_sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override one parameter of every point, under the sweep's own keys, e.g. "
+                              "--set run.output_root=outputs/mine (repeatable)")
 
     p_export = sub.add_parser("export", help="write a run's D_t (and evaluation samples) for other trainers, with a "
                                              "dataset card, into <run>/export/<format>/")
@@ -64,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sweep":
             from vcb_lib.sweep import load_sweep, run_sweep, write_figure
 
-            table = run_sweep(args.sweep, log=lambda m: print(m, flush=True))
-            root = load_sweep(args.sweep).root()
-            write_figure(args.sweep)
+            table = run_sweep(args.sweep, args.overrides, log=lambda m: print(m, flush=True))
+            root = load_sweep(args.sweep, args.overrides).root()
+            write_figure(args.sweep, args.overrides)
             print(table.drop(columns=["point"]).to_string(index=False))
             print(f"results: {root / 'results.csv'}; figure: {root / 'win_rate.png'}")
         else:
