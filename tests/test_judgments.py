@@ -218,3 +218,35 @@ def test_evidence_and_highlighting():
     assert evidence_mask(tokens, "The review is clearly positive.") == [False] * 6
     html = marked_html(tokens, [False, True, False, False, True, True], evidence_mask(tokens, judgment))
     assert html == " The<mark><u> dull</u></mark>,<u> boring</u><mark> film</mark><mark> &lt;b&gt;</mark>"
+
+
+def test_training_cut_judge_has_a_model_write_cut_judgments(fake_judge, tmp_path):
+    """``training.cut_judge``: a URL (here the fake server) writes D_t's judgments for CUT; its keys enter
+    CUT's artefact key and folder name (``llmjudge``, never the URL), and no other method's."""
+    import pandas as pd
+
+    from vcb_lib.config import ConfigError, load_params
+    from vcb_lib.stages import artefacts
+    from vcb_lib.stages.train import judged_candidates
+
+    smoke = Path(__file__).parents[1] / "params" / "smoke.yaml"
+    cfg = load_params(smoke, [f"training.cut_judge={fake_judge.url}", "training.cut_judge_model=fake-gpt-4",
+                              "evaluation.judge_workers=1", f"run.output_root={tmp_path}", "models.sft=false"])
+    white = load_params(smoke, [f"run.output_root={tmp_path}", "models.sft=false"])  # π_sft = the tiny model itself
+    table = pd.DataFrame({"prompt": ["Review a film.", "Review a play."], "response": ["Dull and boring.", "Lovely."],
+                          "model_input": ["<x>", "<y>"]})
+    fake_judge.script = ["It is negative: \u201cdull\u201d, \u201cboring\u201d.\nVerdict: bad", "Fine.\nVerdict: good"]
+    path = judged_candidates(cfg, table, tmp_path / "judged.parquet", log=lambda line: None)
+    judged = pd.read_parquet(path)
+    assert list(judged.judgment_positive) == [False, True] and list(judged.judgment_source) == ["llm-fake-gpt-4"] * 2
+    assert judged.judgment[0] == "It is negative: \u201cdull\u201d, \u201cboring\u201d." and "Review a film." in judged.judged_input[0]
+    assert fake_judge.requests[0]["body"]["model"] == "fake-gpt-4"
+    key, white_key = artefacts.method_key(cfg, "cut"), artefacts.method_key(white, "cut")
+    assert key["judgments"].startswith("llm:") and white_key["judgments"].startswith("whitebox-")
+    assert key["training.cut_judge"] == fake_judge.url and white_key["training.cut_judge"] == ""
+    assert artefacts.method_dir_name(cfg, "cut") == artefacts.method_dir_name(white, "cut").replace("-seed", "-llmjudge-seed")
+    assert artefacts.method_key(cfg, "vcb") == artefacts.method_key(white, "vcb")  # VCB never retrains for CUT's judge
+    with pytest.raises(ConfigError, match="training.cut_judge_model: is empty but training.cut_judge is a URL"):
+        load_params(smoke, ["training.cut_judge=http://127.0.0.1:9"])
+    with pytest.raises(ConfigError, match=r"training.cut_judge: must be empty \(the white-box judgments\), local, or"):
+        load_params(smoke, ["training.cut_judge=judge.example.com"])

@@ -226,7 +226,7 @@ def test_reward_kl_points_put_every_point_side_by_side():
     assert "| infonca | infonca | 0.280 | 0.000 ± 0.000 | 0.030 | – |" in body  # no SE, no KL: no ratio
 
 
-def test_pool_points_pair_every_point_with_the_first():
+def test_pool_points_pair_every_point_with_the_first(tmp_path):
     """The report's pool table: Δ vs π_sft and vs the first point with their CIs, and the verdict
     per comparison and family-wise (a point resolved alone but not at the Bonferroni level says so)."""
     from vcb_lib.report import pool_points
@@ -247,3 +247,11 @@ def test_pool_points_pair_every_point_with_the_first():
     assert "| rank | vcb | 0.390 [0.360, 0.430] | +0.081 [0.056, 0.105] | -0.008 [-0.015, -0.001] | resolved alone, not family-wise |" in body
     assert "| -0.013 [-0.021, -0.005] | resolved |" in body and "| +0.002 [-0.004, 0.009] | not resolved |" in body
     assert pool_points(table.drop(columns=[c for c in table if c.startswith("pool_")])) == []  # rows without a pool
+    from vcb_lib.plots import sweep_pool_differences
+
+    fig = sweep_pool_differences(table, tmp_path / "pool.png")
+    assert (tmp_path / "pool.png").stat().st_size > 0
+    left, right = fig.axes
+    assert [t.get_text() for t in left.get_yticklabels()] == ["max", "dpo", "rank", "vcb (Eq. 10)"]
+    filled, hollow = (c.get_offsets() for c in right.collections[1:3])  # after the error bars: resolved, not resolved
+    assert sorted(filled[:, 0].tolist()) == [-0.013, -0.008] and hollow[:, 0].tolist() == [0.002]

@@ -59,6 +59,12 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _check_judge(value: str, key: str, empty: str = "off") -> None:
+    """A judge setting: empty (``empty`` says what that means), ``local`` or an http(s) URL with a host."""
+    _require(value in ("", "local") or bool(re.fullmatch(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d+)?(/\S*)?", value)),
+             key, f"must be empty ({empty}), local, or an http:// or https:// URL, got {value!r}")
+
+
 def _at_most(value: int | float, limit: int | float, key: str, why: str) -> None:
     """Upper bound of a value that would exhaust the machine (memory, disk, time) past ``limit``."""
     _require(value <= limit, key, f"must be <= {limit:_}, got {value:_} ({why})")
@@ -319,6 +325,8 @@ class TrainingConfig:
     cut_alpha: float = 1.0  # CUT (arXiv 2312.14591): α, weight of the unlikelihood term -log(1 - p) on detected tokens (the official README's 1); >= 0
     cut_lambda: float = 1.1  # CUT: λ, a token is inappropriate when p(y_t | x, negative judgment) / p(y_t | positive context) > λ (official threshold 1.1); > 0
     cut_positive: Literal["none", "judgment"] = "none"  # CUT's positive context (Align-P, Misalign): none = the instruction alone, the paper's code and the evaluation template; judgment = the instruction with the positive judgment
+    cut_judge: str = ""  # CUT's judgments: empty = the task's white-box features (vcb_lib/judgments.yaml); a URL of an OpenAI-compatible endpoint, or local (vLLM's server on 127.0.0.1 while D_t is judged): critiques written by that model (the paper's setting; judgments.LLMJudgments)
+    cut_judge_model: str = ""  # with a URL: the model name sent to it; with local: the model spec served (folder, hub id, packaged:<name>), empty = packaged:smollm2-135m-instruct (a weak critic)
     delta: float = 1.0  # SLiC hinge margin δ, Eq. 7
     sft_weight: float = 1.0  # cross-entropy regulariser weight for SLiC and RRHF
     length_penalty: float = 1.0  # RRHF scores are log π / n_tokens^length_penalty
@@ -365,6 +373,9 @@ class TrainingConfig:
         for key in ("batch_size", "grad_accum", "epochs", "num_processes", "top_k"):
             value = getattr(self, key)
             _require(value >= 1, f"training.{key}", f"must be >= 1, got {value}")
+        _check_judge(self.cut_judge, "training.cut_judge", "the white-box judgments")
+        _require(not (self.cut_judge.startswith("http") and not self.cut_judge_model), "training.cut_judge_model",
+                 f"is empty but training.cut_judge is a URL ({self.cut_judge}): name the model it serves")
         if self.lora.enabled and not self.lora.methods:
             from vcb_lib.policy_gradient import OnlineMethod
 
@@ -421,8 +432,7 @@ class EvaluationConfig:
             _require(value >= 0, f"evaluation.{key}", f"must be >= 0, got {value}")
         _require(self.curve_prompts >= 1, "evaluation.curve_prompts", f"must be >= 1, got {self.curve_prompts}")
         _require(self.temperature > 0, "evaluation.temperature", f"must be > 0, got {self.temperature}")
-        _require(self.judge in ("", "local") or bool(re.fullmatch(r"https?://(\[[0-9A-Fa-f:.]+\]|[^/\s:\[\]]+)(:\d+)?(/\S*)?", self.judge)),
-                 "evaluation.judge", f"must be empty (off), local, or an http:// or https:// URL, got {self.judge!r}")
+        _check_judge(self.judge, "evaluation.judge")
         _require(1 <= self.judge_workers <= 256, "evaluation.judge_workers", f"must be in 1..256, got {self.judge_workers}")
         _require(self.judge_start_timeout >= 1, "evaluation.judge_start_timeout",
                  f"must be >= 1, got {self.judge_start_timeout}")

@@ -526,8 +526,8 @@ def local_server(model: str | os.PathLike, log_path: str | os.PathLike, *, serve
     values win over the default ``env``). ``RuntimeError`` with the install command when vLLM is
     not installed."""
     if importlib.util.find_spec("vllm") is None:
-        raise RuntimeError(f"evaluation.judge is 'local' but vLLM is not installed: {VLLM_INSTALL}; "
-                           "or set evaluation.judge to the URL of an OpenAI-compatible server")
+        raise RuntimeError(f"a local judge (evaluation.judge or training.cut_judge: local) needs vLLM, which is not "
+                           f"installed: {VLLM_INSTALL}; or give the URL of an OpenAI-compatible server instead")
     from vcb_lib.launch import free_port
 
     if env is None or extra_args is None:

@@ -306,7 +306,13 @@ LLM_JUDGMENT_PROMPT = (
     "quoting the words at fault between \u201c and \u201d. Then end with a line 'Verdict: good' if nothing is wrong, "
     "or 'Verdict: bad' otherwise.\n\nInstruction: {instruction}\nResponse: {response}"
 )
+LLM_POSITIVE = "The response is good: nothing in it is wrong."
+LLM_REPLY_REGEX = r"[^\n]{1,400}\nVerdict: (good|bad)"  # what a local vLLM judge is constrained to (a small model drifts otherwise)
 _VERDICT = re.compile(r"verdict\s*:\s*\**\s*(good|bad)\b", re.IGNORECASE)
+
+
+def _llm_digest(prompt: str, positive_text: str) -> str:
+    return hashlib.sha256((prompt + "|" + positive_text).encode()).hexdigest()[:16]
 
 
 class LLMJudgments:
@@ -316,32 +322,37 @@ class LLMJudgments:
     is ``positive_text`` (so that CUT's fake positive and its real positives read alike), its values
     holding the model's critique. A reply without a verdict raises ``judge.JudgeReplyError``."""
 
-    def __init__(self, client, *, positive_text: str = "The response is good: nothing in it is wrong.",
-                 prompt: str = LLM_JUDGMENT_PROMPT):
+    def __init__(self, client, *, positive_text: str = LLM_POSITIVE, prompt: str = LLM_JUDGMENT_PROMPT,
+                 max_workers: int = 1):
         if set(_placeholders(prompt)) != {"instruction", "response"}:
             raise ValueError(f"LLMJudgments prompt must contain exactly {{instruction}} and {{response}}, got {prompt!r}")
-        self.client, self.prompt, self.positive_text = client, prompt, positive_text
+        self.client, self.prompt, self.positive_text, self.max_workers = client, prompt, positive_text, max_workers
         self.name = f"llm-{client.model}"
 
     def fingerprint(self) -> str:
-        return f"{self.name}:{hashlib.sha256((self.prompt + '|' + self.positive_text).encode()).hexdigest()[:16]}"
+        return f"{self.name}:{_llm_digest(self.prompt, self.positive_text)}"
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgment]:
+        """One judgment per pair, in order; ``max_workers`` requests in flight at once (a vLLM server
+        batches them)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        texts = [self.prompt.format(instruction=p, response=r) for p, r in zip(prompts, responses, strict=True)]
+        with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
+            replies = list(pool.map(self.client.complete, texts))
+        return [self._judgment(i, reply) for i, reply in enumerate(replies)]
+
+    def _judgment(self, i: int, reply: str) -> Judgment:
         from vcb_lib.judge import JudgeReplyError
 
-        out = []
-        for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-            reply = self.client.complete(self.prompt.format(instruction=prompt, response=response))
-            verdicts = _VERDICT.findall(reply)
-            if not verdicts:
-                raise JudgeReplyError(f"judgment {i}: the reply has no 'Verdict: good|bad' line: {reply[:300]!r}")
-            critique = _VERDICT.sub("", reply).strip()
-            values = {"verdict": verdicts[-1].lower(), "critique": critique}
-            if values["verdict"] == "good":
-                out.append(Judgment(self.positive_text, True, (), values, self.name))
-            else:
-                out.append(Judgment(critique or "The response is bad.", False, ("llm",), values, self.name))
-        return out
+        verdicts = _VERDICT.findall(reply)
+        if not verdicts:
+            raise JudgeReplyError(f"judgment {i}: the reply has no 'Verdict: good|bad' line: {reply[:300]!r}")
+        critique = _VERDICT.sub("", reply).strip()
+        values = {"verdict": verdicts[-1].lower(), "critique": critique}
+        if values["verdict"] == "good":
+            return Judgment(self.positive_text, True, (), values, self.name)
+        return Judgment(critique or "The response is bad.", False, ("llm",), values, self.name)
 
 
 def judgment_source(task: str) -> WhiteBoxJudgments:
@@ -350,9 +361,13 @@ def judgment_source(task: str) -> WhiteBoxJudgments:
     return WhiteBoxJudgments(task)
 
 
-def judgments_fingerprint(task: str) -> str:
-    """What the default source of ``task`` would record in an artefact key, without computing a judgment
-    (a task without a white-box source says so: training CUT on it fails with the reason)."""
+def judgments_fingerprint(task: str, *, llm: bool = False) -> str:
+    """What the source of ``task``'s judgments records in an artefact key, without computing a judgment:
+    with ``llm``, :class:`LLMJudgments`' prompt and positive text (its model and endpoint are config
+    keys of their own); else the white-box templates (a task without them says so: training CUT on it
+    fails with the reason)."""
+    if llm:
+        return f"llm:{_llm_digest(LLM_JUDGMENT_PROMPT, LLM_POSITIVE)}"
     if task not in TASK_FIELDS:
         return f"{task}:no-white-box-judgments"
     return f"whitebox-{task}:{load_templates().digest}"

@@ -962,7 +962,8 @@ class LossType(StrEnum):
     @property
     def data_hparams(self) -> tuple[str, ...]:
         """Training keys that shape this loss's inputs, not ``fn``'s keywords: CUT's ``cut_positive``
-        (the context its positive candidates and its Misalign rows are scored in). Part of an artefact's
+        (the context its positive candidates and its Misalign rows are scored in) and ``cut_judge`` /
+        ``cut_judge_model`` (what writes its judgments). Part of an artefact's
         key like :attr:`hparams` (:meth:`active_hparams`)."""
         return _DATA_HPARAMS.get(self, ())
 
@@ -1045,7 +1046,7 @@ _HPARAMS: dict[LossType, tuple[str, ...]] = {
     LossType.CUT: ("cut_alpha", "cut_lambda", "pairs"),
 }
 
-_DATA_HPARAMS: dict[LossType, tuple[str, ...]] = {LossType.CUT: ("cut_positive",)}
+_DATA_HPARAMS: dict[LossType, tuple[str, ...]] = {LossType.CUT: ("cut_positive", "cut_judge", "cut_judge_model")}
 
 
 # --------------------------------------------------------------------------------------------

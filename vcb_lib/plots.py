@@ -10,6 +10,7 @@ import matplotlib
 if not matplotlib.get_backend().lower().startswith(("module://matplotlib_inline", "module://ipykernel")):
     matplotlib.use("Agg")  # headless outside a kernel
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -101,6 +102,30 @@ def sweep_win_rates(tables: dict[str, pd.DataFrame], path=None):
     return _save(fig, path)
 
 
+def sweep_pool_differences(table: pd.DataFrame, path=None):
+    """A sweep's points on the held-out pool (``sweep.run_sweep`` table with the pool columns):
+    left, each point's difference with π_sft; right, with the sweep's first point (paired over
+    prompts); each with its 95% bootstrap CI, a line at 0, filled where the CI excludes 0."""
+    rows = table.iloc[::-1]  # the first point on top
+    first = str(table.label.iloc[0])
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 0.35 * len(table) + 1.4), sharey=True)
+    for ax, key, title in ((axes[0], "pool_vs_sft", "Δ vs π_sft"), (axes[1], "vs_first", f"Δ vs {first}")):
+        y = range(len(rows))
+        value, lo, hi = (rows[c].astype(float).to_numpy() for c in (key, f"{key}_lo", f"{key}_hi"))
+        ax.errorbar(value, y, xerr=[value - lo, hi - value], fmt="none", ecolor="grey", lw=1)
+        shown = np.isfinite(value) & np.isfinite(lo) & np.isfinite(hi)  # the first point has no Δ with itself
+        resolved = shown & ((lo > 0) | (hi < 0))
+        ax.scatter(value[resolved], np.flatnonzero(resolved), color="C0", zorder=3, label="CI excludes 0")
+        ax.scatter(value[shown & ~resolved], np.flatnonzero(shown & ~resolved), facecolor="white", edgecolor="C0",
+                   zorder=3, label="not resolved")
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set(title=title, xlabel="expected gold reward difference (pool)")
+    axes[0].set_yticks(range(len(rows)), [str(label) for label in rows.label])
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def ablation_points(table: pd.DataFrame):
     """The widget panel's live plot: win rate over π_sft per finished point, and reward vs KL with
     π_sft at KL 0. Built on a bare ``Figure`` (no pyplot state), so a worker thread may draw it."""
@@ -165,8 +190,6 @@ def training_curves(logs: pd.DataFrame, out_dir: Path) -> list:
 
 
 # Notebook 00: theory
-
-import numpy as np  # noqa: E402
 
 
 def theorem1_scatter(t1: dict, path=None):

@@ -227,16 +227,19 @@ def sweep_title(sweep: Sweep) -> str:
 
 
 def write_figure(path: str | Path, overrides: list[str] | None = None) -> Path:
-    """``<sweep>/win_rate.png`` from ``results.csv`` (one panel); on the exact tier (rows with
-    ``regret``) also ``<sweep>/frontier.png``: the points against the exact reward-vs-KL frontier."""
+    """``<sweep>/win_rate.png`` from ``results.csv`` (one panel); with the pool's paired comparisons
+    also ``<sweep>/pool.png`` (each point vs π_sft and vs the first point); on the exact tier (rows
+    with ``regret``) also ``<sweep>/frontier.png``: the points against the exact reward-vs-KL frontier."""
     import pandas as pd
 
-    from vcb_lib.plots import exact_sweep_frontier, sweep_win_rates
+    from vcb_lib.plots import exact_sweep_frontier, sweep_pool_differences, sweep_win_rates
 
     sweep = load_sweep(path, overrides)
     out = sweep.root() / "win_rate.png"
     table = pd.read_csv(sweep.root() / "results.csv")
     sweep_win_rates({sweep_title(sweep): table}, out)
+    if "vs_first" in table and table.vs_first.notna().any():
+        sweep_pool_differences(table, sweep.root() / "pool.png")
     if "regret" in table:  # every point shares the test prompts and π_sft, hence one frontier
         first = sweep.config(sweep.points[0], name=sweep.points[0].name, output_root=str(sweep.root()))
         exact = evaluate.read_metrics(first)["exact"]

@@ -108,7 +108,7 @@ def method_key(cfg: Config, method: str, seed: int | None = None) -> dict:
     elif lt.judged:  # what wrote its judgments: edited templates retrain it
         from vcb_lib.judgments import judgments_fingerprint
 
-        key |= {"judgments": judgments_fingerprint(cfg.rewards.task)}
+        key |= {"judgments": judgments_fingerprint(cfg.rewards.task, llm=bool(cfg.training.cut_judge))}
     lora = cfg.training.lora_for(method)
     if lora is not None:  # which other methods use adapters is not part of what this one computes
         key |= {f"training.lora.{k}": v for k, v in dataclasses.asdict(lora).items() if k not in ("enabled", "methods")}
@@ -119,6 +119,7 @@ def method_key(cfg: Config, method: str, seed: int | None = None) -> dict:
 
 NAMED_IF_CHANGED = ("normalize", "eta", "sigma_floor", "sigma_policy",  # VCB's options: in the name only off the paper's default
                     "cut_positive")  # and CUT's positive context
+NEVER_NAMED = ("cut_judge", "cut_judge_model")  # a URL or a model path: CUT's folder says "llmjudge" instead
 
 
 def method_dir_name(cfg: Config, method: str, seed: int | None = None) -> str:
@@ -126,14 +127,17 @@ def method_dir_name(cfg: Config, method: str, seed: int | None = None) -> str:
     (``...-logsumexp-normalizerank-seed0`` when a VCB option leaves the paper's default); online
     methods add their KL coefficient, GRPO its ``scale_rewards`` and iterative VCB ``-refprevious``
     when it is REBEL-style (``ppo-kl0.05-seed0``, ``vcb_online-gamma0.05-lam1.0-logsumexp-seed0``); a
-    method trained with LoRA adapters adds their rank (``dpo-gamma0.05-pairs-all-lora-r8-seed0``)."""
+    method trained with LoRA adapters adds their rank (``dpo-gamma0.05-pairs-all-lora-r8-seed0``); CUT
+    with judgments from a model (``training.cut_judge``) adds ``llmjudge``."""
     lt = OnlineMethod(method) if is_online(method) else LossType(method)
     seed = training_seeds(cfg)[0] if seed is None else seed
     defaults = type(cfg.training)()
     named = [k for k in lt.active_hparams(dataclasses.asdict(cfg.training))
-             if k not in NAMED_IF_CHANGED or getattr(cfg.training, k) != getattr(defaults, k)]
+             if k not in NEVER_NAMED and (k not in NAMED_IF_CHANGED or getattr(cfg.training, k) != getattr(defaults, k))]
     parts = [f"{k}{getattr(cfg.training, k)}".replace("reduction", "").replace("pairs", "pairs-").replace("cut_", "")
              for k in named]
+    if "cut_judge" in lt.active_hparams(dataclasses.asdict(cfg.training)) and cfg.training.cut_judge:
+        parts.append("llmjudge")
     o = cfg.training.online
     if "kl_coef" in getattr(lt, "online_keys", ()) and lt is not OnlineMethod.VCB_ONLINE:
         parts.append(f"kl{o.kl_coef}")

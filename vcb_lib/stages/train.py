@@ -69,26 +69,59 @@ def train_method(cfg: Config, method: str, seed: int | None = None, *, log=print
 
 
 def judged_candidates(cfg: Config, table: pd.DataFrame, path: Path, *, log=print) -> Path:
-    """``03_train/<cut folder>/judged.parquet``: D_t with the task's white-box judgments
-    (``vcb_lib.judgments``) and the two contexts CUT scores each candidate in (``positive_input``:
-    ``training.cut_positive``; ``judged_input``), chat-formatted by π_sft's tokenizer. Kept while the
-    folder is (a resumed training reads the same judgments)."""
+    """``03_train/<cut folder>/judged.parquet``: D_t with its judgments (``vcb_lib.judgments``: the
+    task's white-box ones, or with ``training.cut_judge`` a model's critiques) and the two contexts
+    CUT scores each candidate in (``positive_input``: ``training.cut_positive``; ``judged_input``),
+    chat-formatted by π_sft's tokenizer. Kept while the folder is (a resumed training reads the same
+    judgments)."""
+    import contextlib
+
     from vcb_lib.judgments import judged_candidates as judge_table
-    from vcb_lib.judgments import judgment_source
     from vcb_lib.models import load_tokenizer
 
     if path.is_file():
         return path
-    try:
-        source = judgment_source(cfg.rewards.task)
-    except ValueError as err:
-        raise ValueError(f"training.methods has cut, which learns from judgments: {err}") from None
     tokenizer = load_tokenizer(artefacts.sft_spec(cfg), cache_dir=cfg.models.cache_dir)
-    judged = judge_table(table, source, tokenizer, positive=cfg.training.cut_positive)
+    with contextlib.ExitStack() as stack:
+        source = judgment_source(cfg, path.parent, stack, log=log)
+        judged = judge_table(table, source, tokenizer, positive=cfg.training.cut_positive)
     atomic_write_bytes(path, judged.to_parquet(index=False))
     negative = int((~judged.judgment_positive).sum())
     log(f"judgments ({source.name}): {negative} of {len(judged)} candidates negative -> {path}")
     return path
+
+
+def judgment_source(cfg: Config, folder: Path, stack, *, log=print):
+    """What writes CUT's judgments: the task's white-box features, or with ``training.cut_judge`` an
+    OpenAI-compatible model (a URL; its key from ``$VCB_JUDGE_API_KEY`` or ``$OPENAI_API_KEY``), or
+    ``local``: vLLM's server on 127.0.0.1 serving ``training.cut_judge_model`` (default the packaged
+    SmolLM2) while ``stack`` is open, its replies constrained to end with the verdict line, its log in
+    ``folder/judge-server.log``. Requests in flight: ``evaluation.judge_workers``."""
+    import os
+
+    from vcb_lib import judgments
+
+    t = cfg.training
+    if not t.cut_judge:
+        try:
+            return judgments.judgment_source(cfg.rewards.task)
+        except ValueError as err:
+            raise ValueError(f"training.methods has cut, which learns from judgments: {err}; or set "
+                             "training.cut_judge to have a model write them") from None
+    from vcb_lib.judge import LOCAL_JUDGE_MODEL, JudgeClient, local_server
+
+    model = t.cut_judge_model or LOCAL_JUDGE_MODEL
+    if t.cut_judge == "local":
+        from vcb_lib.models import ensure_model_folder
+
+        log(f"judgments: starting vLLM's OpenAI-compatible server for {model} (log: {folder / 'judge-server.log'})")
+        server = stack.enter_context(local_server(ensure_model_folder(model, cfg.models.cache_dir), folder / "judge-server.log",
+                                                  served_name=model, start_timeout=cfg.evaluation.judge_start_timeout))
+        client = JudgeClient(server.url, model, timeout=300,
+                             extra_body={"structured_outputs": {"regex": judgments.LLM_REPLY_REGEX}})
+    else:
+        client = JudgeClient(t.cut_judge, model, api_key=os.environ.get("VCB_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    return judgments.LLMJudgments(client, max_workers=cfg.evaluation.judge_workers)
 
 
 def compute(folder: Path, summary: dict, dt_candidates: int) -> dict:
