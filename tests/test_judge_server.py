@@ -4,6 +4,7 @@
 healthy, dies mid-run, ignores SIGTERM, has a child, or outlives a killed parent."""
 import contextlib
 import importlib.util
+import json
 import re
 import signal
 import subprocess
@@ -125,6 +126,30 @@ def test_local_vllm_server_judges_pairs_in_both_orders(tmp_path, monkeypatch):
     from vcb_lib.report import judge_notes
 
     assert any("A weak judge" in line for line in judge_notes(about))
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (make vllm): the real judge server needs it")
+def test_local_vllm_server_writes_cut_judgments(tmp_path):
+    """`training.cut_judge: local`: vLLM serves the packaged SmolLM2 while D_t is judged for CUT; every
+    reply is held to the critique-then-verdict format, so each candidate gets a judgment of a known
+    sign, and the server is gone afterwards."""
+    from vcb_lib.stages.train import judged_candidates
+
+    cfg = load_params(None, {"run.output_root": str(tmp_path), "training.methods": ["cut"], "training.cut_judge": "local",
+                             "models.policy": "tiny-random", "models.sft": False})
+    table = pd.DataFrame({"prompt": ["Write a short review of a film.", "Write a short review of a play."],
+                          "response": ["Dull, boring and far too long.", "A lovely, warm evening."],
+                          "model_input": ["<a>", "<b>"]})
+    started = time.perf_counter()
+    judged = pd.read_parquet(judged_candidates(cfg, table, tmp_path / "judged.parquet", log=print))
+    assert list(judged.judgment_source) == [f"llm-{judge.LOCAL_JUDGE_MODEL}"] * 2
+    for row in judged.itertuples():
+        values = json.loads(row.judgment_values)
+        assert values["verdict"] in ("good", "bad") and row.judgment_positive == (values["verdict"] == "good")
+        assert row.judgment and (row.judgment_positive or row.judgment == values["critique"])
+    log = (tmp_path / "judge-server.log").read_text()
+    assert "[shutdown] API server" in log
+    print(f"\nlocal CUT judgments in {time.perf_counter() - started:.1f} s: {list(judged.judgment)}")
 
 
 # --------------------------------------------------------------------------------------------

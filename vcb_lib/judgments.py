@@ -307,7 +307,7 @@ LLM_JUDGMENT_PROMPT = (
     "or 'Verdict: bad' otherwise.\n\nInstruction: {instruction}\nResponse: {response}"
 )
 LLM_POSITIVE = "The response is good: nothing in it is wrong."
-LLM_REPLY_REGEX = r"[^\n]{1,400}\nVerdict: (good|bad)"  # what a local vLLM judge is constrained to (a small model drifts otherwise)
+LLM_REPLY_REGEX = r"[^\n]{1,300}\nVerdict: (good|bad)"  # a local vLLM judge is held to it (a small model drifts otherwise); 300 characters fit max_tokens
 _VERDICT = re.compile(r"verdict\s*:\s*\**\s*(good|bad)\b", re.IGNORECASE)
 
 
