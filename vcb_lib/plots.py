@@ -119,6 +119,7 @@ def sweep_pool_differences(table: pd.DataFrame, path=None):
         ax.scatter(value[shown & ~resolved], np.flatnonzero(shown & ~resolved), facecolor="white", edgecolor="C0",
                    zorder=3, label="not resolved")
         ax.axvline(0, color="k", lw=0.8)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
         ax.set(title=title, xlabel="expected gold reward difference (pool)")
     axes[0].set_yticks(range(len(rows)), [str(label) for label in rows.label])
     axes[1].legend(fontsize=7, loc="lower right")

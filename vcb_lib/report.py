@@ -429,7 +429,7 @@ def pool_points(table: pd.DataFrame) -> list[str]:
             f"Δ paired over prompts, 95% bootstrap CIs; family-wise: Bonferroni over the {compared} comparisons "
             f"with {first}):\n",
             _table(rows, ["trains", "pool reward [95% CI]", "Δ vs π_sft [95% CI]", f"Δ vs {first} [95% CI]", "verdict",
-                          "Eq. 12 slope", "misalignment"])]
+                          "Eq. 12 slope", "misalignment"], label="point")]
 
 
 def add_ablations_to_report(cfg, tables: dict[str, pd.DataFrame], fig_path: Path) -> Path:
