@@ -101,6 +101,24 @@ def test_sentiment_judgments_from_vader():
     assert js[2].failed == ("neutral",) and js[3].failed == ("empty",)
     assert "negative_words" in js[4].failed and "\u201cawful\u201d" in js[4].text  # a negative word in a mixed review
     assert js[4].values["n_negative_words"] == 1 and js[4].values["n_positive_words"] >= 1
+    assert "\u201cawful\u201d (-3.0)" in js[4].text  # after "but": VADER weighs it 1.5 x its lexicon -2.0
+    negated = s.judge(["p"] * 2, ["There is no doubt it is a fine film.", "It was not good at all."])
+    assert "doubt" not in negated[0].values["negative_words"] and "\u201cdoubt\u201d" in negated[0].values["positive_words"]
+    assert "\u201cgood\u201d (-1.4)" in negated[1].values["negative_words"]  # negated: VADER's -0.74 x 1.9
+
+
+@pytest.mark.parametrize("text", ["There is no doubt it is a fine film.", "It was not good.", "A very dull, boring film.",
+                                  "Great acting, but the ending was awful.", "I kind of liked it, never bad.", "Plain text."])
+def test_word_valences_are_the_terms_vader_sums(text):
+    """The quoted words' valences are VADER's own per-word terms: normalised, their sum is compound
+    (texts without "!", "?" or emojis, which compound adds on top)."""
+    import math
+
+    from vcb_lib.rewards import gold_reward
+
+    g = gold_reward("sentiment")
+    total = sum(v for _, v in g.word_valences(text))
+    assert total / math.sqrt(total * total + 15) == pytest.approx(g._analyzer.polarity_scores(text)["compound"], abs=1e-4)
 
 
 # --------------------------------------------------------------------------------------------

@@ -240,6 +240,9 @@ def _quote(items: Sequence[str]) -> str:
     return ", ".join(f"{OPEN_QUOTE}{x}{CLOSE_QUOTE}" for x in items[:MAX_QUOTED]) + (", ..." if len(items) > MAX_QUOTED else "")
 
 
+WHITEBOX_VERSION = 2  # raised when the code computing the features changes what a judgment says (2: VADER's words in context)
+
+
 class WhiteBoxJudgments:
     """Judgments written from a task's white-box features (``sentiment``, ``assistant``) by the
     templates (:func:`load_templates`): the sentences of the rules that fire, in template order, or the
@@ -256,7 +259,7 @@ class WhiteBoxJudgments:
         self._gold = None
 
     def fingerprint(self) -> str:
-        return f"{self.name}:{self.templates.digest}"
+        return f"{self.name}:v{WHITEBOX_VERSION}:{self.templates.digest}"
 
     def features(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, Any]]:
         """One row of :data:`TASK_FIELDS` values per response (the values a judgment carries)."""
@@ -370,7 +373,7 @@ def judgments_fingerprint(task: str, *, llm: bool = False) -> str:
         return f"llm:{_llm_digest(LLM_JUDGMENT_PROMPT, LLM_POSITIVE)}"
     if task not in TASK_FIELDS:
         return f"{task}:no-white-box-judgments"
-    return f"whitebox-{task}:{load_templates().digest}"
+    return f"whitebox-{task}:v{WHITEBOX_VERSION}:{load_templates().digest}"
 
 
 # --------------------------------------------------------------------------------------------

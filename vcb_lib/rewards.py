@@ -128,10 +128,23 @@ class SentimentGold:
         self._analyzer = SentimentIntensityAnalyzer()
 
     def word_valences(self, text: str) -> list[tuple[str, float]]:
-        """Each word of ``text`` that VADER's lexicon rates, with its valence (-4 .. 4), in order: the
-        per-word polarity behind ``compound`` (before VADER's negation, booster and "but" rules)."""
-        lexicon = self._analyzer.lexicon
-        return [(w, float(lexicon[w.lower()])) for w in re.findall(r"[A-Za-z][A-Za-z'-]*", text) if w.lower() in lexicon]
+        """Each word of ``text`` that moves VADER's score, with its valence in context, in order: the
+        per-word terms whose sum ``compound`` normalises, after VADER's own booster ("very dull"),
+        negation ("no doubt" is positive, "not good" negative), capitals and "but" rules (VADER's
+        methods, so the terms are its). ``compound`` also reads "!"/"?" emphasis and translates
+        emojis into words; these terms leave both out."""
+        from vaderSentiment.vaderSentiment import BOOSTER_DICT, SentiText
+
+        analyzer, sentitext = self._analyzer, SentiText(text)
+        words = sentitext.words_and_emoticons
+        terms: list[float] = []
+        for i, word in enumerate(words):
+            if word.lower() in BOOSTER_DICT or (word.lower() == "kind" and i + 1 < len(words) and words[i + 1].lower() == "of"):
+                terms.append(0.0)  # a modifier, not a sentiment word (as polarity_scores does)
+                continue
+            terms = analyzer.sentiment_valence(0.0, sentitext, word, i, terms)
+        terms = analyzer._but_check(words, terms)
+        return [(w, float(v)) for w, v in zip(words, terms) if v != 0]
 
     def polarity(self, responses: Sequence[str], *, show_progress: bool | None = None) -> np.ndarray:
         """(N, 4) float64: VADER's neg, neu, pos, compound per response."""
