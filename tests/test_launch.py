@@ -3,6 +3,7 @@ sees, two CPU processes really run, and the accelerate configs load."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,7 +109,7 @@ def test_launched_processes_die_with_the_caller(tmp_path, config, n):
     (the ranks sleep) and torch's launcher starts each rank in a session of its own."""
     path = script(tmp_path, "sleep.py", """
         import os, time
-        print("rank pids", os.getpid(), os.getppid(), flush=True)
+        os.write(1, f"rank pids {os.getpid()} {os.getppid()}\\n".encode())  # one write: two ranks never split a line
         time.sleep(120)
     """)
     config_file = str(ACCELERATE / f"{config}.yaml")
@@ -119,10 +120,10 @@ def test_launched_processes_die_with_the_caller(tmp_path, config, n):
     pids: set[int] = set()
     try:
         for line in proc.stdout:
-            if "rank pids" in line:
-                pids.update(map(int, line.split("rank pids", 1)[1].split()))
-                if len(pids) == n + 1:  # every rank and their launcher
-                    break
+            for found in re.findall(r"rank pids (\d+) (\d+)", line):  # and two lines may still meet in the pipe
+                pids.update(map(int, found))
+            if len(pids) == n + 1:  # every rank and their launcher
+                break
         assert len(pids) == n + 1, f"expected {n} rank(s) and a launcher, got pids {pids} (rc {proc.poll()})"
         proc.kill()  # the caller only, not its process group
         proc.wait()

@@ -546,7 +546,8 @@ def test_loss_type_facts():
     assert [lt.value for lt in LossType] == ["vcb", "dpo", "ipo", "slic", "rrhf", "rest", "sft", "infonca", "nca",
                                              "a2po", "odpo", "cut", "bt"]
     assert [lt for lt in LossType if lt.token_level or lt.judged] == [LossType.CUT]
-    assert LossType.CUT.data_hparams == ("cut_positive",) and all(not lt.data_hparams for lt in SEQUENCE)
+    assert LossType.CUT.data_hparams == ("cut_positive", "cut_judge", "cut_judge_model")
+    assert all(not lt.data_hparams for lt in SEQUENCE)
     assert LossType.parse("VCB") is LossType.VCB and LossType(" ReST ") is LossType.REST
     assert LossType.REST.fn.keywords == {"select": "best"} and LossType.SFT.fn.keywords["select"] == "all"
 

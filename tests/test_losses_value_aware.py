@@ -614,7 +614,8 @@ def test_artefact_key_holds_exactly_the_methods_own_hyperparameters(method):
     in_key = {k.split(".", 1)[1] for k in artefacts.method_key(cfg, method) if k.split(".", 1)[-1] in every}
     assert in_key == own
     name = artefacts.method_dir_name(cfg, method)
-    named = own - set(artefacts.NAMED_IF_CHANGED)  # VCB's options are named only off the paper's default
+    # VCB's options are named only off the paper's default; CUT's judge (a URL, a model path) never is
+    named = own - set(artefacts.NAMED_IF_CHANGED) - set(artefacts.NEVER_NAMED)
     assert name.startswith(f"{method}-") and all(f"{k}{getattr(cfg.training, k)}".replace("pairs", "pairs-")
                                                  .replace("reduction", "").replace("cut_", "") in name for k in named)
     if method == "vcb":
