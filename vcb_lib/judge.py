@@ -540,7 +540,9 @@ def local_server(model: str | os.PathLike, log_path: str | os.PathLike, *, serve
             # 13 s more to set up, measured) holds ~46k tokens of SmolLM2: judge prompts are a few hundred each
             cpu_env = {**VLLMSampler.CPU_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"} if cpu else {}
             defaults = {"HF_HUB_OFFLINE": "1", **cpu_env}
-            env = {k: os.environ.get(k, v) for k, v in defaults.items()}
+            # but the server logs at INFO whatever this process set to quiet its own engines (our sampler: WARNING,
+            # TRL on import: ERROR): its log is a file of its own, read when it fails, never a notebook cell
+            env = {k: os.environ.get(k, v) for k, v in defaults.items()} | {"VLLM_LOGGING_LEVEL": "INFO"}
         if extra_args is None:
             extra_args = ["--enforce-eager"] if cpu else []
     port = free_port()
