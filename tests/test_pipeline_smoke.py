@@ -253,6 +253,11 @@ def test_value_aware_sweep_and_methods_in_the_smoke_tier(smoke):
     assert "On the held-out pool (every point scored on the same π_sft candidates" in section
     assert results.same_pool.iloc[1] and results.vs_first_lo.iloc[1] <= results.vs_first.iloc[1] <= results.vs_first_hi.iloc[1]
     assert not (root / "infonca" / "04_eval" / "sft").exists() and not (root / "infonca" / "04_eval" / "pool" / "candidates.parquet").exists()
+    # the run trained InfoNCA with the same key: the point reused it (no training, samples or pool scores of its own)
+    assert not list((root / "infonca" / "03_train").glob("infonca-*")) and not (root / "infonca" / "04_eval" / "infonca").exists()
+    run_metrics = json.loads((smoke.run_dir / "04_eval" / "metrics.json").read_text())
+    assert results.pool_gold.iloc[1] == pytest.approx(run_metrics["pool"]["methods"]["infonca"]["gold"])
+    assert list((root / "vcb-rank" / "03_train").glob("vcb-*normalizerank*"))  # ranks: a key of its own, trained here
 
 
 def test_panel_runs_a_point_headless(smoke):

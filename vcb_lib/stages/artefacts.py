@@ -16,11 +16,13 @@ candidates.parquet  02_generate                      UPSTREAM
                                                      its judged.parquet inside)
 samples-<split>     04_evaluate                      the policy's slice + the evaluation sampling keys
 pool/candidates     04_evaluate                      UPSTREAM + the pool keys
-  (π_sft's samples and the pool: with run.upstream set, the upstream run's copy when it is
-  current there, :func:`shared`; sweep and panel points draw them once)
 pool/<policy>       04_evaluate                      the policy's slice + the pool keys
 04_eval/metrics     04_evaluate                      run .. evaluation
 ==================  ===============================  ===========================================
+
+With ``run.upstream`` set, a method's folder, samples and pool scores, π_sft's samples and the pool
+are the upstream run's copy when it is current there (:func:`shared`): sweep and panel points draw
+π_sft's evaluation once and reuse a method the upstream run trained with the same key.
 """
 from __future__ import annotations
 
@@ -152,9 +154,10 @@ def method_dir_name(cfg: Config, method: str, seed: int | None = None) -> str:
 
 
 def method(cfg: Config, name: str, seed: int | None = None) -> Artefact:
-    """``03_train/<method_dir_name>/``: final/ (the policy), log.jsonl, summary.json, curve/."""
-    return Artefact(cfg.run_dir / "03_train" / method_dir_name(cfg, name, seed), "03_train", method_key(cfg, name, seed),
-                    include=METHOD_FILES)
+    """``03_train/<method_dir_name>/``: final/ (the policy), log.jsonl, summary.json, curve/ (the
+    upstream run's when it trained the method with the same key, :func:`shared`)."""
+    return shared(cfg, Artefact(cfg.run_dir / "03_train" / method_dir_name(cfg, name, seed), "03_train",
+                                method_key(cfg, name, seed), include=METHOD_FILES))
 
 
 def sft_spec(cfg: Config) -> str:
@@ -179,25 +182,35 @@ def policy_specs(cfg: Config, policies: list[str] | None = None) -> dict[str, st
 
 
 def shared(cfg: Config, art: Artefact) -> Artefact:
-    """π_sft's evaluation artefacts (its samples, the pool) depend on the upstream and the
-    evaluation keys only, not on what this run trains. A run that reads another run's upstream
-    (``run.upstream``: sweep and panel points) therefore uses that run's copy when it is current
-    there (same key, same freshness rule), so the points of a sweep draw them once; otherwise its
-    own copy, built here as before. Only reading crosses folders: each run writes its own."""
+    """No artefact's key says where a run writes, so a run that reads another run's upstream
+    (``run.upstream``: sweep and panel points) uses that run's copy of an artefact when it is current
+    there (same key, same freshness rule), else its own, built here as before. Read this way: π_sft's
+    samples and the pool (drawn once in the upstream by ``ablations.share_sft_evaluation``, so every
+    point is scored on the same candidates), and a method the upstream run already trained with the
+    same key, with its samples and pool scores (a sweep's point at the base run's settings costs
+    nothing). Only reading crosses folders: each run writes its own."""
     if not cfg.run.upstream:
         return art
     theirs = Artefact(cfg.upstream_dir / art.path.relative_to(cfg.run_dir), art.stage, art.key, art.include)
     return theirs if theirs.current() else art
 
 
+def own(cfg: Config, art: Artefact) -> Artefact:
+    """``art`` in this run's folder: what a stage builds when the artefact is not current. A copy
+    :func:`shared` found current in the upstream run may have gone stale since (that run rebuilt
+    it); the stage then builds this run's own, never writing into another run's folder."""
+    if art.path.is_relative_to(cfg.run_dir):
+        return art
+    return Artefact(cfg.run_dir / art.path.relative_to(cfg.upstream_dir), art.stage, art.key, art.include)
+
+
 def samples(cfg: Config, policy: str, split: str) -> Artefact:
-    """``04_eval/<policy>/samples-<split>.parquet``: the policy's evaluation samples, scored
-    (π_sft's: the upstream run's when current there, :func:`shared`)."""
+    """``04_eval/<policy>/samples-<split>.parquet``: the policy's evaluation samples, scored (the
+    upstream run's when current there, :func:`shared`)."""
     prompts = "num_prompts" if split == "test" else "ood_prompts"
     key = policy_key(cfg, policy) | cfg.slice(*(f"evaluation.{k}" for k in (prompts, *EVAL_SAMPLING_KEYS))) | \
         {"policy": policy, "split": split}
-    art = Artefact(cfg.run_dir / "04_eval" / policy / f"samples-{split}.parquet", "04_evaluate", key)
-    return shared(cfg, art) if policy == "sft" else art
+    return shared(cfg, Artefact(cfg.run_dir / "04_eval" / policy / f"samples-{split}.parquet", "04_evaluate", key))
 
 
 def eval_metrics(cfg: Config) -> Artefact:
@@ -217,5 +230,6 @@ def pool(cfg: Config) -> Artefact:
 def pool_scores(cfg: Config, method_name: str, seed: int | None = None) -> Artefact:
     """``04_eval/pool/<replicate>.parquet``: log π of every pool candidate under one trained policy."""
     name = replicate(cfg, method_name, seed)
-    return Artefact(cfg.run_dir / "04_eval" / "pool" / f"{name}.parquet", "04_evaluate",
-                    method_key(cfg, method_name, seed) | cfg.slice(*(f"evaluation.{k}" for k in POOL_KEYS)) | {"policy": name})
+    return shared(cfg, Artefact(cfg.run_dir / "04_eval" / "pool" / f"{name}.parquet", "04_evaluate",
+                                method_key(cfg, method_name, seed) | cfg.slice(*(f"evaluation.{k}" for k in POOL_KEYS))
+                                | {"policy": name}))

@@ -59,6 +59,7 @@ def sample_policies(cfg: Config, split: str, policies: list[str] | None = None, 
         if art.current():
             tables.append(check_rewards(pd.read_parquet(art.path), ("reward", "gold"), str(art.path)))
             continue
+        art = artefacts.own(cfg, art)
         art.invalidate()
         if ref is None:
             ref = load_policy(ref_spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
@@ -91,7 +92,7 @@ def build_pool(cfg: Config, *, log=print) -> pd.DataFrame:
     art, e = artefacts.pool(cfg), cfg.evaluation
     if art.current():
         return check_rewards(pd.read_parquet(art.path), ("reward", "gold", "ref_logp"), str(art.path))
-    table = sample_from_sft(cfg, art, "test", e.pool_prompts, n=e.pool_candidates, temperature=1.0,
+    table = sample_from_sft(cfg, artefacts.own(cfg, art), "test", e.pool_prompts, n=e.pool_candidates, temperature=1.0,
                             max_new_tokens=e.pool_max_new_tokens or e.max_new_tokens, seed=cfg.run.seed + 2000,
                             top_p=1.0, log=log)
     log(f"pool: {table.prompt_id.nunique()} prompts x {cfg.evaluation.pool_candidates} candidates from π_sft")
@@ -111,6 +112,7 @@ def pool_logps(cfg: Config, pool: pd.DataFrame, *, log=print) -> dict[str, np.nd
         if art.current():
             scores = pd.read_parquet(art.path)
         else:
+            art = artefacts.own(cfg, art)
             spec = str(artefacts.method(cfg, method, seed).require() / "final")
             model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
             tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)

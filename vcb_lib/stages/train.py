@@ -49,6 +49,7 @@ def train_method(cfg: Config, method: str, seed: int | None = None, *, log=print
     if art.current():
         log(f"{method} (seed {seed}): up to date in {art.path}")
         return read_json(art.path / "summary.json")
+    art = artefacts.own(cfg, art)
     if is_online(method):  # rounds of rollouts from the policy itself: D_t is not read
         from vcb_lib.stages import online
 
