@@ -550,3 +550,24 @@ def local_server(model: str | os.PathLike, log_path: str | os.PathLike, *, serve
     with serve(command, f"http://127.0.0.1:{port}", log_path, model=served_name, env=env,
                start_timeout=start_timeout) as server:
         yield server
+
+
+@contextlib.contextmanager
+def open_judge(endpoint: str, model: str, *, reply_regex: str, log_path: str | os.PathLike,
+               cache_dir: str | os.PathLike | None = None, start_timeout: float = 600.0,
+               log: Callable[[str], None] = print) -> Iterator[tuple[JudgeClient, LocalServer | None]]:
+    """The client of a judge setting (``evaluation.judge``, ``training.cut_judge``) for the ``with``
+    block, and its server: ``endpoint`` an http(s) URL serving ``model`` (the API key from
+    ``$VCB_JUDGE_API_KEY`` or ``$OPENAI_API_KEY``; no server: None), or ``local``: vLLM's server on
+    127.0.0.1 serving ``model`` (a model spec, ``models.ensure_model_folder``) until the block ends,
+    its log at ``log_path``, every reply constrained to ``reply_regex``."""
+    if endpoint != "local":
+        yield JudgeClient(endpoint, model, api_key=os.environ.get("VCB_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")), None
+        return
+    from vcb_lib.models import ensure_model_folder
+
+    path = ensure_model_folder(model, cache_dir)
+    log(f"judge: starting vLLM's OpenAI-compatible server for {model} on 127.0.0.1 (log: {log_path})")
+    with local_server(path, log_path, served_name=model, start_timeout=start_timeout) as server:
+        log(f"judge: server up in {server.start_seconds:.0f} s at {server.url}")
+        yield JudgeClient(server.url, model, timeout=300, extra_body={"structured_outputs": {"regex": reply_regex}}), server

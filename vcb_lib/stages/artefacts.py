@@ -133,12 +133,12 @@ def method_dir_name(cfg: Config, method: str, seed: int | None = None) -> str:
     with judgments from a model (``training.cut_judge``) adds ``llmjudge``."""
     lt = OnlineMethod(method) if is_online(method) else LossType(method)
     seed = training_seeds(cfg)[0] if seed is None else seed
-    defaults = type(cfg.training)()
-    named = [k for k in lt.active_hparams(dataclasses.asdict(cfg.training))
+    defaults, active = type(cfg.training)(), lt.active_hparams(dataclasses.asdict(cfg.training))
+    named = [k for k in active
              if k not in NEVER_NAMED and (k not in NAMED_IF_CHANGED or getattr(cfg.training, k) != getattr(defaults, k))]
     parts = [f"{k}{getattr(cfg.training, k)}".replace("reduction", "").replace("pairs", "pairs-").replace("cut_", "")
              for k in named]
-    if "cut_judge" in lt.active_hparams(dataclasses.asdict(cfg.training)) and cfg.training.cut_judge:
+    if "cut_judge" in active and cfg.training.cut_judge:
         parts.append("llmjudge")
     o = cfg.training.online
     if "kl_coef" in getattr(lt, "online_keys", ()) and lt is not OnlineMethod.VCB_ONLINE:

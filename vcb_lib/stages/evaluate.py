@@ -9,7 +9,6 @@ call it, so one config gives one ``metrics.json`` whichever front ran it.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 import pandas as pd
@@ -333,7 +332,7 @@ def judge_win_rates(cfg: Config, samples: pd.DataFrame, *, reference: str | None
     texts): a judge that fails part-way raises naming the pairs done, and a rerun asks only for
     the rest. ``about``, when given, is filled with what judged (endpoint, model, server start
     time, requests, seconds): ``metrics["judge"]``."""
-    from vcb_lib.judge import A3_REPLY_REGEX, local_server
+    from vcb_lib.judge import A3_REPLY_REGEX, open_judge
 
     e = cfg.evaluation
     if client is None and not e.judge:
@@ -346,18 +345,11 @@ def judge_win_rates(cfg: Config, samples: pd.DataFrame, *, reference: str | None
     check_judge(cfg)
     model = judge_model(cfg)
     about |= {"endpoint": e.judge, "model": model, "constrained": e.judge == "local"}
-    if e.judge != "local":
-        client = JudgeClient(e.judge, model, api_key=os.environ.get("VCB_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
-        return _judge_comparisons(cfg, samples, client, reference, folder, about, None, log)
-    from vcb_lib.models import ensure_model_folder
-
-    path = ensure_model_folder(model, cfg.models.cache_dir)
-    log(f"judge: starting vLLM's OpenAI-compatible server for {model} on 127.0.0.1 (log: {folder / 'server.log'})")
-    with local_server(path, folder / "server.log", served_name=model, start_timeout=e.judge_start_timeout) as server:
-        log(f"judge: server up in {server.start_seconds:.0f} s at {server.url}")
-        about |= {"served_by": "vLLM OpenAI-compatible server on 127.0.0.1", "start_seconds": server.start_seconds,
-                  "log": str(server.log_path)}
-        client = JudgeClient(server.url, model, timeout=300, extra_body={"structured_outputs": {"regex": A3_REPLY_REGEX}})
+    with open_judge(e.judge, model, reply_regex=A3_REPLY_REGEX, log_path=folder / "server.log", cache_dir=cfg.models.cache_dir,
+                    start_timeout=e.judge_start_timeout, log=log) as (client, server):
+        if server is not None:
+            about |= {"served_by": "vLLM OpenAI-compatible server on 127.0.0.1", "start_seconds": server.start_seconds,
+                      "log": str(server.log_path)}
         return _judge_comparisons(cfg, samples, client, reference, folder, about, server, log)
 
 

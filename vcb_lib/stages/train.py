@@ -98,8 +98,6 @@ def judgment_source(cfg: Config, folder: Path, stack, *, log=print):
     ``local``: vLLM's server on 127.0.0.1 serving ``training.cut_judge_model`` (default the packaged
     SmolLM2) while ``stack`` is open, its replies constrained to end with the verdict line, its log in
     ``folder/judge-server.log``. Requests in flight: ``evaluation.judge_workers``."""
-    import os
-
     from vcb_lib import judgments
 
     t = cfg.training
@@ -109,19 +107,12 @@ def judgment_source(cfg: Config, folder: Path, stack, *, log=print):
         except ValueError as err:
             raise ValueError(f"training.methods has cut, which learns from judgments: {err}; or set "
                              "training.cut_judge to have a model write them") from None
-    from vcb_lib.judge import LOCAL_JUDGE_MODEL, JudgeClient, local_server
+    from vcb_lib.judge import LOCAL_JUDGE_MODEL, open_judge
 
-    model = t.cut_judge_model or LOCAL_JUDGE_MODEL
-    if t.cut_judge == "local":
-        from vcb_lib.models import ensure_model_folder
-
-        log(f"judgments: starting vLLM's OpenAI-compatible server for {model} (log: {folder / 'judge-server.log'})")
-        server = stack.enter_context(local_server(ensure_model_folder(model, cfg.models.cache_dir), folder / "judge-server.log",
-                                                  served_name=model, start_timeout=cfg.evaluation.judge_start_timeout))
-        client = JudgeClient(server.url, model, timeout=300,
-                             extra_body={"structured_outputs": {"regex": judgments.LLM_REPLY_REGEX}})
-    else:
-        client = JudgeClient(t.cut_judge, model, api_key=os.environ.get("VCB_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    client, _ = stack.enter_context(open_judge(t.cut_judge, t.cut_judge_model or LOCAL_JUDGE_MODEL,
+                                               reply_regex=judgments.LLM_REPLY_REGEX, log_path=folder / "judge-server.log",
+                                               cache_dir=cfg.models.cache_dir,
+                                               start_timeout=cfg.evaluation.judge_start_timeout, log=log))
     return judgments.LLMJudgments(client, max_workers=cfg.evaluation.judge_workers)
 
 
