@@ -699,7 +699,10 @@ def load_params(path: str | Path | None = None, overrides: list[str] | str | dic
         if not path.is_file():
             raise ConfigError(f"params file not found: {path}")
         try:
-            raw = _yaml(path.read_text())
+            raw = _yaml(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:  # a binary file, or text in another encoding
+            raise ConfigError(f"{where} is not a params file: expected UTF-8 YAML text (a mapping of sections run:, "
+                              f"training:, ...), but byte {err.start} is not UTF-8 ({err.reason})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{where} is not valid YAML: {err}") from None
         if raw is None or raw == {}:  # empty, blank, comments only, or "{}"

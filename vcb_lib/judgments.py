@@ -34,6 +34,8 @@ from typing import Any, Protocol, Sequence
 
 import yaml
 
+from vcb_lib.config import ConfigError
+
 __all__ = [
     "TEMPLATES_PATH", "TASK_FIELDS", "OPS", "JudgmentTemplateError", "Judgment", "Rule", "TaskTemplates", "Templates",
     "load_templates", "JudgmentSource", "WhiteBoxJudgments", "LLMJudgments", "judgment_source", "judgments_fingerprint",
@@ -56,7 +58,7 @@ TASK_FIELDS: dict[str, dict[str, type]] = {
 MAX_QUOTED = 4  # evidence quoted per sentence (words, n-grams)
 
 
-class JudgmentTemplateError(ValueError):
+class JudgmentTemplateError(ConfigError):  # a ValueError; the command line prints it without a traceback
     """A judgment template file that cannot be used; the message names the file, the key and what is allowed."""
 
 
@@ -131,6 +133,12 @@ def load_templates(path: str | Path = TEMPLATES_PATH) -> Templates:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise JudgmentTemplateError(f"{path}: no such judgment template file") from None
+    except IsADirectoryError:
+        raise JudgmentTemplateError(f"{path}: a folder, not a judgment template file (UTF-8 YAML text)") from None
+    except UnicodeDecodeError as err:  # a binary file, or text in another encoding
+        raise JudgmentTemplateError(f"{path}: not a judgment template file: expected UTF-8 YAML text (a mapping with "
+                                    f"the keys {', '.join(['context', *TASK_FIELDS])}), but byte {err.start} is not "
+                                    f"UTF-8 ({err.reason})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -103,11 +103,14 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     try:
-        raw = _yaml(path.read_text()) or {}  # the params files' loader: 5e-6 is a number
+        raw = _yaml(path.read_text(encoding="utf-8")) or {}  # the params files' loader: 5e-6 is a number
+    except UnicodeDecodeError as err:  # a binary file, or text in another encoding
+        raise ConfigError(f"{path} is not a sweep file: expected UTF-8 YAML text (a mapping with keys "
+                          f"{list(SWEEP_KEYS)}), but byte {err.start} is not UTF-8 ({err.reason})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must be a mapping with keys {list(SWEEP_KEYS)}")
+        raise ConfigError(f"{path} must be a mapping with keys {list(SWEEP_KEYS)}, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(SWEEP_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {list(SWEEP_KEYS)}")
