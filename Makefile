@@ -4,6 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.vllm-installed
+TEST_STAMP := $(VENV)/.test-installed
 PARAMS  ?= params/default.yaml
 PYTEST_ARGS ?=
 
@@ -43,7 +44,12 @@ SWEEPS ?= [params/sweeps/gamma.yaml,params/sweeps/lambda.yaml,params/sweeps/temp
 ablations: setup
 	$(BIN)/python -m vcb_lib run $(PARAMS) --only 06 --set 'ablation.sweeps=$(SWEEPS)'
 
-test: setup vllm
+# The tests' own requirements (TRL, mlflow): tests/requirements.txt, constrained by the core pins.
+$(TEST_STAMP): tests/requirements.txt $(VLLM_STAMP)
+	$(BIN)/python -m pip install -qq -r tests/requirements.txt -c requirements.txt
+	touch $(TEST_STAMP)
+
+test: setup vllm $(TEST_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 smoke: setup

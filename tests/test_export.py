@@ -158,8 +158,7 @@ def test_the_command_line_names_what_is_allowed(run_dir, tmp_path, capsys):
 def test_trl_prepares_the_trl_pairs_export_as_our_model_saw_it(run_dir, tmp_path):
     """TRL's own dataset preparation (the chat template DPOTrainer applies to a conversational
     dataset) turns the export back into exactly the prompt text D_t's candidates were sampled from.
-    Runs where TRL is installed (`make bench` installs it); skips otherwise."""
-    pytest.importorskip("trl")
+    TRL is a test requirement (tests/requirements.txt, which `make test` installs): without it this fails."""
     from datasets import load_dataset
     from trl.data_utils import is_conversational, maybe_apply_chat_template
 

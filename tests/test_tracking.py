@@ -62,6 +62,34 @@ def test_tensorboard_events_are_the_log_jsonl_metrics(tiny, tmp_path):
     assert not list(out.rglob("events.out.tfevents.*"))  # nothing inside the artefact folder
 
 
+def test_mlflow_gets_what_log_jsonl_gets(tiny, tmp_path, monkeypatch):
+    """A tracker besides TensorBoard (README: the other accelerate trackers work once installed): mlflow
+    (``mlflow-skinny`` + SQLAlchemy, tests/requirements.txt) on a local SQLite store, no server, no network. The run
+    is named after the training's folder and holds every log.jsonl metric at its step."""
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow's import: it would post usage data
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # mlflow 3's default store (its file store cannot hold both
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # "tokens" and "tokens/s": a file and a folder of that name)
+    from mlflow.tracking import MlflowClient
+
+    tok, base, groups = tiny
+    out = tmp_path / "run" / "03_train" / "vcb-gamma0.5-seed0"
+    trainer = Trainer(copy.deepcopy(base), tok, groups, "vcb", cfg_(batch_size=2, max_steps=3, log_with="mlflow"), out)
+    trainer.train()
+    rows = log_rows(out / "log.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("vcb-gamma0.5-seed0")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["loss_type"] == "vcb"
+    names = set().union(*(tracked_values(r) for r in rows))
+    assert set(run.data.metrics) == names and {"loss", "grad_norm", "rewards/chosen"} <= names
+    for name in names:
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+        expected = [(r["step"], r[name]) for r in rows if name in r]
+        assert [s for s, _ in history] == [s for s, _ in expected], name
+        assert [v for _, v in history] == pytest.approx([v for _, v in expected], rel=1e-9, abs=1e-12), name
+
+
 def test_log_with_none_writes_no_tracker_files(tiny, tmp_path):
     tok, base, groups = tiny
     trainer = Trainer(copy.deepcopy(base), tok, groups[:4], "dpo", cfg_(batch_size=2, max_steps=1, log_with="none"),
@@ -125,7 +153,8 @@ def test_tracker_folders_of_stages_sweep_points_and_panel_points(tmp_path):
     assert tracker_dir(tmp_path / "scratch") == tmp_path / "scratch" / "tensorboard"  # not in a run: beside its log
 
 
-def test_log_with_is_validated_and_names_what_is_allowed():
+def test_log_with_is_validated_and_names_what_is_allowed(monkeypatch):
+    import accelerate.tracking
     from accelerate.utils import LoggerType
 
     allowed = typing.get_args(typing.get_type_hints(TrainingConfig)["log_with"])
@@ -133,11 +162,15 @@ def test_log_with_is_validated_and_names_what_is_allowed():
     with pytest.raises(ConfigError, match=r"training.log_with: expected one of 'tensorboard', 'none', 'wandb'.*"
                                           r"got 'tensorbord'"):
         load_params(SMOKE, ["training.log_with=tensorbord"])
-    from accelerate.tracking import get_available_trackers
-
-    missing = next((t for t in allowed if t != "none" and t not in {str(a) for a in get_available_trackers()}), None)
-    if missing is not None:  # accelerate would skip it without a word
-        with pytest.raises(ValueError, match=rf"{missing} is not installed.*pip install {missing}"):
+    installed = accelerate.tracking.get_available_trackers()
+    assert {"tensorboard", "mlflow"} <= {str(t) for t in installed}  # the test requirements' trackers
+    assert tracker_kwargs("mlflow", "x/y") == {"log_with": ["mlflow"], "project_dir": "x"}
+    for missing in ("wandb", "mlflow"):  # a tracker whose package is missing, installed here or not:
+        # accelerate would skip it without a word
+        monkeypatch.setattr(accelerate.tracking, "get_available_trackers",
+                            lambda: [t for t in installed if str(t) != missing])
+        with pytest.raises(ValueError, match=rf"'{missing}', but {missing} is not installed.*pip install {missing} "
+                                             r"\(or set training.log_with to none\)"):
             tracker_kwargs(missing, "x")
     assert tracker_kwargs("none", "x") == {}
 
