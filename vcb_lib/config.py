@@ -210,8 +210,11 @@ class SamplingConfig:
 class RewardsConfig:
     """The task, its gold reward, and the learned reward model (Eq. 18)."""
 
-    task: str = "sentiment"  # a vcb_lib.tasks.TASKS name: embedded (sentiment, assistant) or the paper's hub datasets (hh, tldr)
-    reward_model: str = "learned"  # learned (Bradley-Terry, Eq. 18), gold, or a folder / hub reward-model id
+    task: str = "sentiment"  # a vcb_lib.tasks.TASKS name: embedded (sentiment, assistant, exact) or the paper's hub datasets (hh, tldr); a researcher's own prompts come through data.prompts instead
+    reward_model: str = "learned"  # what scores D_t: learned (Bradley-Terry, Eq. 18), gold (the evaluation reward), or a reward spec: package.module:function or path/to/file.py:function (a batch of prompts and responses -> floats), judge:local or judge:<http(s) URL> (an LLM scoring with rewards.judge_rubric), or a folder / hub id of a sequence-classification reward model
+    evaluation: str = ""  # the evaluation ("gold") reward: empty = the task's gold reward (own data: none, then the D_t reward evaluates); or a reward spec as reward_model takes
+    judge_model: str = "packaged:smollm2-135m-instruct"  # judge:... rewards: the model the endpoint serves (a model spec for judge:local)
+    judge_rubric: str = ""  # judge:... rewards: the rubric, a text file (relative to the project root) or the text itself, with {prompt} and {response}; the reply's last 'Score: N' is the reward; empty = a 0-10 helpfulness rubric
     rm_backbone: str = "policy"  # reward model body: policy (π_sft's decoder), minilm (packaged all-MiniLM-L6-v2 encoder), or an encoder folder
     rm_prompts: int = 128  # train prompts whose sampled pair (gold-labelled) trains the reward model; 0 = all; <= 10_000_000
     rm_heldout: float = 0.2  # share of those pairs held out for the accuracy of Table 4
@@ -219,13 +222,55 @@ class RewardsConfig:
     rm_epochs: int = 1  # reward model epochs
 
     def __post_init__(self) -> None:
-        _require(self.task in TASKS, "rewards.task", f"unknown task {self.task!r}; allowed: {', '.join(TASKS)}")
+        _require(self.task in TASKS, "rewards.task", f"unknown task {self.task!r}; allowed: {', '.join(TASKS)} "
+                 "(your own prompts: data.prompts)")
+        for key in ("reward_model", "evaluation"):
+            value = getattr(self, key)
+            _require(key == "evaluation" or bool(value.strip()), f"rewards.{key}", "must name a reward (learned, gold or a reward spec)")
+            _require(not value.startswith("judge:") or value[len("judge:"):] == "local"
+                     or bool(re.fullmatch(r"https?://\S+", value[len("judge:"):])), f"rewards.{key}",
+                     f"a judge reward is judge:local or judge:<http(s) URL>, got {value!r}")
+        _require(self.evaluation != "learned", "rewards.evaluation", "must be the task's gold (empty) or a reward spec, not "
+                 "learned (the learned reward model is what is being evaluated)")
         _require(self.rm_prompts >= 0, "rewards.rm_prompts", f"must be >= 0, got {self.rm_prompts}")
         _at_most(self.rm_prompts, MAX_PROMPTS, "rewards.rm_prompts", "every pair is kept on disk")
         _require(0 < self.rm_heldout < 1, "rewards.rm_heldout", f"must be in (0, 1), got {self.rm_heldout}")
         _require(self.rm_learning_rate > 0, "rewards.rm_learning_rate", f"must be > 0, got {self.rm_learning_rate}")
         _at_most(self.rm_learning_rate, 1.0, "rewards.rm_learning_rate", "larger is a typo, e.g. 5e6 for 5e-6")
         _require(self.rm_epochs >= 1, "rewards.rm_epochs", f"must be >= 1, got {self.rm_epochs}")
+
+
+@dataclass
+class DataConfig:
+    """A researcher's own data (README "Your own data"): prompts from a file or dataset, and scored candidates to import as D_t."""
+
+    prompts: str = ""  # the task's prompts: a .jsonl/.json/.csv/.parquet file, a folder (datasets.save_to_disk, or of such files) or a datasets hub id (paths relative to the project root); empty = rewards.task's prompts (or, with data.candidates, the candidates' prompts)
+    name: str = ""  # the task's name in reports and prompt ids; empty = the file's or dataset's name
+    prompt_column: str = "prompt"  # column holding each prompt: text, or chat messages [{role, content}, ...] ending with the user's turn (UltraFeedback's candidates: instruction)
+    system_column: str = ""  # optional column with a system prompt per row (wins over system_prompt)
+    system_prompt: str = ""  # optional system prompt put before every prompt
+    id_column: str = ""  # column with a stable prompt id; empty = prompt_id when the file has one, else a hash of the prompt
+    split_column: str = ""  # column with each prompt's split (train, test or ood); empty = the split rule: the test_percent% of prompts with the smallest hash of (split_seed, prompt id) are test
+    test_percent: int = 30  # the split rule's share of test prompts, 1..99
+    split_seed: int = 0  # the split rule's seed
+    hub_split: str = "train"  # the split read from a datasets hub id or a saved DatasetDict
+    duplicates: Literal["drop", "error"] = "drop"  # a prompt given twice: keep its first row (counted in the log) or refuse the file
+    candidates: str = ""  # scored candidates to import as D_t instead of sampling (stage 02): a file or folder as data.prompts takes, one of the candidate schemas below
+    candidates_format: Literal["auto", "flat", "groups", "ultrafeedback"] = "auto"  # flat: a row per candidate (prompt, response, reward); groups: a row per prompt (prompt, completions, rewards: the workbench's trl-groups export); ultrafeedback: instruction, completions [{response, overall_score}]; auto = by the columns
+    response_column: str = "response"  # flat candidates: the response column
+    reward_column: str = "reward"  # flat candidates: the reward column (groups: rewards; ultrafeedback: overall_score); absent = scored by rewards.reward_model
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.test_percent <= 99, "data.test_percent", f"must be in 1..99, got {self.test_percent}")
+        _require(self.split_seed >= 0, "data.split_seed", f"must be >= 0, got {self.split_seed}")
+        _require(bool(self.prompt_column.strip()), "data.prompt_column", "must name a column")
+        _require(not self.name or bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)), "data.name",
+                 f"{self.name!r} must be made of letters, digits, '.', '_' or '-'")
+
+    @property
+    def own(self) -> bool:
+        """Whether the task is the researcher's data rather than a registry task."""
+        return bool(self.prompts or self.candidates)
 
 
 def methods() -> tuple[str, ...]:
@@ -258,6 +303,15 @@ class OnlineConfig:
     missing_eos_penalty: float = 0.0  # subtracted from the score of a response cut at max_new_tokens without EOS (TRL missing_eos_penalty); 0 = off
     scale_rewards: Literal["group", "batch", "none"] = "group"  # grpo: centred rewards / the group's std, the batch's, or not scaled (TRL scale_rewards)
     reference: Literal["sft", "previous"] = "sft"  # vcb_online: Δπ = log π - log π_sft (anchored), or log π - log π_previous round (REBEL-style)
+    kl_estimator: Literal["auto", "k1", "k2", "k3"] = "auto"  # ppo, rloo, grpo: Schulman's KL(π‖π_sft) estimate, d = log π_sft - log π: k1 = -d, k2 = d²/2, k3 = e^d - d - 1 (OpenRLHF, verl, TRL kl_estimator); auto = each method's own default (ppo, rloo: k1 in the reward, as TRL; grpo: k3 in the loss, as the GRPO paper and TRL)
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"  # ppo, rloo, grpo: a minibatch's per-token losses / its token count (TRL, DAPO, verl), or the mean over responses of each one's token mean (GRPO paper), or / (responses × the rollout length cap) (Dr. GRPO)
+    clip_level: Literal["sequence", "token"] = "sequence"  # rloo: one importance ratio per response, exp(Σ_t Δlog π), clipped once (TRL RLOOTrainer), or one per token (PPO's)
+    clip_low: float = 0.0  # ppo, rloo, grpo: ε_low, the ratio's lower clip 1 - ε_low (DAPO clip-higher; TRL epsilon); 0 = clip; [0, 1)
+    clip_high: float = 0.0  # ppo, rloo, grpo: ε_high, the ratio's upper clip 1 + ε_high (DAPO's 0.28; TRL epsilon_high); 0 = clip; [0, 10]
+    dual_clip: float = 0.0  # ppo, rloo, grpo: verl's dual clip c > 1, the loss of a negative advantage capped at -c·A (verl's default 3); 0 = off (TRL)
+    reward_clip: float = 0.0  # ppo, rloo, grpo: scores clipped to [-c, c] before the advantages (OpenRLHF reward_clip_range); 0 = off
+    entropy_coef: float = 0.0  # ppo, rloo, grpo: entropy bonus, coef × the per-token entropy of π subtracted from the loss (verl entropy_coeff); 0 = off
+    critic_warmup_rounds: int = 0  # ppo: the first k rounds update only the value network (the policy keeps its weights; verl critic_warmup); 0 = off; < rounds
 
     def __post_init__(self) -> None:
         key = "training.online."
@@ -276,6 +330,15 @@ class OnlineConfig:
             _require(getattr(self, name) >= 0, key + name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("gae_gamma", "gae_lambda"):
             _require(0 <= getattr(self, name) <= 1, key + name, f"must be in [0, 1], got {getattr(self, name)}")
+        _require(0 <= self.clip_low < 1, key + "clip_low", f"must be in [0, 1) (0 = clip), got {self.clip_low}")
+        _require(0 <= self.clip_high <= 10, key + "clip_high", f"must be in [0, 10] (0 = clip), got {self.clip_high}")
+        _require(self.dual_clip == 0 or 1 < self.dual_clip <= 1e6, key + "dual_clip",
+                 f"must be 0 (off) or in (1, 1e6], got {self.dual_clip}")
+        for name in ("reward_clip", "entropy_coef"):
+            _require(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, key + name,
+                     f"must be a finite number >= 0, got {getattr(self, name)}")
+        _require(0 <= self.critic_warmup_rounds < self.rounds, key + "critic_warmup_rounds",
+                 f"must be in 0..rounds-1 ({self.rounds - 1}): the policy trains after the warm-up, got {self.critic_warmup_rounds}")
 
 
 @dataclass
@@ -459,13 +522,24 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     source: str = field(default="<defaults>", compare=False, repr=False)  # file the values came from
 
     def __post_init__(self) -> None:
-        if TASKS[self.rewards.task].exact:  # every response is enumerated: |V|^L under the cap, checked before any stage
+        if self.data.own:  # the researcher's task: no gold reward unless rewards.evaluation names one
+            _require(self.rewards.reward_model != "gold" or bool(self.rewards.evaluation), "rewards.reward_model",
+                     "gold scores D_t with the evaluation reward, and your own data has none: set rewards.evaluation, or "
+                     "name the reward that scores D_t (package.module:function, path/to/file.py:function, judge:local, "
+                     "a reward-model folder or hub id)")
+            needs_pairs = [k for k, on in (("rewards.reward_model: learned", self.rewards.reward_model == "learned"),
+                                           ("models.sft: true", self.models.sft)) if on]
+            _require(not needs_pairs or bool(self.rewards.evaluation), needs_pairs[0] if needs_pairs else "",
+                     "labels sampled pairs with the evaluation reward, and your own data has none: set rewards.evaluation "
+                     "to a reward spec, or score D_t with one (rewards.reward_model)")
+        elif TASKS[self.rewards.task].exact:  # every response is enumerated: |V|^L under the cap, checked before any stage
             from vcb_lib.tasks.exact import check_space, space
 
             try:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from vcb_lib.tasks import TASKS, get_task
+from vcb_lib.tasks import TASKS, Task, get_task
 
 EMBEDDED_TASKS = tuple(name for name, t in TASKS.items() if t.source == "embedded")
 SPLITS = ("train", "test", "ood", "all")
@@ -133,11 +133,28 @@ def _task_rows(task: str) -> tuple[dict, ...]:
     return tuple(rows)
 
 
-def task_data(task: str) -> str:
+def task_of(cfg) -> Task:
+    """The task a config runs: the researcher's own data when ``data.prompts`` or ``data.candidates``
+    is set (source ``data``, no gold reward of its own: ``rewards.evaluation`` names one), else the
+    registry's ``rewards.task``."""
+    if not cfg.data.own:
+        return get_task(cfg.rewards.task)
+    from vcb_lib.user_data import task_name
+
+    return Task(task_name(cfg.data), "data", gold=None, reward_name="evaluation reward", data=cfg.data)
+
+
+def task_data(task: str | Task) -> str:
     """What a task's prompts are, as an artefact key records it: the sha256 (16 hex digits) of an
     embedded task's JSON file, so that editing the prompts or the split marks every artefact built
-    from them stale; a hub task's dataset names (their content is the hub's, pinned by name)."""
-    t = get_task(task)
+    from them stale; a hub task's dataset names (their content is the hub's, pinned by name); a
+    researcher's data: its files' content and the ``data`` section (``user_data.fingerprint``)."""
+    t = get_task(task) if isinstance(task, str) else task
+    if t.source == "data":
+        from vcb_lib.user_data import fingerprint
+
+        return fingerprint(t.data)
+    task = t.name
     if t.source == "embedded":
         return _stable_hash((TASKS_DIR / f"{task}.json").read_text(encoding="utf-8") + f"|test%={TEST_PERCENT}")[:16]
     return "|".join(x for x in (t.prompts, t.preferences, t.ood) if x)
@@ -306,18 +323,27 @@ def load_hub_preferences(name: str, split: str, *, data_files=None, limit: int |
     return rows
 
 
-def task_prompts(task: str, split: str, limit: int = 0) -> list[dict]:
-    """Prompts of a registered task (``vcb_lib.tasks``): an embedded one (``sentiment``,
-    ``assistant``) or the paper's (``hh``, ``tldr``; hub access needed). ``split``: train, test or
-    ood; ``limit`` 0 = all."""
-    t = get_task(task)
-    if t.source == "embedded":
+def task_prompts(task: str | Task, split: str, limit: int = 0) -> list[dict]:
+    """Prompts of a task: a registered one (``vcb_lib.tasks``: an embedded one, ``sentiment``,
+    ``assistant``, or the paper's, ``hh``, ``tldr``; hub access needed) or a researcher's own
+    (:func:`task_of`, ``vcb_lib.user_data``). ``split``: train, test or ood; ``limit`` 0 = all."""
+    t = get_task(task) if isinstance(task, str) else task
+    if t.source == "data":
+        from vcb_lib.user_data import load_prompts as load_own
+
+        rows = [r for r in load_own(t.data) if r["split"] == split]
+    elif t.source == "embedded":
         rows = load_prompts(task, split)
     else:
         name = t.ood if split == "ood" else t.prompts
         if name is None:
             raise ValueError(f"task {task!r} has no out-of-distribution prompt set")
         rows = load_hub_prompts(name, "test" if split == "ood" else split, limit=limit or None)
+    if not rows and t.source == "data" and split != "ood":
+        from vcb_lib.user_data import DataError
+
+        raise DataError(f"your data ({t.data.prompts or t.data.candidates}) has no {split} prompts: give the split "
+                        "column some, or let the split rule (data.test_percent) choose them")
     return rows[:limit] if limit else rows
 
 
@@ -488,6 +514,7 @@ def build_candidates(prompts: Sequence[Mapping], sampler, out_dir: str | Path, *
 
     from vcb_lib.io import atomic_write_bytes, read_json, write_json
     from vcb_lib.logps import sequence_logps
+    from vcb_lib.user_data import chat_input
 
     prompts = list(prompts)
     if not prompts:
@@ -516,7 +543,7 @@ def build_candidates(prompts: Sequence[Mapping], sampler, out_dir: str | Path, *
         if path.is_file():
             bar.update(len(chunk))
             continue
-        inputs = [format_prompt(p["prompt"]) for p in chunk]
+        inputs = [format_prompt(chat_input(p)) for p in chunk]
         t0 = time.monotonic()
         completions = sampler.generate(inputs, n, temperature, max_new_tokens, seed, top_p, first_index=start)
         t_sampling += time.monotonic() - t0

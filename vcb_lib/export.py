@@ -43,7 +43,7 @@ import yaml
 from vcb_lib.config import Config, _yaml, load_params
 from vcb_lib.stages import artefacts
 from vcb_lib.stages.generate import check_rewards, read_candidates
-from vcb_lib.tasks import get_task
+from vcb_lib.data import task_of
 
 FORMATS = ("hf", "trl-pairs", "trl-groups")
 PAIRS = ("all", "best_worst")  # training.pairs' values: how order-based losses pair candidates
@@ -160,7 +160,8 @@ def prompt_groups(table: pd.DataFrame) -> pd.DataFrame:
     for g in _groups(table):
         row = {"prompt_id": str(g.prompt_id.iloc[0]), "prompt": _prompt(g.prompt.iloc[0], chat),
                "completions": [_completion(r, chat) for r in g.response], "rewards": g.reward.astype(float).tolist(),
-               "ref_logps": g.ref_logp.astype(float).tolist()}
+               "ref_logps": g.ref_logp.astype(float).tolist(),
+               "completion_ids": [[int(t) for t in ids] for ids in g.response_ids]}
         if "gold" in g:
             row["gold"] = g.gold.astype(float).tolist()
         rows.append(row)
@@ -174,13 +175,19 @@ def prompt_groups(table: pd.DataFrame) -> pd.DataFrame:
 
 def reward_source(cfg: Config) -> str:
     """Which reward scored D_t (``rewards.reward_model``), in words."""
-    task, rm = get_task(cfg.rewards.task), cfg.rewards.reward_model
+    from vcb_lib.reward_sources import kind
+    from vcb_lib.stages.sft_and_reward import evaluation_reward_name
+
+    rm = cfg.rewards.reward_model
+    if cfg.data.candidates:
+        return f"the rewards of the imported candidates `{cfg.data.candidates}` (or `{rm}` where it had none)"
     if rm == "gold":
-        return f"the task's gold reward, {task.reward_name} (`rewards.reward_model: gold`)"
+        return f"the evaluation reward, {evaluation_reward_name(cfg)} (`rewards.reward_model: gold`)"
     if rm == "learned":
         return (f"the Bradley-Terry reward model (Eq. 18) trained in stage 01 on gold-labelled pairs, backbone "
                 f"`{cfg.rewards.rm_backbone}` (`01_models/reward_model/`)")
-    return f"the sequence-classification reward model `{rm}`"
+    return {"callable": f"the Python function `{rm}`", "judge": f"an LLM judge with a rubric (`{rm}`, model "
+            f"`{cfg.rewards.judge_model}`)"}.get(kind(rm), f"the sequence-classification reward model `{rm}`")
 
 
 def _columns(fmt: str, chat: bool, gold: bool) -> list[str]:
@@ -206,7 +213,9 @@ def _columns(fmt: str, chat: bool, gold: bool) -> list[str]:
 def dataset_card(cfg: Config, fmt: str, record: dict, info: dict, chat: bool, gold: bool) -> str:
     """``README.md`` of an export: front matter (``configs`` for ``load_dataset``, ``vcb_export``) and
     what a reader needs to use the data without this workbench."""
-    task, s = get_task(cfg.rewards.task), cfg.sampling
+    from vcb_lib.stages.sft_and_reward import evaluation_reward_name
+
+    task, s = task_of(cfg), cfg.sampling
     meta: dict[str, Any] = {"tags": ["vcb", "preference", "rlhf"], "pretty_name": f"VCB D_t of run {cfg.run.name}"}
     if fmt != "hf":
         meta["configs"] = [{"config_name": "default", "data_files": [{"split": "train", "path": "train.parquet"}]}]
@@ -223,8 +232,9 @@ def dataset_card(cfg: Config, fmt: str, record: dict, info: dict, chat: bool, go
         f"n candidates per prompt; order-based losses (DPO, IPO, SLiC, RRHF) on their pairs.", "",
         "## Task", "",
         f"`{task.name}` ({task.source}"
-        + (f", prompts from `{task.prompts}`" if task.prompts else ", the workbench's embedded prompt set")
-        + f"): {info['prompts']} train prompts; evaluation reward: {task.reward_name}.", "",
+        + (f", prompts from `{task.prompts}`" if task.prompts else f", your data `{task.data.prompts or task.data.candidates}`"
+           if task.source == "data" else ", the workbench's embedded prompt set")
+        + f"): {info['prompts']} train prompts; evaluation reward: {evaluation_reward_name(cfg)}.", "",
         "## Sampling", "",
         f"- π_sft: `{record.get('model', cfg.models.policy)}` ({cfg.models.dtype}), sampler `{record.get('sampler', '?')}`",
         f"- n = {s.n} candidates per prompt, temperature {s.temperature}, top_p {s.top_p}, "
@@ -232,7 +242,7 @@ def dataset_card(cfg: Config, fmt: str, record: dict, info: dict, chat: bool, go
         f"- prompts: {'chat template applied (`model_input`)' if chat else 'plain text, no chat template'}", "",
         "## Rewards", "",
         f"- `reward` (what the losses train on): {reward_source(cfg)}",
-        *([f"- `gold`: {task.reward_name}"] if gold else []), "",
+        *([f"- `gold`: {evaluation_reward_name(cfg)}"] if gold else []), "",
         "## Reference log-probs", "",
         "`ref_logp` (`ref_logps` in trl-groups) is log π_sft(y | x) summed over the response tokens "
         "(`response_ids` after `model_input`), computed once when D_t was built, with the π_sft above"

@@ -524,10 +524,12 @@ def _hub_guard(value: str, kind: str, load):
         ) from e
 
 
-def format_prompt(tokenizer, user_text: str) -> str:
-    """One user turn through the chat template, ending with the assistant header; else the text."""
+def format_prompt(tokenizer, prompt: str | list[dict]) -> str:
+    """A prompt as the model reads it: one user turn (text) or a conversation (chat messages
+    ``[{"role", "content"}, ...]``, e.g. a system prompt then the user's turn) through the chat
+    template, ending with the assistant header. A tokenizer without a template reads the text, or
+    the messages' contents joined by blank lines."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
-        )
-    return user_text
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in messages)

@@ -197,6 +197,28 @@ def source_cell_index(executed: Path, exec_count: int | None) -> int | None:
     return None
 
 
+def check_inputs(cfg: Config, *, log: Callable[[str], None] = print) -> None:
+    """Your data and rewards, read and checked before any notebook runs: the prompt and candidate
+    files (``user_data.DataError`` naming the file, row and column) and each reward spec
+    (``reward_sources.RewardSourceError``); both are ``ConfigError`` s, printed without a traceback."""
+    from vcb_lib import reward_sources
+
+    for spec in (cfg.rewards.reward_model, cfg.rewards.evaluation):
+        if spec:
+            reward_sources.check(spec, rubric=cfg.rewards.judge_rubric)
+    if not cfg.data.own:
+        return
+    from vcb_lib.data import task_of, task_prompts
+    from vcb_lib.user_data import load_candidates
+
+    task = task_of(cfg)
+    counts = {split: len(task_prompts(task, split)) for split in ("train", "test", "ood")}
+    found = f"your data: task {task.name!r}, " + ", ".join(f"{n} {split}" for split, n in counts.items() if n) + " prompts"
+    if cfg.data.candidates:
+        found += f"; {len(load_candidates(cfg.data, log=log))} candidates to import"
+    log(found)
+
+
 def run(params_path: str | Path, overrides: list[str] | None = None, *, only: list[str] | None = None,
         start: str | None = None, notebooks_dir: Path = NOTEBOOKS_DIR,
         log: Callable[[str], None] = print) -> Path:
@@ -207,6 +229,7 @@ def run(params_path: str | Path, overrides: list[str] | None = None, *, only: li
     overrides = list(overrides or []) + HEADLESS_OVERRIDES
     params_path = Path(params_path).expanduser().resolve()
     cfg: Config = load_params(params_path, overrides)  # fails here, before any notebook, on bad params
+    check_inputs(cfg, log=log)  # and on bad data files or reward specs
     stages = discover(notebooks_dir)
     stages = select(stages, only or cfg.run.stages or None, start)
     injected = {"params_path": str(params_path), "overrides": overrides}

@@ -904,13 +904,14 @@ class CurveSampler:
     without it."""
 
     def __init__(self, cfg, tokenizer, out_dir: str | os.PathLike):
-        from vcb_lib.data import task_prompts
+        from vcb_lib.data import task_of, task_prompts
         from vcb_lib.models import format_prompt
+        from vcb_lib.user_data import chat_input
 
         self.cfg, self.tokenizer, self.dir = cfg, tokenizer, Path(out_dir) / "curve"
         e = cfg.evaluation
-        self.prompts = task_prompts(cfg.rewards.task, "test", e.curve_prompts)
-        self.inputs = [format_prompt(tokenizer, r["prompt"]) for r in self.prompts]
+        self.prompts = task_prompts(task_of(cfg), "test", e.curve_prompts)
+        self.inputs = [format_prompt(tokenizer, chat_input(r)) for r in self.prompts]
 
     def __call__(self, step: int, trainer: "Trainer") -> None:
         if step not in curve_steps(trainer.total_steps, self.cfg.evaluation.curve_points):

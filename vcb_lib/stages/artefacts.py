@@ -31,12 +31,12 @@ import dataclasses
 from pathlib import Path
 
 from vcb_lib.config import UPSTREAM_TRAINING_KEYS, Config
-from vcb_lib.data import task_data
+from vcb_lib.data import task_data, task_of
 from vcb_lib.losses import LossType
 from vcb_lib.manifest import Artefact
 from vcb_lib.policy_gradient import OnlineMethod, is_online
 
-UPSTREAM = ("run", "models", "sampling", "rewards", *(f"training.{k}" for k in UPSTREAM_TRAINING_KEYS))
+UPSTREAM = ("run", "models", "sampling", "rewards", "data", *(f"training.{k}" for k in UPSTREAM_TRAINING_KEYS))
 LOSS_HPARAMS = sorted({h for lt in LossType for h in (*lt.hparams, *lt.data_hparams)})  # training.* keys that only some losses read
 CURVE_KEYS = ("curve_points", "curve_prompts", "samples_per_prompt", "temperature", "max_new_tokens")
 EVAL_SAMPLING_KEYS = ("samples_per_prompt", "temperature", "max_new_tokens")
@@ -46,10 +46,25 @@ METHOD_FILES = ("final/*", "final/adapter/*", "summary.json", "log.jsonl", "curv
 OFFLINE_ONLY_KEYS = ("epochs", "max_steps", "save_every", "grad_accum")  # read by the D_t trainer only: online methods count rounds, minibatches
 
 
+def inputs(cfg: Config) -> dict:
+    """What the config's strings do not say about the data and the rewards: ``task_data``, the prompts'
+    own fingerprint (:func:`data.task_data`: an embedded task's file, your data's files and column
+    mapping), and ``reward_sources``, what a reward spec computes (a callable's source file, a
+    reward-model folder's files, a judge's model and rubric; ``reward_sources.fingerprint``), so that
+    edited data or an edited reward function makes what was built from it stale, not silently reused."""
+    from vcb_lib.reward_sources import fingerprint
+
+    out = {"task_data": task_data(task_of(cfg))}
+    r = cfg.rewards
+    sources = {key: fingerprint(spec, model=r.judge_model, rubric=r.judge_rubric)
+               for key, spec in (("reward_model", r.reward_model), ("evaluation", r.evaluation)) if spec}
+    sources = {k: v for k, v in sources.items() if v}
+    return out | ({"reward_sources": sources} if sources else {})
+
+
 def upstream(cfg: Config) -> dict:
-    """The UPSTREAM slice plus ``task_data``: the prompts' own fingerprint (:func:`data.task_data`),
-    so that edited task data makes the artefacts built from it stale, not silently reused."""
-    return cfg.slice(*UPSTREAM) | {"task_data": task_data(cfg.rewards.task)}
+    """The UPSTREAM slice (the ``data`` section included) plus :func:`inputs`."""
+    return cfg.slice(*UPSTREAM) | inputs(cfg)
 
 
 def _dir(cfg: Config, stage: str) -> Path:
@@ -64,8 +79,8 @@ def pairs(cfg: Config) -> Artefact:
     """Preference pairs: they depend on how they are sampled and split, not on how the reward
     model then trains on them (so its epochs and learning rate can be varied on the same pairs)."""
     return Artefact(_dir(cfg, "01_models") / "pairs.parquet", "01_sft_and_reward",
-                    cfg.slice("run", "models", "sampling", "rewards.task", "rewards.rm_prompts", "rewards.rm_heldout")
-                    | {"task_data": task_data(cfg.rewards.task)})
+                    cfg.slice("run", "models", "sampling", "rewards.task", "rewards.rm_prompts", "rewards.rm_heldout",
+                              "rewards.evaluation", "data") | inputs(cfg))
 
 
 def sft(cfg: Config) -> Artefact:
@@ -92,6 +107,13 @@ def replicate(cfg: Config, method: str, seed: int | None = None) -> str:
     return method if seed is None or seed == training_seeds(cfg)[0] else f"{method}-seed{seed}"
 
 
+def whitebox_task(cfg: Config) -> str:
+    """The task whose white-box judgments CUT reads (``vcb_lib.judgments``): a registry task's name;
+    your own data has none (``data:<name>``), so CUT there needs judgments from a model (training.cut_judge)."""
+    task = task_of(cfg)
+    return f"data:{task.name}" if task.source == "data" else task.name
+
+
 def method_key(cfg: Config, method: str, seed: int | None = None) -> dict:
     """What training ``method`` with training seed ``seed`` (default: the main one) depends on: the
     upstream, every training key but the lists of methods and seeds and the other losses'
@@ -110,7 +132,7 @@ def method_key(cfg: Config, method: str, seed: int | None = None) -> dict:
     elif lt.judged:  # what wrote its judgments: edited templates retrain it
         from vcb_lib.judgments import judgments_fingerprint
 
-        key |= {"judgments": judgments_fingerprint(cfg.rewards.task, llm=bool(cfg.training.cut_judge))}
+        key |= {"judgments": judgments_fingerprint(whitebox_task(cfg), llm=bool(cfg.training.cut_judge))}
     lora = cfg.training.lora_for(method)
     if lora is not None:  # which other methods use adapters is not part of what this one computes
         key |= {f"training.lora.{k}": v for k, v in dataclasses.asdict(lora).items() if k not in ("enabled", "methods")}
@@ -215,8 +237,7 @@ def samples(cfg: Config, policy: str, split: str) -> Artefact:
 
 def eval_metrics(cfg: Config) -> Artefact:
     return Artefact(cfg.run_dir / "04_eval" / "metrics.json", "04_evaluate",
-                    cfg.slice("run", "models", "sampling", "rewards", "training", "evaluation")
-                    | {"task_data": task_data(cfg.rewards.task)})
+                    cfg.slice("run", "models", "sampling", "rewards", "data", "training", "evaluation") | inputs(cfg))
 
 
 def pool(cfg: Config) -> Artefact:

@@ -19,8 +19,9 @@ from vcb_lib.judge import LOCAL_JUDGE_MODEL, JudgeClient, judge_win_rate
 from vcb_lib.metrics import diversity, length_stats, misalignment, reward_kl_point, win_rate
 from vcb_lib.stages import artefacts
 from vcb_lib.stages.generate import check_rewards, sample_from_sft
-from vcb_lib.stages.sft_and_reward import load_reward_model, metrics_artefact
-from vcb_lib.tasks import get_task
+from vcb_lib.data import task_of
+from vcb_lib.stages.sft_and_reward import (evaluation_reward_name, has_evaluation_reward, load_evaluation_reward,
+                                           load_reward_model, metrics_artefact)
 
 
 def reference_method(cfg: Config) -> str:
@@ -29,10 +30,9 @@ def reference_method(cfg: Config) -> str:
 
 
 def evaluation_reward(cfg: Config) -> tuple[str, str]:
-    """``(column, name)`` of the evaluation reward: the task's gold reward where it has one,
-    else the reward model's ``reward``."""
-    task = get_task(cfg.rewards.task)
-    return ("gold", task.reward_name) if task.gold else ("reward", f"{cfg.rewards.reward_model} reward model")
+    """``(column, name)`` of the evaluation reward: ``gold`` where there is one (``rewards.evaluation``,
+    or the task's gold reward), else the reward model's ``reward``."""
+    return ("gold" if has_evaluation_reward(cfg) else "reward"), evaluation_reward_name(cfg)
 
 
 def sample_policies(cfg: Config, split: str, policies: list[str] | None = None, *, log=print) -> pd.DataFrame:
@@ -44,11 +44,10 @@ def sample_policies(cfg: Config, split: str, policies: list[str] | None = None, 
     from vcb_lib.data import build_candidates, task_prompts
     from vcb_lib.manifest import key_hash
     from vcb_lib.models import format_prompt, load_policy, load_tokenizer
-    from vcb_lib.rewards import gold_reward
     from vcb_lib.samplers import HFSampler
 
     e, specs = cfg.evaluation, artefacts.policy_specs(cfg, policies)
-    prompts = task_prompts(cfg.rewards.task, split, e.num_prompts if split == "test" else e.ood_prompts)
+    prompts = task_prompts(task_of(cfg), split, e.num_prompts if split == "test" else e.ood_prompts)
     ref_spec = artefacts.sft_spec(cfg)
     ref, tok = None, load_tokenizer(ref_spec, cache_dir=cfg.models.cache_dir)
     rm, gold = None, None
@@ -63,7 +62,7 @@ def sample_policies(cfg: Config, split: str, policies: list[str] | None = None, 
         if ref is None:
             ref = load_policy(ref_spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
             rm = load_reward_model(cfg)
-            gold = gold_reward(cfg.rewards.task) if get_task(cfg.rewards.task).gold else None
+            gold = load_evaluation_reward(cfg)
         policy = ref if name == "sft" else load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
         table = build_candidates(prompts, HFSampler(policy, tok, batch_size=cfg.sampling.batch_size),
                                  art.path.parent / f"shards-{split}", n=e.samples_per_prompt, temperature=e.temperature,
@@ -259,7 +258,6 @@ def reward_kl_curve(cfg: Config, samples: pd.DataFrame, *, log=print) -> dict[st
     snapshot samples to ``04_eval/curve.parquet``."""
     from vcb_lib.logps import sequence_logps
     from vcb_lib.models import load_policy, load_tokenizer
-    from vcb_lib.rewards import gold_reward
 
     if not cfg.evaluation.curve_points:
         return {}
@@ -273,7 +271,7 @@ def reward_kl_curve(cfg: Config, samples: pd.DataFrame, *, log=print) -> dict[st
         ref, tok = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir), load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
         snapshots["ref_logp"] = sequence_logps(ref, tok, list(snapshots.model_input),  # the sampler encoded the same text
                                                [list(map(int, ids)) for ids in snapshots.response_ids], batch_size=16).numpy()
-        judge = gold_reward(cfg.rewards.task) if judge_col == "gold" else load_reward_model(cfg)
+        judge = load_evaluation_reward(cfg) if judge_col == "gold" else load_reward_model(cfg)
         snapshots[judge_col] = judge.score(list(snapshots.prompt), list(snapshots.response))
         atomic_write_bytes(cfg.stage_dir("04_eval") / "curve.parquet", snapshots.to_parquet(index=False))
     ids = set(samples[samples.method == "sft"].prompt_id.unique()[:cfg.evaluation.curve_prompts])
@@ -327,7 +325,8 @@ def judge_win_rates(cfg: Config, samples: pd.DataFrame, *, reference: str | None
       A.3 answer format (:data:`vcb_lib.judge.A3_REPLY_REGEX`), and stopped afterwards.
 
     ``client`` replaces the one ``evaluation.judge`` names. The prompt kind is the task's
-    (``Task.judge_kind``); unparseable replies count as ties (``n_malformed``). Each judged pair is
+    (``Task.judge_kind``); a prompt with an unparseable reply is excluded from the win rate and
+    counted (``n_excluded`` prompts, ``n_malformed`` replies), never scored as a tie. Each judged pair is
     saved as it comes (``04_eval/judge/<reference>-vs-<method>.jsonl``, keyed by the judge and the
     texts): a judge that fails part-way raises naming the pairs done, and a rerun asks only for
     the rest. ``about``, when given, is filled with what judged (endpoint, model, server start
@@ -369,7 +368,7 @@ def _judge_comparisons(cfg: Config, samples: pd.DataFrame, client: JudgeClient, 
 
     e = cfg.evaluation
     reference = reference or reference_method(cfg)
-    kind = get_task(cfg.rewards.task).judge_kind
+    kind = task_of(cfg).judge_kind
     # what a saved verdict depends on besides the texts (not the URL: a restarted server has another port)
     judge = json.dumps([client.model, client.temperature, client.max_tokens, client.extra_body], sort_keys=True)
     first = samples[samples.k == 0]
@@ -400,7 +399,7 @@ def _judge_comparisons(cfg: Config, samples: pd.DataFrame, client: JudgeClient, 
                 f.flush()
 
             try:
-                out[method] = judge_win_rate(client, prompts, mine, theirs, kind, on_malformed="tie",
+                out[method] = judge_win_rate(client, prompts, mine, theirs, kind, on_malformed="exclude",
                                              max_workers=e.judge_workers, bootstrap=e.bootstrap, seed=cfg.run.seed,
                                              done=done, on_pair=save)
             except JudgeRunError as err:
@@ -413,9 +412,10 @@ def _judge_comparisons(cfg: Config, samples: pd.DataFrame, client: JudgeClient, 
                     f"{f' (prompts {named})' if judged else ''}; they are saved in {path} and a rerun resumes from "
                     f"them{finished}. Cause: {err.__cause__}" + (f"\n{died}" if died else "")) from err
         requests += 2 * (len(ids) - len(done))
-        log(f"judge: {reference} vs {method}: win {out[method]['win']:.2f} tie {out[method]['tie']:.2f} "
-            f"lose {out[method]['lose']:.2f}; same position in both orders {out[method]['same_position']:.2f} "
-            f"({len(ids)} prompts)")
+        o = out[method]
+        log(f"judge: {reference} vs {method}: " + (f"win {o['win']:.2f} tie {o['tie']:.2f} lose {o['lose']:.2f}; same "
+            f"position in both orders {o['same_position']:.2f} " if o["n_judged"] else "no prompt judged ")
+            + f"({o['n_judged']} of {len(ids)} prompts; {o['n_excluded']} excluded: a reply with no verdict)")
     seconds = time.perf_counter() - started
     about |= {"requests": requests, "seconds": seconds}
     log(f"judge: {requests} requests in {seconds:.0f} s ({requests / seconds if seconds else 0:.1f}/s)")
@@ -439,7 +439,7 @@ def summarise(cfg: Config, samples: pd.DataFrame, ood_samples: pd.DataFrame | No
     vocab = len(load_tokenizer(artefacts.sft_spec(cfg), cache_dir=cfg.models.cache_dir))
     metrics: dict = {"evaluation_reward": judge_col, "evaluation_reward_name": judge_name, "reference": reference,
                      "scale": {"prompts": int(samples.prompt_id.nunique()), "samples_per_prompt": e.samples_per_prompt,
-                               "policy": cfg.models.policy, "task": cfg.rewards.task, "seed": cfg.run.seed}}
+                               "policy": cfg.models.policy, "task": task_of(cfg).name, "seed": cfg.run.seed}}
 
     def wins(groups):
         return {m: win_rate(_grid(groups[reference], judge_col), _grid(t, judge_col), bootstrap=e.bootstrap, seed=cfg.run.seed)
@@ -470,7 +470,11 @@ def summarise(cfg: Config, samples: pd.DataFrame, ood_samples: pd.DataFrame | No
 
 def splits(cfg: Config) -> list[str]:
     """The prompt splits every policy samples: "test", and "ood" where the task has OOD prompts."""
-    task = get_task(cfg.rewards.task)
+    task = task_of(cfg)
+    if task.source == "data":
+        from vcb_lib.data import task_prompts
+
+        return ["test", *(["ood"] if task_prompts(task, "ood") else [])]
     return ["test", *(["ood"] if task.source == "embedded" or task.ood else [])]
 
 
@@ -478,7 +482,7 @@ def run(cfg: Config, *, log=print) -> dict:
     """The stage: sample (or reuse) every policy on the test and OOD prompts, summarise, add the
     Fig. 5 curve and the judge, write ``04_eval/metrics.json``; returns the metrics."""
     check_judge(cfg)  # before the sampling, not after it
-    task = get_task(cfg.rewards.task)
+    task = task_of(cfg)
     samples = sample_policies(cfg, "test", log=log)
     ood = sample_policies(cfg, "ood", log=log) if "ood" in splits(cfg) else None
     metrics = summarise(cfg, samples, ood)

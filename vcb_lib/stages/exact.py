@@ -40,7 +40,7 @@ def _split_metrics(name: str, logp: np.ndarray, ref: np.ndarray, rewards: np.nda
 def evaluate(cfg: Config, reference: str, *, log=print) -> dict:
     """``metrics["exact"]`` for ``cfg`` (module docstring), ``reference`` being the method the win rates
     compare with the others (stage 04's); needs π_sft, every method's final policy and D_t, all current."""
-    from vcb_lib.data import task_prompts
+    from vcb_lib.data import task_of, task_prompts
     from vcb_lib.models import load_policy, load_tokenizer
     from vcb_lib.tasks.exact import MAX_RESPONSES, all_responses, reward_ids, target_logps, token_ids
 
@@ -51,7 +51,7 @@ def evaluate(cfg: Config, reference: str, *, log=print) -> dict:
     responses = all_responses(V, L)  # (N, L); over the cap: a ValueError naming it
     dt = read_candidates(cfg)
     prompts = {"train": list(dict.fromkeys(dt.prompt)),
-               "test": [r["prompt"] for r in task_prompts(cfg.rewards.task, "test", cfg.evaluation.num_prompts)]}
+               "test": [r["prompt"] for r in task_prompts(task_of(cfg), "test", cfg.evaluation.num_prompts)]}
     rewards = {s: np.stack([reward_ids(token_ids(p), responses) for p in ps]) for s, ps in prompts.items()}
     logps: dict[str, dict[str, np.ndarray]] = {s: {} for s in prompts}
     for name, spec in specs.items():

@@ -20,7 +20,10 @@ Each method of ``policy_gradient.OnlineMethod`` in ``training.methods`` trains i
 4. **targets**: the method's ``prepare`` (``policy_gradient``): PPO's GAE advantages and returns,
    RLOO's and GRPO's sequence advantages, iterative VCB's reference log-probs;
 5. **update**: ``onpolicy.OnPolicyTrainer.update``, ``epochs`` passes of ``minibatches`` optimizer
-   steps with the method's objective;
+   steps with the method's objective, its per-token losses reduced as ``loss_aggregation`` says
+   (``policy_gradient.aggregation_weights``; the length cap of ``constant`` is the rollout's
+   ``max_new_tokens``), with per-token entropies when ``entropy_coef`` > 0; in PPO's first
+   ``critic_warmup_rounds`` rounds only the value network steps;
 6. **seal**: ``rounds/round-NNNN/`` (policy + value network, optimizer and scheduler states,
    ``rollouts.parquet``, ``stats.json``) with a manifest whose key is the method's artefact key plus
    the round; a copy of the rollouts stays in ``rollouts/round-NNNN.parquet``. The last two round
@@ -61,7 +64,7 @@ import torch
 from vcb_lib.config import Config, load_params, resolve_path
 from vcb_lib.io import atomic_write_bytes, atomic_write_text, read_json, write_json
 from vcb_lib.manifest import Artefact
-from vcb_lib.policy_gradient import OnlineMethod, check_finite_rewards
+from vcb_lib.policy_gradient import OnlineMethod, aggregation_weights, check_finite_rewards
 from vcb_lib.stages import artefacts
 
 KEEP_ROUNDS = 2
@@ -90,17 +93,16 @@ def round_prompts(prompts: list[dict], r: int, per_round: int, seed: int) -> lis
 
 def reward_spec(cfg: Config) -> str:
     """What the rounds score with, as the launched process loads it: ``gold``, the learned reward
-    model's folder (stage 01's, checked current) or ``rewards.reward_model`` itself (a folder / hub id)."""
+    model's folder (stage 01's, checked current) or ``rewards.reward_model`` itself (a reward spec:
+    a callable, a judge, a folder / hub id)."""
     choice = cfg.rewards.reward_model
-    if choice == "gold":
-        return "gold"
     return str(artefacts.reward_model(cfg).require()) if choice == "learned" else choice
 
 
-def load_reward(spec: str, task: str):
-    from vcb_lib.rewards import LearnedRewardModel, gold_reward
+def load_reward(spec: str, cfg: Config):
+    from vcb_lib.stages.sft_and_reward import load_reward as load
 
-    return gold_reward(task) if spec == "gold" else LearnedRewardModel.load(spec)
+    return load(cfg, spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,6 +118,7 @@ def collect_round(cfg: Config, method: OnlineMethod, trainer, sampler, ref, rewa
     spent syncing weights, sampling and scoring (this process)."""
     from vcb_lib.logps import encode_pairs
     from vcb_lib.models import format_prompt
+    from vcb_lib.user_data import chat_input
 
     o, s, acc, tok = cfg.training.online, cfg.sampling, trainer.accelerator, trainer.tokenizer
     chosen = round_prompts(prompts, r, o.prompts_per_round, cfg.run.seed)
@@ -129,7 +132,7 @@ def collect_round(cfg: Config, method: OnlineMethod, trainer, sampler, ref, rewa
     try:
         for c in range(acc.process_index, math.ceil(len(chosen) / bs), acc.num_processes):
             chunk = chosen[c * bs:(c + 1) * bs]
-            inputs = [format_prompt(tok, p["prompt"]) for p in chunk]
+            inputs = [format_prompt(tok, chat_input(p)) for p in chunk]
             t0 = time.perf_counter()
             completions = sampler.generate(inputs, o.n, o.temperature, o.max_new_tokens or s.max_new_tokens,
                                            round_seed(cfg.run.seed, r), 1.0, first_index=c * bs)
@@ -223,7 +226,7 @@ def run_rounds(cfg: Config, method: str, out_dir, *, model_spec: str | None = No
     Returns the summary (also ``out_dir/summary.json``)."""
     from tqdm.auto import tqdm
 
-    from vcb_lib.data import task_prompts
+    from vcb_lib.data import task_of, task_prompts
     from vcb_lib.models import load_policy, load_tokenizer
     from vcb_lib.onpolicy import OnPolicyTrainer, PolicyAndValue, disable_dropout
     from vcb_lib.samplers import make_sampler
@@ -243,7 +246,7 @@ def run_rounds(cfg: Config, method: str, out_dir, *, model_spec: str | None = No
     ref = PolicyAndValue(load()).to(acc.device).eval()  # π_sft, frozen
     disable_dropout(ref)
     ref.requires_grad_(False)
-    reward = load_reward(reward_spec, cfg.rewards.task)
+    reward = load_reward(reward_spec, cfg)
     key = artefacts.method_key(cfg, method, cfg.run.seed)
     log_path = out / "log.jsonl"
 
@@ -268,7 +271,7 @@ def run_rounds(cfg: Config, method: str, out_dir, *, model_spec: str | None = No
     acc.wait_for_everyone()
     trainer.start_trackers(log_dir, log_path, dataclasses.asdict(t) | {"method": method, "seed": cfg.run.seed})
 
-    prompts = task_prompts(cfg.rewards.task, "train", cfg.sampling.num_prompts)
+    prompts = task_prompts(task_of(cfg), "train", cfg.sampling.num_prompts)
     curve = CurveSampler(cfg, tok, out) if cfg.evaluation.curve_points else None
     hparams = {k: getattr(o, k) for k in om.objective_keys} | {k: getattr(t, k) for k in om.hparams}
     temperature = o.temperature if om.temperature_in_logps else 1.0
@@ -289,6 +292,10 @@ def run_rounds(cfg: Config, method: str, out_dir, *, model_spec: str | None = No
                 "round/response_tokens": float(np.mean([row["n_tokens"] for row in rows])),
                 "round/stopped": float(np.mean([row["finish_reason"] == "stop" for row in rows]))}
             per_row = {k: tensors[k] for k in ("mask", "old_logps", "ref_logps", "old_values") if k in tensors}
+            if "loss_aggregation" in om.online_keys:
+                w, units = aggregation_weights(tensors["mask"], o.loss_aggregation,
+                                               max_tokens=o.max_new_tokens or cfg.sampling.max_new_tokens)
+                per_row |= {"loss_weights": w, "loss_units": units}
             rollout = {"prompt_ids": [row["prompt_ids"] for row in rows], "response_ids": [row["response_ids"] for row in rows],
                        "n": o.n, "rows": per_row | (fields if om.per_token else {}), "groups": {} if om.per_token else fields}
             first = (r - 1) * steps_per_round
@@ -308,8 +315,11 @@ def run_rounds(cfg: Config, method: str, out_dir, *, model_spec: str | None = No
                 if curve is not None:
                     curve(row["step"], SimpleNamespace(total_steps=trainer.total_steps, accelerator=acc, model=trainer.policy))
 
-            trainer.update(rollout, om.objective, hparams, per_token=om.per_token, temperature=temperature,
-                           epochs=o.epochs, minibatches=o.minibatches, order_key=f"{method}/round{r}", on_step=on_step)
+            warmup = "critic_warmup_rounds" in om.online_keys and r <= o.critic_warmup_rounds  # PPO: the value network alone
+            trainer.update(rollout, om.objective, hparams | ({"critic_only": True} if warmup else {}), per_token=om.per_token,
+                           temperature=temperature, epochs=o.epochs, minibatches=o.minibatches,
+                           order_key=f"{method}/round{r}", on_step=on_step,
+                           entropy="entropy_coef" in om.online_keys and o.entropy_coef > 0, train_policy=not warmup)
             seconds["update"] = time.perf_counter() - t_update
             update_seconds += seconds["update"]
             _seal_round(cfg, om, trainer, out, key, r, rows, tensors, fields, round_stats | {

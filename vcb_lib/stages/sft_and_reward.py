@@ -16,6 +16,7 @@ import pandas as pd
 
 from vcb_lib import manifest
 from vcb_lib.config import Config
+from vcb_lib.data import task_of
 from vcb_lib.io import atomic_write_bytes, read_json, write_json
 from vcb_lib.stages import artefacts
 
@@ -32,21 +33,19 @@ def preference_pairs(cfg: Config, *, log=print) -> pd.DataFrame:
     """
     from vcb_lib.data import _stable_hash, build_candidates, load_hub_preferences, task_prompts
     from vcb_lib.models import format_prompt, load_policy, load_tokenizer
-    from vcb_lib.rewards import gold_reward
     from vcb_lib.samplers import make_sampler
-    from vcb_lib.tasks import get_task
 
     art = artefacts.pairs(cfg)
     if art.current():
         return pd.read_parquet(art.path)
     out = cfg.stage_dir("01_models")
-    task = get_task(cfg.rewards.task)
+    task = task_of(cfg)
     if task.source == "hub":
         rows = load_hub_preferences(task.preferences, "train", limit=cfg.rewards.rm_prompts or None)
         pairs = pd.DataFrame(rows).assign(prompt_id=lambda d: [f"pair-{i}" for i in range(len(d))],
                                           gold_chosen=np.nan, gold_rejected=np.nan)
     else:
-        prompts = task_prompts(task.name, "train", cfg.rewards.rm_prompts)
+        prompts = task_prompts(task, "train", cfg.rewards.rm_prompts)
         spec = cfg.models.policy
         model, tok = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir), load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
         sampler = make_sampler(cfg.sampling.backend, spec, model=model, tokenizer=tok, batch_size=cfg.sampling.batch_size,
@@ -55,7 +54,7 @@ def preference_pairs(cfg: Config, *, log=print) -> pd.DataFrame:
                                  max_new_tokens=cfg.sampling.max_new_tokens, seed=cfg.run.seed + 1, top_p=cfg.sampling.top_p,
                                  format_prompt=lambda p: format_prompt(tok, p), manifest={"config": manifest.key_hash(art.key)})
         sampler.close()
-        table["gold"] = gold_reward(task.name).score(list(table.prompt), list(table.response))
+        table["gold"] = load_evaluation_reward(cfg).score(list(table.prompt), list(table.response))
         wide = table.pivot(index="prompt_id", columns="k", values=["prompt", "response", "gold"])
         first_wins = wide[("gold", 0)] > wide[("gold", 1)]
         pairs = pd.DataFrame({
@@ -97,7 +96,6 @@ def train_sft(cfg: Config, pairs: pd.DataFrame, *, log=print) -> Path | None:
     from vcb_lib.data import task_prompts
     from vcb_lib.losses import LossType
     from vcb_lib.models import load_policy, load_tokenizer
-    from vcb_lib.tasks import get_task
     from vcb_lib.trainers import Trainer, sft_groups
 
     if not cfg.models.sft:
@@ -111,14 +109,14 @@ def train_sft(cfg: Config, pairs: pd.DataFrame, *, log=print) -> Path | None:
     spec = cfg.models.policy
     model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
     tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
-    task = get_task(cfg.rewards.task)
+    task = task_of(cfg)
     if task.source == "hub":
-        rows = task_prompts(cfg.rewards.task, "train", cfg.sampling.num_prompts)
+        rows = task_prompts(task, "train", cfg.sampling.num_prompts)
         groups = sft_groups(tok, [r["prompt"] for r in rows], [r["reference"] for r in rows], [r["prompt_id"] for r in rows])
     elif task.exact:  # the task's known target π_target: sft_samples responses of L tokens per train prompt drawn from it
         from vcb_lib.tasks.exact import sft_targets
 
-        groups = sft_groups(tok, *sft_targets(task_prompts(task.name, "train", cfg.sampling.num_prompts),
+        groups = sft_groups(tok, *sft_targets(task_prompts(task, "train", cfg.sampling.num_prompts),
                                               cfg.sampling.max_new_tokens))
     else:
         train = pairs[pairs.split == "train"]
@@ -165,17 +163,51 @@ def train_reward_model(cfg: Config, pairs: pd.DataFrame, *, log=print):
     return rm
 
 
-def load_reward_model(cfg: Config):
-    """What ``rewards.reward_model`` names: "gold" (the task's gold reward), "learned" (this run's
-    stage-01 Bradley-Terry model, checked), or a folder / hub id of a sequence-classification model."""
-    from vcb_lib.rewards import LearnedRewardModel, gold_reward
+def load_reward(cfg: Config, spec: str):
+    """The reward ``spec`` names: "gold" (the evaluation reward, :func:`load_evaluation_reward`),
+    "learned" (this run's stage-01 Bradley-Terry model, checked), or a reward spec
+    (``vcb_lib.reward_sources``: a callable, a judge, a sequence-classifier folder or hub id)."""
+    from vcb_lib import reward_sources
+    from vcb_lib.rewards import LearnedRewardModel
 
-    choice = cfg.rewards.reward_model
-    if choice == "gold":
-        return gold_reward(cfg.rewards.task)
-    if choice == "learned":
+    if spec == "gold":
+        gold = load_evaluation_reward(cfg)
+        if gold is None:
+            raise ValueError(f"task {task_of(cfg).name!r} has no gold reward: set rewards.evaluation")
+        return gold
+    if spec == "learned":
         return LearnedRewardModel.load(artefacts.reward_model(cfg).require())
-    return LearnedRewardModel.load(choice)
+    return reward_sources.load(spec, model=cfg.rewards.judge_model, rubric=cfg.rewards.judge_rubric,
+                               cache_dir=cfg.models.cache_dir, log_dir=cfg.run_dir)
+
+
+def load_reward_model(cfg: Config):
+    """What scores D_t: ``rewards.reward_model`` (:func:`load_reward`)."""
+    return load_reward(cfg, cfg.rewards.reward_model)
+
+
+def load_evaluation_reward(cfg: Config):
+    """The evaluation ("gold") reward: ``rewards.evaluation`` when set, else the task's gold reward;
+    None when there is neither (a hub task, your own data without one): the D_t reward then evaluates."""
+    from vcb_lib.rewards import gold_reward
+
+    if cfg.rewards.evaluation:
+        return load_reward(cfg, cfg.rewards.evaluation)
+    task = task_of(cfg)
+    return gold_reward(task.name) if task.gold else None
+
+
+def has_evaluation_reward(cfg: Config) -> bool:
+    """Whether candidates get a ``gold`` column (:func:`load_evaluation_reward` is not None)."""
+    return bool(cfg.rewards.evaluation) or bool(task_of(cfg).gold)
+
+
+def evaluation_reward_name(cfg: Config) -> str:
+    """The evaluation reward in words, as reports name it."""
+    if cfg.rewards.evaluation:
+        return f"{cfg.rewards.evaluation} (rewards.evaluation)"
+    task = task_of(cfg)
+    return task.reward_name if task.gold else f"{cfg.rewards.reward_model} reward model"
 
 
 def evaluate_reward_model(rm, pairs: pd.DataFrame) -> dict:
@@ -208,8 +240,11 @@ def run(cfg: Config, *, log=print) -> dict:
     pairs: ``pairs`` is None, the accuracy None). Returns ``{"pairs", "sft", "reward_model",
     "metrics"}``; ``metrics`` (written to ``01_models/metrics.json``) has the accuracy, its
     ``scores`` (learned vs gold) only in the returned dict."""
-    if not cfg.models.sft and cfg.rewards.reward_model == "gold":  # nothing here needs pairs: skip sampling them
-        log(f"stage 01: π_sft = {cfg.models.policy} (models.sft off) and the gold reward scores D_t: no pairs, no reward model")
+    no_labels = task_of(cfg).source == "data" and not has_evaluation_reward(cfg)  # nothing could label pairs
+    oracle = cfg.rewards.reward_model in ("gold", cfg.rewards.evaluation)  # the evaluation reward scores D_t itself
+    if not cfg.models.sft and (oracle or no_labels):  # nothing here needs pairs: skip sampling them
+        log(f"stage 01: π_sft = {cfg.models.policy} (models.sft off) and the {cfg.rewards.reward_model} reward scores D_t: "
+            "no pairs, no reward model")
         pairs, sft_dir, rm = None, None, load_reward_model(cfg)
         result = {"accuracy": None, "heldout_pairs": 0, "train_pairs": 0}
     else:

@@ -103,7 +103,7 @@ def judgment_source(cfg: Config, folder: Path, stack, *, log=print):
     t = cfg.training
     if not t.cut_judge:
         try:
-            return judgments.judgment_source(cfg.rewards.task)
+            return judgments.judgment_source(artefacts.whitebox_task(cfg))
         except ValueError as err:
             raise ValueError(f"training.methods has cut, which learns from judgments: {err}; or set "
                              "training.cut_judge to have a model write them") from None
