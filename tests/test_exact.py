@@ -150,10 +150,39 @@ def test_exact_metrics_agree_with_monte_carlo(sft, tok):
 # ---- Theorem 1 ----------------------------------------------------------------------------------
 
 
+def test_pi_opt_on_a_tiny_case_is_the_hand_closed_form_and_the_brute_force_maximum():
+    """Three responses, two prompts, π_opt worked out by hand: π_sft = (1/2, 1/4, 1/4) and
+    r = α·(0, ln 2, ln 4) give π_sft·e^{r/α} = (1/2, 1/2, 1), so π_opt = (1/4, 1/4, 1/2) and the optimum
+    of Eq. 2 is α·ln Z = α·ln 2; π_sft = (0.2, 0.3, 0.5), α = 0.5 and r = 0.5·(ln 3, ln 2, 0) give
+    (0.6, 0.6, 0.5)/1.7. Neither closed form nor code of the library finds the brute-force maximum
+    of E_π[r] − α·KL(π‖π_sft) over a 1/300 grid of the simplex: it is within one grid step of both."""
+    ref = np.log([[0.5, 0.25, 0.25], [0.2, 0.3, 0.5]])
+    alpha = np.array([0.7, 0.5])
+    r = alpha[:, None] * np.log([[1.0, 2.0, 4.0], [3.0, 2.0, 1.0]])
+    hand = np.array([[0.25, 0.25, 0.5], [6 / 17, 6 / 17, 5 / 17]])
+    np.testing.assert_allclose(np.exp(exact.optimal_logps(ref, r, alpha)), hand, rtol=1e-12)
+    np.testing.assert_allclose(theory.optimal_policy(r, alpha, -ref).numpy(), hand, rtol=1e-12)  # Eq. 5, β = −log π_sft
+    np.testing.assert_allclose(np.exp(exact._tilted(ref[:1], r[:1], 0.7)), hand[:1], rtol=1e-12)
+    step = 1 / 300
+    a, b = np.meshgrid(np.arange(301) * step, np.arange(301) * step, indexing="ij")
+    grid = np.stack([a, b, 1 - a - b], -1)[(a + b) <= 1 + 1e-12]  # (45_451, 3) points of the simplex
+    grid = np.clip(grid, 0, 1)
+    for i in range(2):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.where(grid > 0, grid * (np.log(grid) - ref[i]), 0.0).sum(1)
+        objective = grid @ r[i] - alpha[i] * kl
+        assert np.abs(grid[objective.argmax()] - hand[i]).max() <= step
+        value = alpha[i] * np.log(np.exp(ref[i] + r[i] / alpha[i]).sum())
+        assert objective.max() <= value + 1e-12 and objective.max() == pytest.approx(value, abs=1e-4)
+    np.testing.assert_allclose(exact.expectation(np.log(hand), r) - alpha * exact.kl(np.log(hand), ref),
+                               [0.7 * np.log(2), 0.5 * np.log(1.7)], rtol=1e-12)
+
+
 def test_pi_opt_by_enumeration_is_theorem_1(sft, tok):
-    """π_opt ∝ π_sft·e^{r/α} over all 1296 responses equals ``theory.optimal_policy`` (Eq. 5 with
-    β = -log π_sft), and it maximises Eq. 2: E[r] − α·KL at π_opt is α·log E_{π_sft}[e^{r/α}] and
-    no other policy (trained-like perturbations, π_sft) gets more."""
+    """π_opt ∝ π_sft·e^{r/α} over all 1296 responses equals the tilted softmax written out here in
+    numpy (the tiny case above checks both against a hand closed form and brute force), and it
+    maximises Eq. 2: E[r] − α·KL at π_opt is α·log E_{π_sft}[e^{r/α}] and no other policy
+    (trained-like perturbations, π_sft) gets more."""
     prompts = ["a c b", "c c a", "b d a"]
     ref, r = exact.policy_logps(sft, tok, prompts, L), rewards_of(prompts)
     sigma = exact.reward_std(ref, r)
@@ -161,7 +190,6 @@ def test_pi_opt_by_enumeration_is_theorem_1(sft, tok):
         opt = exact.optimal_logps(ref, r, alpha)
         by_hand = ref + r / np.broadcast_to(alpha, (3,))[:, None]
         by_hand = by_hand - np.log(np.exp(by_hand).sum(1, keepdims=True))
-        np.testing.assert_allclose(np.exp(opt), theory.optimal_policy(r, np.broadcast_to(alpha, (3,)), -ref).numpy(), atol=1e-12)
         np.testing.assert_allclose(opt, by_hand, atol=1e-9)
         a = np.broadcast_to(alpha, (3,))
         value = exact.expectation(opt, r) - a * exact.kl(opt, ref)
@@ -229,6 +257,33 @@ def test_near_tie_is_the_best_response_and_its_best_sibling(sft, tok):
     np.testing.assert_allclose(tie["r_best"] - tie["r_second"], 0.05)
     np.testing.assert_allclose(tie["last_best"] + tie["last_second"] + tie["last_other"], 1.0)
     np.testing.assert_allclose(tie["gap"], 0.0)  # π = π_sft
+
+
+def test_the_sft_fit_prefers_the_slightly_worse_ending(tok, sft, tmp_path):
+    """README: ``random:exact`` is fitted by the SFT stage (params/exact.yaml as it is) to a known
+    Markov target that prefers the slightly worse ending. The target puts more mass on y☆ (ending f,
+    reward 0.05 lower) than on y★ (ending e) on every train prompt (×e or ×e^0.5 after a d); the fitted
+    π_sft (64 target samples per prompt) does on 16 of the 17, by the target's factor on average, and
+    is far closer to the target than the untrained model."""
+    from vcb_lib.runner import thread_limit
+    from vcb_lib.stages import artefacts, sft_and_reward
+
+    cfg = load_params("params/exact.yaml", [f"run.output_root={tmp_path}"])
+    with thread_limit(cfg.run.threads):
+        sft_and_reward.run(cfg, log=lambda *a, **k: None)
+        fitted = load_policy(artefacts.sft_spec(cfg))
+        prompts = [row["prompt"] for row in load_prompts("exact", "train")]
+        r = rewards_of(prompts)
+        target = np.stack([task.target_logps(task.token_ids(p), RESPONSES) for p in prompts])
+        fit, untrained = (exact.policy_logps(m, tok, prompts, L) for m in (fitted, sft))
+    ties = {name: exact.near_tie(lp, lp, r, np.ones(len(prompts)), 1.0, V) for name, lp in (("target", target), ("fit", fit))}
+    for tie in ties.values():
+        np.testing.assert_allclose(tie["r_best"] - tie["r_second"], 0.05, atol=1e-12)
+        assert {task.text(RESPONSES[c])[-1] for c in tie["best"]} == {"e"} and {task.text(RESPONSES[c])[-1] for c in tie["second"]} == {"f"}
+    log_ratio = {name: np.log(tie["p_second"] / tie["p_best"]) for name, tie in ties.items()}
+    np.testing.assert_allclose(np.sort(np.unique(log_ratio["target"].round(9))), [0.5, 1.0])  # token f: 1.5 vs e: 0.5 (+0.5 after d)
+    assert (log_ratio["fit"] > 0).sum() >= 16 and abs(log_ratio["fit"].mean() - log_ratio["target"].mean()) < 0.2
+    assert exact.kl(target, fit).mean() < 0.5 * exact.kl(target, untrained).mean()
 
 
 # ---- the cap --------------------------------------------------------------------------------------
@@ -303,7 +358,11 @@ def test_stages_add_exact_metrics_that_the_report_and_the_panel_read(tmp_path):
     assert set(ex["reward_kl"]) == {"sft", "vcb", "opt"} and ex["reward_kl"]["sft"]["kl"] == 0.0
     assert ex["win_rate"]["sft"]["win_rate_ci"] is None and ex["misalignment_rate"]["sft"] is None
     assert ex["dt"]["ref_logp_max_error"] < 1e-4  # D_t's stored log π_sft is the enumeration's
-    assert ex["train"]["opt"]["kl_to_opt"] == pytest.approx(0.0, abs=1e-9)
+    # π_opt (Eq. 15, one α = γσ_r(x) per prompt) is one policy at its mean KL: the frontier (one α for
+    # all prompts, the most reward at that mean KL) has at least its reward, and it moved off π_sft
+    opt, sft_m = ex["train"]["opt"], ex["train"]["sft"]
+    assert opt["kl"] > 0.05 and opt["reward"] > sft_m["reward"] and opt["regret"] >= -1e-6
+    assert opt["frontier_reward"] >= opt["reward"] - 1e-6 and sft_m["kl_to_opt"] > 0.05
     assert ex["train"]["vcb"]["eq12_rms_candidates"] < ex["train"]["sft"]["eq12_rms_candidates"]
     # the sampled evaluation (64 samples x 7 test prompts) estimates what the enumeration computes
     samples = evaluate.read_samples(cfg, "test")
