@@ -98,33 +98,61 @@ def test_inconsistent_verdicts_are_a_tie_and_ties_average(fake_judge):
     assert "SUBREDDIT post: p\nsummary A: x\nsummary B: y" in fake_judge.requests[0]["body"]["messages"][0]["content"]
 
 
-def test_malformed_reply_raises_or_counts_as_tie(fake_judge):
+def test_malformed_reply_raises_or_leaves_the_pair_unscored(fake_judge):
     c = client(fake_judge)
     fake_judge.script = ["I cannot decide.", "Result: B"]
     with pytest.raises(judge.JudgeReplyError, match="Result"):
         judge.judge_pair_both_orders(c, "p", "x", "y", "dialogue")
-    fake_judge.script = ["I cannot decide.", "Result: B"]  # malformed run -> C (0.5); run 2 B -> 1
-    assert judge.judge_pair_both_orders(c, "p", "x", "y", "dialogue", on_malformed="tie") == 0.75
+    fake_judge.script = ["I cannot decide.", "Result: B"]  # no verdict in run 1: no score (never a tie, 0.75)
+    assert judge.judge_pair_both_orders(c, "p", "x", "y", "dialogue", on_malformed="exclude") is None
+    with pytest.raises(ValueError, match="'tie' is gone.*exclude"):
+        judge.judge_pair_both_orders(c, "p", "x", "y", "dialogue", on_malformed="tie")
 
 
 def test_judge_win_rate(fake_judge):
     fake_judge.script = ["Result: A", "Result: B",   # prompt 0: consistent win -> 1
                          "Result: A", "Result: A",   # prompt 1: inconsistent -> 0.5 (tie)
                          "Result: B", "Result: A",   # prompt 2: consistent loss -> 0
-                         "garbage", "Result: B"]     # prompt 3: malformed + B -> 0.75 (win)
+                         "garbage", "Result: B"]     # prompt 3: malformed + B -> excluded
     out = judge.judge_win_rate(client(fake_judge), ["p0", "p1", "p2", "p3"], ["a0", "a1", "a2", "a3"],
-                            ["b0", "b1", "b2", "b3"], "dialogue", on_malformed="tie", bootstrap=200)
-    assert out["scores"] == [1.0, 0.5, 0.0, 0.75]
-    assert (out["win"], out["tie"], out["lose"]) == (0.5, 0.25, 0.25)
-    assert out["win_rate"] == pytest.approx(2.25 / 4) and out["win_minus_lose"] == 0.25
-    assert out["n_malformed"] == 1 and out["verdicts"][3] == ["?", "B"]
+                            ["b0", "b1", "b2", "b3"], "dialogue", on_malformed="exclude", bootstrap=200)
+    assert out["scores"] == [1.0, 0.5, 0.0, None]
+    assert (out["win"], out["tie"], out["lose"]) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    assert out["win_rate"] == pytest.approx(1.5 / 3) and out["win_minus_lose"] == 0.0
+    assert (out["n"], out["n_judged"], out["n_excluded"], out["n_malformed"]) == (4, 3, 1, 1)
+    assert out["verdicts"][3] == ["?", "B"]
+    assert out["consistent"] == pytest.approx(2 / 3) and out["same_position"] == pytest.approx(1 / 3)  # judged only
     assert out["win_rate_ci"][0] <= out["win_rate"] <= out["win_rate_ci"][1]
     assert len(fake_judge.requests) == 8
+    with pytest.raises(ValueError, match="'tie' is gone"):
+        judge.judge_win_rate(client(fake_judge), ["p"], ["a"], ["b"], "dialogue", on_malformed="tie")
     with pytest.raises(ValueError, match="unknown judge kind"):
         judge.judge_win_rate(client(fake_judge), ["p"], ["a"], ["b"], "poetry")
     with pytest.raises(ValueError, match="lengths differ"):
         judge.judge_win_rate(client(fake_judge), ["p"], ["a", "b"], ["b"], "dialogue")
     assert len(fake_judge.requests) == 8  # no request for invalid calls
+
+
+def test_a_malformed_reply_is_excluded_from_the_win_rate_not_a_tie(fake_judge):
+    """Two consistent wins and two prompts with a malformed reply: the win rate is 1 over the two
+    judged prompts (as a tie, each malformed prompt would have scored 0.75 or 0.5, and the rate 0.8125),
+    and the malformed prompts are counted beside it. With every reply malformed nothing is left to rate."""
+    fake_judge.script = ["Result: A", "Result: B",      # prompt 0: consistent win
+                         "Result: A", "no verdict",     # prompt 1: malformed in the swapped order
+                         "Result: A", "Result: B",      # prompt 2: consistent win
+                         "I refuse.", "Nope."]          # prompt 3: malformed twice
+    out = judge.judge_win_rate(client(fake_judge), ["p0", "p1", "p2", "p3"], ["a0", "a1", "a2", "a3"],
+                               ["b0", "b1", "b2", "b3"], "dialogue", on_malformed="exclude", bootstrap=100)
+    assert out["win_rate"] == 1.0 and (out["win"], out["tie"], out["lose"]) == (1.0, 0.0, 0.0)
+    assert out["win_rate_ci"] == [1.0, 1.0]
+    assert (out["n_judged"], out["n_excluded"], out["n_malformed"]) == (2, 2, 3)
+    assert out["scores"] == [1.0, None, 1.0, None] and out["verdicts"][1] == ["A", "?"]
+    assert out["picks_a"] == 0.5  # the position check counts the judged prompts only
+    fake_judge.script = ["garbage"] * 4
+    none = judge.judge_win_rate(client(fake_judge), ["p0", "p1"], ["a0", "a1"], ["b0", "b1"], "dialogue",
+                                on_malformed="exclude")
+    assert none["win_rate"] is None and none["win_rate_ci"] is None and none["consistent"] is None
+    assert (none["n_judged"], none["n_excluded"], none["n_malformed"]) == (0, 2, 4)
 
 
 def test_client_url_auth_and_retries(fake_judge):

@@ -224,11 +224,19 @@ class JudgeClient:
 _FIRST_SCORE = {"A": 1.0, "C": 0.5, "B": 0.0}  # score of the response shown as A
 
 
+def _check_on_malformed(on_malformed: str) -> None:
+    if on_malformed == "tie":
+        raise ValueError("on_malformed='tie' is gone: a malformed reply is no verdict, and scoring it as a tie pulled "
+                         "win rates towards 0.5; use 'exclude' (the prompt is left out of the win rate and counted "
+                         "in n_excluded) or 'raise'")
+    if on_malformed not in ("raise", "exclude"):
+        raise ValueError(f"on_malformed must be 'raise' or 'exclude', got {on_malformed!r}")
+
+
 def _both_orders(client: JudgeClient, prompt: str, response_1: str, response_2: str, kind: str,
                  on_malformed: str) -> tuple[str, str]:
     """The verdicts of run 1 (response_1 shown as A) and run 2 (shown as B); "?" = malformed."""
-    if on_malformed not in ("raise", "tie"):
-        raise ValueError(f"on_malformed must be 'raise' or 'tie', got {on_malformed!r}")
+    _check_on_malformed(on_malformed)
     verdicts = []
     for first, second in ((response_1, response_2), (response_2, response_1)):
         try:
@@ -236,17 +244,20 @@ def _both_orders(client: JudgeClient, prompt: str, response_1: str, response_2: 
         except JudgeReplyError:
             if on_malformed == "raise":
                 raise
-            verdicts.append("?")  # counted as a tie
+            verdicts.append("?")  # no verdict: the prompt is excluded, never a tie
     return verdicts[0], verdicts[1]
 
 
-def _score(run_1: str, run_2: str) -> float:
-    """Method 1's score from its two verdicts (run 1: shown as A, run 2: shown as B); "?" = C."""
-    return (_FIRST_SCORE.get(run_1, 0.5) + 1.0 - _FIRST_SCORE.get(run_2, 0.5)) / 2
+def _score(run_1: str, run_2: str) -> float | None:
+    """Method 1's score from its two verdicts (run 1: shown as A, run 2: shown as B); None when
+    either run is malformed ("?"): one order alone would carry the judge's position bias."""
+    if run_1 not in _FIRST_SCORE or run_2 not in _FIRST_SCORE:
+        return None
+    return (_FIRST_SCORE[run_1] + 1.0 - _FIRST_SCORE[run_2]) / 2
 
 
 def judge_pair_both_orders(client: JudgeClient, prompt: str, response_1: str, response_2: str, kind: str, *,
-                           on_malformed: Literal["raise", "tie"] = "raise") -> float:
+                           on_malformed: Literal["raise", "exclude"] = "raise") -> float | None:
     """Score of method 1 against method 2 on one prompt, judged in both positions (Sec. 5.2: "we
     evaluate each response pair in both positions across two separate runs, computing the average
     as the final score").
@@ -255,7 +266,8 @@ def judge_pair_both_orders(client: JudgeClient, prompt: str, response_1: str, re
     0.5 (C, tie) or 0; the result is their mean: 1.0 = consistent win (A then B), 0.5 = tie or
     inconsistent verdicts (A, A: position bias), 0.0 = consistent loss, 0.75 / 0.25 = a win / loss
     in one order and a tie in the other. ``on_malformed="raise"`` (default) propagates
-    :class:`JudgeReplyError`; ``"tie"`` scores an unparseable run as C.
+    :class:`JudgeReplyError`; ``"exclude"`` returns None when a run's reply has no verdict (the pair
+    has no score; it is never scored as a tie).
     """
     return _score(*_both_orders(client, prompt, response_1, response_2, kind, on_malformed))
 
@@ -287,7 +299,7 @@ class JudgeRunError(RuntimeError):
 
 
 def judge_win_rate(client: JudgeClient, prompts: Sequence[str], responses_a: Sequence[str],
-                   responses_b: Sequence[str], kind: str, *, on_malformed: Literal["raise", "tie"] = "raise",
+                   responses_b: Sequence[str], kind: str, *, on_malformed: Literal["raise", "exclude"] = "raise",
                    max_workers: int = 1, bootstrap: int = 1000, seed: int = 0, ci: float = 0.95,
                    done: Mapping[int, Sequence[str]] | None = None,
                    on_pair: Callable[[int, tuple[str, str]], None] | None = None) -> dict[str, Any]:
@@ -296,9 +308,13 @@ def judge_win_rate(client: JudgeClient, prompts: Sequence[str], responses_a: Seq
     Each prompt gets :func:`judge_pair_both_orders`'s score s ∈ {0, .25, .5, .75, 1} for A; a
     prompt is a win if s > 0.5, a loss if s < 0.5, a tie if s = 0.5 (Figure 4's win/tie/lose).
     Returns ``win``, ``tie``, ``lose``, ``win_rate`` = mean score, ``win_minus_lose``, bootstrap
-    CIs over prompts, ``n``, ``n_malformed`` (runs scored as ties under on_malformed="tie"),
-    per-prompt ``scores`` and ``verdicts`` ([run 1, run 2], "?" = malformed), and the
-    :func:`position_bias` check (``consistent``, ``same_position``, ``picks_a``). ``max_workers``
+    CIs over prompts, ``n`` (prompts), ``n_judged`` (prompts with both verdicts: every rate and CI
+    is over these), ``n_excluded`` = n − n_judged and ``n_malformed`` (replies with no verdict),
+    per-prompt ``scores`` (None where excluded) and ``verdicts`` ([run 1, run 2], "?" = malformed),
+    and the :func:`position_bias` check on the judged prompts (``consistent``, ``same_position``,
+    ``picks_a``). Under ``on_malformed="exclude"`` a prompt whose reply in either order has no
+    verdict is excluded from the win rate, and counted; never scored as a tie (that pulled win rates
+    towards 0.5). The rates are None when no prompt is left. ``max_workers``
     > 1 sends prompts concurrently (results keep the prompts' order).
 
     Resuming: ``done`` maps prompt indices to the verdicts a previous run got for them (they are
@@ -313,8 +329,7 @@ def judge_win_rate(client: JudgeClient, prompts: Sequence[str], responses_a: Seq
     if len(prompts) == 0:
         raise ValueError("no prompts to judge")
     judge_prompt(kind, "", "", "")  # fail on a bad kind before any request
-    if on_malformed not in ("raise", "tie"):
-        raise ValueError(f"on_malformed must be 'raise' or 'tie', got {on_malformed!r}")
+    _check_on_malformed(on_malformed)
     verdicts: dict[int, tuple[str, str]] = {}
     for i, v in (done or {}).items():
         if not (0 <= i < len(prompts)) or len(v) != 2 or not all(x in ("A", "B", "C", "?") for x in v):
@@ -357,17 +372,23 @@ def judge_win_rate(client: JudgeClient, prompts: Sequence[str], responses_a: Seq
         raise JudgeRunError(f"the judge failed after {len(verdicts)} of {len(prompts)} pairs: {failure}",
                             dict(verdicts)) from failure
     results = [verdicts[i] for i in range(len(prompts))]
-    scores = np.array([_score(*v) for v in results])
-    win, lose = (scores > 0.5).astype(float), (scores < 0.5).astype(float)
-    per_prompt = np.stack([scores, win - lose], axis=1)  # (N, 2)
+    all_scores = [_score(*v) for v in results]  # None: a malformed run, excluded
+    judged = [v for v, s in zip(results, all_scores) if s is not None]
+    scores = np.array([s for s in all_scores if s is not None])  # (n_judged,)
     out: dict[str, Any] = {
-        "win": float(win.mean()), "tie": float(1.0 - win.mean() - lose.mean()), "lose": float(lose.mean()),
-        "win_rate": float(scores.mean()), "win_minus_lose": float(win.mean() - lose.mean()),
-        "n": len(prompts), "n_malformed": sum((v[0] == "?") + (v[1] == "?") for v in results),
-        "scores": scores.tolist(), "verdicts": [list(v) for v in results],
-        "win_rate_ci": None, "win_minus_lose_ci": None, **position_bias(results),
+        "win": None, "tie": None, "lose": None, "win_rate": None, "win_minus_lose": None,
+        "n": len(prompts), "n_judged": len(judged), "n_excluded": len(prompts) - len(judged),
+        "n_malformed": sum((v[0] == "?") + (v[1] == "?") for v in results),
+        "scores": all_scores, "verdicts": [list(v) for v in results], "win_rate_ci": None, "win_minus_lose_ci": None,
+        **(position_bias(judged) if judged else {"consistent": None, "same_position": None, "picks_a": None}),
     }
     _check_ci(ci)
+    if not judged:
+        return out
+    win, lose = (scores > 0.5).astype(float), (scores < 0.5).astype(float)
+    per_prompt = np.stack([scores, win - lose], axis=1)  # (n_judged, 2)
+    out |= {"win": float(win.mean()), "tie": float(1.0 - win.mean() - lose.mean()), "lose": float(lose.mean()),
+            "win_rate": float(scores.mean()), "win_minus_lose": float(win.mean() - lose.mean())}
     if bootstrap > 0:
         boot = _bootstrap_means(per_prompt, bootstrap, seed)
         out["win_rate_ci"] = _percentile_ci(boot[:, 0], ci)
@@ -384,7 +405,7 @@ LOCAL_JUDGE_MODEL = "packaged:smollm2-135m-instruct"  # what evaluation.judge: l
 WEAK_JUDGES = (LOCAL_JUDGE_MODEL,)  # judges the report calls weak: their path is real, their verdicts are not
 # The A.3 answer format ("Reason: {one-sentence.}\nResult: {A or B or C.}"); the local server constrains
 # replies to it (vLLM structured outputs): the packaged SmolLM2 never writes it unprompted (0 of 12
-# replies parsed, measured), so every run would be "malformed" and count as a tie.
+# replies parsed, measured), so every run would be "malformed" and its pair excluded from the win rate.
 A3_REPLY_REGEX = r"Reason: [^\n]{1,200}\nResult: [ABC]"
 LOG_TAIL_LINES = 30  # lines of the server's log quoted when it fails
 

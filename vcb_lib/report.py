@@ -341,9 +341,14 @@ def write_report(cfg, metrics: dict, fig_dir: Path, *, cut: dict | None = None) 
                   "The gold reward scored D_t (`rewards.reward_model: gold`), so no Bradley-Terry model was needed; "
                   "`rewards.reward_model: learned` trains the paper's (Eq. 18) and this table then shows its accuracy.\n"]
     if metrics.get("judge_win_rate"):
-        judge = {f"{ref} vs {m}": v for m, v in metrics["judge_win_rate"].items()}
+        judge = {f"{ref} vs {m}": v | {k: str(v[k]) for k in ("n_judged", "n_excluded") if k in v}  # counts, not rates
+                 for m, v in metrics["judge_win_rate"].items()}
         lines += ["## Fig. 4 analogue: LLM judge (A.3 prompts, both orders)\n", *judge_notes(metrics.get("judge") or {}),
-                  _table(judge, ["win", "tie", "lose", "win_rate", "n_malformed", "consistent", "same_position", "picks_a"]),
+                  _table(judge, ["win", "tie", "lose", "win_rate", "n_judged", "n_excluded", "consistent", "same_position",
+                                 "picks_a"]),
+                  "Rates over the `n_judged` prompts whose replies in both orders gave a verdict; a prompt with a reply "
+                  "that has none (malformed) is excluded, counted in `n_excluded`, never scored as a tie (which would pull "
+                  "the win rate towards 0.5).\n",
                   "Position-bias check: every pair is judged twice, the responses swapped; a verdict that swaps with them "
                   "is `consistent`, one that names the same position both times (A, A or B, B) is `same_position` and "
                   "scores as a tie; `picks_a` = share of A among all A/B verdicts. An unbiased judge has `same_position` "
