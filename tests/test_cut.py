@@ -11,9 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
+from vcb_lib.config import PROJECT_ROOT
 from vcb_lib.losses import LossType, cut_detect, cut_loss, log1mexp
 
 F64 = torch.float64
+SMOKE = PROJECT_ROOT / "params" / "smoke.yaml"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -383,3 +385,68 @@ def test_judged_candidates_round_trip_to_groups(tok):
     assert groups[0].judged_prompts == list(out.judged_input[:2]) and groups[0].prompt == out.model_input[0]
     with pytest.raises(ValueError, match="unknown positive context 'fake'"):
         judged_candidates(table, source, tok, positive="fake")
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook 05's token marks (stages.analysis.cut_marks): the training rule, on a hand-made example
+# --------------------------------------------------------------------------------------------
+
+
+def test_cut_marks_are_the_training_rule_on_a_hand_made_example(tmp_path, monkeypatch):
+    """Two negative candidates and a positive one, the model faked by its token probabilities in each
+    context. With λ = 1.1 the marks are the tokens whose p(y_t | x, j⁻) / p(y_t | x⁺) exceeds 1.1:
+    A: ratios 1, 1.25, 1, 3, 2/3 → marked " movie", " awful"; B: 2.5, 0.5 → marked "The". The judgment
+    quotes “awful”: evidence A's token 4 and B's token 2. By hand: 7 tokens, 3 marked, 2 evidence, 1 both.
+    The marks come from losses.cut_detect, the rule CUT trains with."""
+    import types
+
+    from vcb_lib import logps, losses, models
+    from vcb_lib.config import load_params
+    from vcb_lib.stages import analysis, artefacts
+
+    words = {1: "The", 2: " movie", 3: " was", 4: " awful", 5: "."}
+    judgment = "The response uses a negative word: “awful”."
+    rows = [  # (prompt_id, k, positive?, failed, response ids, p under x⁺, p under (x, j⁻))
+        ("p1", 0, False, ["negative"], [1, 2, 3, 4, 5], [0.5, 0.4, 0.2, 0.1, 0.3], [0.5, 0.5, 0.2, 0.3, 0.2]),
+        ("p1", 1, True, [], [1, 2], [0.5, 0.5], [0.5, 0.5]),
+        ("p2", 0, False, ["negative", "negative_words"], [1, 4], [0.2, 0.2], [0.5, 0.1]),
+    ]
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    pd.DataFrame([{"prompt_id": pid, "k": k, "prompt": f"review {pid}", "judgment": "Good." if pos else judgment,
+                   "judgment_positive": pos, "judgment_failed": failed, "judgment_values": "{}", "response_ids": ids,
+                   "positive_input": f"plus {pid} {k}", "judged_input": f"judged {pid} {k}"}
+                  for pid, k, pos, failed, ids, _, _ in rows]).to_parquet(folder / "judged.parquet")
+    probs = {f"plus {pid} {k}": p for pid, k, _, _, _, p, _ in rows} | {f"judged {pid} {k}": q for pid, k, _, _, _, _, q in rows}
+
+    def token_logps(model, tok, prompts, responses):
+        return [torch.tensor(probs[p], dtype=torch.float32).log() for p in prompts]
+
+    detected = []
+
+    def spy(judged, policy, lam):
+        detected.append(lam)
+        return losses_cut_detect(judged, policy, lam)
+
+    losses_cut_detect = losses.cut_detect
+    monkeypatch.setattr(losses, "cut_detect", spy)
+    monkeypatch.setattr(artefacts, "method", lambda cfg, name, seed=None: types.SimpleNamespace(require=lambda: folder))
+    monkeypatch.setattr(models, "load_policy", lambda spec, **kw: "model")
+    monkeypatch.setattr(models, "load_tokenizer", lambda spec, **kw: types.SimpleNamespace(decode=lambda ids: words[ids[0]]))
+    monkeypatch.setattr(logps, "sequence_token_logps", token_logps)
+    cfg = load_params(SMOKE, {"run.output_root": str(tmp_path), "run.name": "r", "training.methods": ["vcb", "cut"],
+                              "training.cut_lambda": 1.1})
+    out = analysis.cut_marks(cfg, examples=4)
+    assert detected == [1.1, 1.1]  # once per negative candidate
+    a, b = out["examples"]
+    assert a["tokens"] == ["The", " movie", " was", " awful", "."] and b["tokens"] == ["The", " awful"]
+    assert a["marked"] == [False, True, False, True, False] and b["marked"] == [True, False]
+    assert a["evidence"] == [False, False, False, True, False] and b["evidence"] == [False, True]
+    assert a["log_ratio"] == pytest.approx([0.0, math.log(1.25), 0.0, math.log(3), math.log(2 / 3)], abs=1e-4)
+    s = out["summary"]
+    assert (s["candidates"], s["judged_candidates"], s["tokens"], s["marked"], s["evidence_tokens"]) == (2, 3, 7, 3, 2)
+    assert s["negative_share"] == pytest.approx(2 / 3) and s["marked_share"] == pytest.approx(3 / 7)
+    assert s["marked_that_are_evidence"] == pytest.approx(1 / 3) and s["evidence_marked"] == pytest.approx(1 / 2)
+    assert out["per_feature"] == {"negative": {"candidates": 2, "tokens": 7, "marked": 3, "marked_share": pytest.approx(3 / 7)},
+                                  "negative_words": {"candidates": 1, "tokens": 2, "marked": 1, "marked_share": 0.5}}
+    assert "<mark> movie</mark>" in out["html"] and "<mark><u> awful</u></mark>" in out["html"]

@@ -63,11 +63,11 @@ def cut_marks(cfg: Config, *, examples: int = 4, policy: str = "cut") -> dict:
     ``html`` (those examples, marked tokens highlighted, evidence underlined)."""
     from html import escape
 
-    import numpy as np
     import pandas as pd
 
     from vcb_lib.judgments import evidence_mask, marked_html
     from vcb_lib.logps import sequence_token_logps
+    from vcb_lib.losses import cut_detect
     from vcb_lib.models import load_policy, load_tokenizer
     from vcb_lib.stages.train import JUDGED_FILE
 
@@ -91,7 +91,7 @@ def cut_marks(cfg: Config, *, examples: int = 4, policy: str = "cut") -> dict:
     for i, r in neg.iterrows():
         tokens = [tok.decode([t]) for t in responses[i]]
         ratio = (lp_n[i] - lp_m[i]).double().numpy()  # log p_N - log p_M per token
-        marked = (ratio > np.log(lam)).tolist()
+        marked = cut_detect(lp_n[i], lp_m[i], lam).tolist()  # the rule CUT trains with
         evidence = evidence_mask(tokens, r.judgment)
         rows.append({"prompt_id": r.prompt_id, "k": int(r.k), "prompt": r.prompt, "judgment": r.judgment,
                      "failed": list(r.judgment_failed), "values": json.loads(r.judgment_values), "tokens": tokens,
