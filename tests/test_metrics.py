@@ -1,5 +1,6 @@
 """Evaluation metrics (vcb_lib.metrics): hand-computed examples and independent cross-checks."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -434,3 +435,120 @@ def test_power_curve_refuses_a_pool_too_small_to_fit():
     x = np.zeros((5, 1))
     with pytest.raises(ValueError, match=r">= 2 candidates per prompt, got 5 x 1"):
         power_curve(x, x, x, x)
+
+
+# --------------------------------------------------------------------------------------------
+# Family-wise error: Holm's step-down method over the resolution table's comparisons
+# --------------------------------------------------------------------------------------------
+
+
+def test_holm_matches_a_hand_computation():
+    """p = (0.01, 0.04, 0.03, 0.005), α = 0.05, m = 4. Sorted: 0.005 ≤ 0.05/4 = 0.0125 rejects, 0.01 ≤ 0.05/3
+    rejects, 0.03 > 0.05/2 stops: 0.03 and 0.04 stay unresolved, though each alone is below 0.05.
+    Adjusted: 4·0.005 = 0.02, max(0.02, 3·0.01) = 0.03, max(0.03, 2·0.03) = 0.06, max(0.06, 1·0.04) = 0.06."""
+    out = metrics.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005}, alpha=0.05)
+    assert {k: v["resolved"] for k, v in out.items()} == {"a": True, "b": False, "c": False, "d": True}
+    assert {k: v["p_holm"] for k, v in out.items()} == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06, "d": 0.02})
+    assert {k: v["level"] for k, v in out.items()} == pytest.approx({"d": 1 - 0.05 / 4, "a": 1 - 0.05 / 3,
+                                                                     "c": 1 - 0.05 / 2, "b": 1 - 0.05})
+    assert all(v["resolved"] == (v["p_holm"] <= 0.05) for v in out.values())
+    # a step that fails stops the procedure: b (0.04 ≤ 0.05 at its own step) is not resolved after c failed
+    assert metrics.holm({"x": 0.001}, alpha=0.05)["x"]["resolved"] and metrics.holm({}, alpha=0.05) == {}
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        metrics.holm({"x": 1.5})
+
+
+def test_family_wise_verdicts_on_a_planted_family_match_holm_by_hand():
+    """Seven paired comparisons over 400 prompts with planted z = mean/SE (the per-prompt differences are
+    standardised exactly): z 6, 3.2, 2.75, 2.2, 1.8, 1 and 0 (normal p ≈ 0, 0.0014, 0.006, 0.028, 0.072,
+    0.32, 1). By hand: Holm's thresholds 0.05/7 = 0.0071, 0.05/6 = 0.0083, 0.05/5 = 0.01, 0.05/4 = 0.0125:
+    the first three pass, z = 2.2 at its step needs ≤ 0.0125 and stops the procedure. Four comparisons
+    resolve alone (p ≤ 0.05), three after Holm. Each p is a percentile-bootstrap one with ≥ 50 resamples
+    beyond 0.05/7 (14,000), within ±0.004 of the normal value (±0.03 for the large ones)."""
+    from statistics import NormalDist
+
+    rng = np.random.default_rng(5)
+    P, planted = 400, {"z6": 6.0, "z3.2": 3.2, "z2.75": 2.75, "z2.2": 2.2, "z1.8": 1.8, "z1": 1.0, "z0": 0.0}
+    diffs = {}
+    for name, z in planted.items():
+        e = rng.normal(size=P)
+        e = (e - e.mean()) / e.std(ddof=1)  # mean 0, SD 1 exactly: SE = 1/sqrt(P)
+        diffs[name] = e + z / math.sqrt(P)
+    out = metrics.family_wise(diffs, alpha=0.05, bootstrap=1000, seed=0)
+    assert {v["bootstrap"] for v in out.values()} == {14000}
+    for name, z in planted.items():
+        assert out[name]["p"] == pytest.approx(2 * NormalDist().cdf(-z), abs=0.004 if z >= 2 else 0.03)
+    assert {k for k, v in out.items() if v["resolved_alone"]} == {"z6", "z3.2", "z2.75", "z2.2"}
+    assert {k for k, v in out.items() if v["resolved"]} == {"z6", "z3.2", "z2.75"}
+    by_hand = metrics.holm({k: v["p"] for k, v in out.items()})
+    assert {k: v["resolved"] for k, v in out.items()} == {k: v["resolved"] for k, v in by_hand.items()}
+
+
+def test_resamples_for_level_keep_fifty_beyond_each_bound():
+    assert metrics.resamples_for_level(0.95, 1000) == 2000  # 1000 would leave 25 per tail
+    assert metrics.resamples_for_level(1 - 0.05 / 7, 1000) == 14000  # 1000 would leave about 4
+    assert metrics.resamples_for_level(0.5, 1000) == 1000  # already enough: never fewer than asked
+    for level in (0.9, 0.99, 1 - 0.05 / 3, 1 - 0.05 / 12):
+        assert metrics.resamples_for_level(level) * (1 - level) / 2 >= 50 - 1e-9
+
+
+def test_bootstrap_p_value_inverts_the_percentile_interval():
+    rng = np.random.default_rng(3)
+    for shift in (0.0, 0.05, 0.1, 0.2):
+        d = rng.normal(size=300) + shift
+        p = metrics.bootstrap_p_value(d, bootstrap=4000, seed=1)
+        for level in (0.9, 0.95, 0.99):
+            lo, hi = metrics.bootstrap_mean_ci(d, bootstrap=4000, seed=1, ci=level)
+            if abs(p - (1 - level)) > 0.002:  # away from the boundary, where the quantiles' interpolation decides
+                assert (lo > 0 or hi < 0) == (p < 1 - level)
+    assert metrics.bootstrap_p_value(np.full(10, 2.0)) == 0.0 and metrics.bootstrap_p_value(np.zeros(10)) == 1.0
+
+
+def test_the_report_resolution_table_is_holm_adjusted(monkeypatch):
+    """stages.analysis.pool_family reads each policy's per-prompt pool estimates, takes the reference's
+    differences with each, and resolves them together (Holm); the report's resolution table shows p, the
+    Holm-adjusted p and the family-wise verdict, and says a comparison resolved alone but not after Holm."""
+    import pandas as pd
+
+    from vcb_lib import report
+    from vcb_lib.config import load_params
+    from vcb_lib.stages import analysis, evaluate
+
+    rng = np.random.default_rng(0)
+    P, ids = 400, [f"p{i}" for i in range(400)]
+    base = rng.normal(size=P)
+    # vcb − other, standardised to SE 1/sqrt(P) with planted z: sft 6 (resolved), dpo 2.2 (p ≈ 0.028: alone
+    # only, > 0.05/2), ipo 0.5 (not resolved)
+    per_prompt = {"vcb": base}
+    for name, z in (("sft", 6.0), ("dpo", 2.2), ("ipo", 0.5)):
+        e = rng.normal(size=P)
+        per_prompt[name] = base - ((e - e.mean()) / e.std(ddof=1) + z / math.sqrt(P))
+    monkeypatch.setattr(evaluate, "pool_per_prompt", lambda cfg, policy: pd.Series(per_prompt[policy], index=ids))
+    cfg = load_params(None, {"evaluation.bootstrap": 1000})
+
+    def entry(name):
+        d = per_prompt["vcb"] - per_prompt[name]
+        lo, hi = metrics.bootstrap_mean_ci(d, bootstrap=1000)
+        return {"gold_diff": float(d.mean()), "ci": [lo, hi], "resolved": bool(lo > 0 or hi < 0), "mde": 0.1}
+
+    method = {"gold": 0.5, "gold_ci": [0.4, 0.6], "rm": 0.1, "ess_mean": 30.0, "ess_flag": False, "slope": None,
+              "slope_ci": None, "r2": None, "spearman": None, "misalignment_rate": 0.3}
+    pool = {"reference": "vcb", "gold_name": "gold reward", "prompts": P, "candidates_per_prompt": 4, "mde_factor": 2.8,
+            "ess_threshold": 0.4, "paired": {f"vcb-vs-{n}": entry(n) for n in ("sft", "dpo", "ipo")},
+            "methods": {n: method for n in ("sft", "vcb", "dpo", "ipo")}}
+    family = analysis.pool_family(cfg, {"pool": pool})
+    comps = family["comparisons"]
+    assert family["method"] == "holm" and family["alpha"] == 0.05 and set(comps) == set(pool["paired"])
+    assert comps["vcb-vs-dpo"]["diff"] == pytest.approx(pool["paired"]["vcb-vs-dpo"]["gold_diff"])
+    assert comps["vcb-vs-dpo"]["bootstrap"] == 6000  # 50 beyond 0.05/3 in each tail
+    # by hand: p ≈ (0, 0.028, 0.62); thresholds 0.05/3, 0.05/2, 0.05: sft passes, dpo (0.028 > 0.025) stops
+    assert [comps[f"vcb-vs-{n}"]["resolved"] for n in ("sft", "dpo", "ipo")] == [True, False, False]
+    assert pool["paired"]["vcb-vs-dpo"]["resolved"]  # its own 95% CI excludes 0
+    text = "\n".join(report.pool_sections({"pool": pool | {"family": family}}))
+    assert "Holm's step-down method" in text and "family-wise error over the table's 3 comparisons at 0.05" in text
+    assert "| 95% CI | p | Holm p | resolved | mde |" in text
+    assert re.search(r"\| vcb vs sft \| [0-9.]+ \| \[[^]]+\] \| < 0\.0003 \| < 0\.0003 \| yes \|", text)
+    assert re.search(r"\| vcb vs dpo \| .* \| alone only, not after Holm \|", text)
+    assert re.search(r"\| vcb vs ipo \| .* \| not resolved \|", text)
+    plain = "\n".join(report.pool_sections({"pool": pool}))  # no family: says the verdicts are per comparison
+    assert "per comparison: no correction for the 3 comparisons" in plain

@@ -255,3 +255,209 @@ def test_pool_points_pair_every_point_with_the_first(tmp_path):
     assert [t.get_text() for t in left.get_yticklabels()] == ["max", "dpo", "rank", "vcb (Eq. 10)"]
     filled, hollow = (c.get_offsets() for c in right.collections[1:3])  # after the error bars: resolved, not resolved
     assert sorted(filled[:, 0].tolist()) == [-0.013, -0.008] and hollow[:, 0].tolist() == [0.002]
+
+
+# --------------------------------------------------------------------------------------------
+# compare_points: family-wise intervals with enough resamples, no silent gaps, points on their own pool
+# --------------------------------------------------------------------------------------------
+
+
+def _points(tmp_path, names, upstream="up"):
+    return {n: load_params(SMOKE, {"run.output_root": str(tmp_path), "run.name": n, "run.upstream": upstream})
+            for n in names}
+
+
+def _per_prompt(shift: float, seed: int, n: int = 60) -> pd.Series:
+    return pd.Series(np.random.default_rng(seed).normal(size=n) * 0.1 + shift, index=[f"p{i}" for i in range(n)])
+
+
+@pytest.fixture
+def fake_pools(monkeypatch):
+    """evaluate.pool_per_prompt from a dict (a callable value is called: it may raise); the pool path
+    shared by every point."""
+    from vcb_lib.manifest import Artefact
+    from vcb_lib.stages import artefacts, evaluate
+
+    values: dict = {}
+    monkeypatch.setattr(evaluate, "reference_method", lambda cfg: "vcb")
+    monkeypatch.setattr(evaluate, "pool_per_prompt",
+                        lambda cfg, policy: values[cfg.run.name]() if callable(values[cfg.run.name]) else values[cfg.run.name])
+    monkeypatch.setattr(artefacts, "pool",
+                        lambda cfg: Artefact(cfg.upstream_dir / "04_eval" / "pool" / "c.parquet", "04_evaluate", {}))
+    return values
+
+
+def test_bonferroni_intervals_keep_fifty_resamples_beyond_each_bound(tmp_path, monkeypatch, fake_pools):
+    """Four points: three comparisons with the first, family-wise level 1 − 0.05/3. Its percentile
+    interval is drawn from 6000 resamples (50 beyond each bound; 1000 would leave 8), the per-comparison
+    95% one from evaluation.bootstrap; the verdict is the one those resamples give."""
+    from vcb_lib import metrics
+    from vcb_lib.stages import ablations
+
+    calls, real = [], metrics.paired_difference
+
+    def spy(a, b, *, bootstrap, seed, ci=0.95):
+        calls.append((bootstrap, ci))
+        return real(a, b, bootstrap=bootstrap, seed=seed, ci=ci)
+
+    monkeypatch.setattr(metrics, "paired_difference", spy)
+    points = _points(tmp_path, ["a", "b", "c", "d"])
+    fake_pools.update(a=_per_prompt(0.0, 0), b=_per_prompt(0.03, 1), c=_per_prompt(0.08, 2), d=_per_prompt(0.0, 3))
+    out = ablations.compare_points(points, log=lambda m: None)
+    family = 1 - 0.05 / 3
+    boot = points["a"].evaluation.bootstrap
+    assert sorted(set(calls)) == sorted({(boot, 0.95), (6000, family)}) and len(calls) == 6
+    for bootstrap, ci in calls:
+        assert bootstrap * (1 - ci) / 2 >= 50 - 1e-9 or ci == 0.95
+    for name in "bcd":
+        d = real(fake_pools[name].to_numpy(), fake_pools["a"].to_numpy(), bootstrap=6000, seed=0, ci=family)
+        assert out[name]["vs_first_resolved_all"] == d["resolved"]
+        assert out[name]["same_pool"] and out[name]["shared_pool"]
+    assert out["c"]["vs_first_resolved_all"] and not out["d"]["vs_first_resolved"]
+    assert set(out) == set("abcd") and "vs_first" not in out["a"]
+
+
+def test_a_point_whose_pool_cannot_be_read_is_rebuilt_or_named(tmp_path, fake_pools):
+    """A stale or corrupt pool is no silent gap in results.csv: compare_points rebuilds the point
+    (``rebuild``) and reads it again; without a rebuild, or when it still cannot be read, it fails
+    naming the point."""
+    from vcb_lib.manifest import Artefact, ArtefactError
+    from vcb_lib.stages import ablations
+
+    points = _points(tmp_path, ["first", "second"])
+    stale = ArtefactError(Artefact(tmp_path / "second" / "04_eval" / "pool" / "vcb.parquet", "04_evaluate", {}),
+                          "stale", "built for another config")
+    state = {"broken": True}
+
+    def second():
+        if state["broken"]:
+            raise stale
+        return _per_prompt(0.05, 1)
+
+    fake_pools.update(first=_per_prompt(0.0, 0), second=second)
+    with pytest.raises(ablations.PointPoolError, match="sweep point 'second': its pool cannot be read: .*stale"):
+        ablations.compare_points(points, log=lambda m: None)
+    lines, rebuilt = [], []
+
+    def rebuild(name):
+        rebuilt.append(name)
+        state["broken"] = False
+
+    out = ablations.compare_points(points, log=lines.append, rebuild=rebuild)
+    assert rebuilt == ["second"] and out["second"]["vs_first"] == pytest.approx(0.05 + float(_per_prompt(0, 1).mean())
+                                                                                 - float(_per_prompt(0, 0).mean()))
+    assert any("point second: its pool cannot be read" in line and "rebuilding" in line for line in lines)
+    state["broken"] = True
+    with pytest.raises(ablations.PointPoolError, match="'second'.*even after rebuilding"):
+        ablations.compare_points(points, log=lambda m: None, rebuild=lambda name: None)
+    fake_pools["first"] = lambda: (_ for _ in ()).throw(ValueError("pool.parquet does not match the pool's rows"))
+    with pytest.raises(ablations.PointPoolError, match="sweep point 'first'.*does not match"):
+        ablations.compare_points(points, log=lambda m: None)
+
+
+def test_shared_pool_is_false_for_a_point_that_drew_its_own(tmp_path):
+    """A point reads its upstream's pool when it is current there (drawn once by share_sft_evaluation);
+    one that drew its own (the upstream folder was busy) keeps it and is marked, whatever the upstream
+    holds later."""
+    from vcb_lib.manifest import Artefact
+    from vcb_lib.stages import ablations, artefacts
+
+    beside = _points(tmp_path, ["p"])["p"]  # upstream tmp/up, point tmp/p
+    inside = load_params(SMOKE, {"run.output_root": str(tmp_path / "up" / "sweeps" / "abl"), "run.name": "p",
+                                 "run.upstream": "../.."})  # a sweep inside its base run, the upstream
+    assert beside.upstream_dir == inside.upstream_dir == tmp_path / "up"
+    assert not ablations.shared_pool(beside) and not ablations.shared_pool(inside)  # nothing drawn yet: neither
+    for cfg in (beside, inside):
+        mine = artefacts.own(cfg, artefacts.pool(cfg))
+        theirs = Artefact(cfg.upstream_dir / mine.path.relative_to(cfg.run_dir), mine.stage, mine.key)
+        if not theirs.current():  # the upstream's pool, drawn once (the second point finds it there)
+            theirs.path.parent.mkdir(parents=True)
+            theirs.path.write_bytes(b"pool")
+            theirs.seal()
+        assert artefacts.pool(cfg).path == theirs.path and ablations.shared_pool(cfg)
+        mine.path.parent.mkdir(parents=True)
+        mine.path.write_bytes(b"own pool")  # drawn while the upstream was busy
+        assert not ablations.shared_pool(cfg) and ablations.pool_file(cfg) == mine.path
+    assert not ablations.shared_pool(load_params(SMOKE, {"run.output_root": str(tmp_path), "run.name": "q"}))
+
+
+def test_pool_points_mark_a_point_scored_on_its_own_pool():
+    from vcb_lib.report import pool_points
+
+    base = {"method": "vcb", "pool_gold": 0.39, "pool_gold_lo": 0.36, "pool_gold_hi": 0.43, "pool_vs_sft": 0.081,
+            "pool_vs_sft_lo": 0.056, "pool_vs_sft_hi": 0.105, "slope": 0.01, "misalignment": 0.42}
+    table = pd.DataFrame([
+        base | {"label": "g0.1", "vs_first": float("nan"), "shared_pool": True},
+        base | {"label": "g1", "vs_first": -0.008, "vs_first_lo": -0.015, "vs_first_hi": -0.001, "vs_first_resolved": True,
+                "vs_first_resolved_all": False, "same_pool": False, "shared_pool": False},
+        base | {"label": "g2", "vs_first": 0.002, "vs_first_lo": -0.004, "vs_first_hi": 0.009, "vs_first_resolved": False,
+                "vs_first_resolved_all": False, "same_pool": True, "shared_pool": True}])
+    head, body, note = pool_points(table)
+    assert "paired over prompts" in head and "same π_sft candidates" not in head
+    assert "| g1 † | vcb |" in body and "| g2 | vcb |" in body and "| g0.1 | vcb |" in body
+    assert note.startswith("† scored on a pool of its own") and "upstream folder was busy" in note and ": g1." in note
+    shared = table.assign(shared_pool=True, same_pool=True)
+    assert len(pool_points(shared)) == 2 and "same π_sft candidates" in pool_points(shared)[0]
+
+
+def test_run_sweep_marks_a_point_on_its_own_pool_and_rebuilds_a_stale_one(tmp_path, monkeypatch):
+    """run_sweep's wiring, its stages faked: the first point draws the shared pool in the upstream; the
+    second finds the upstream folder busy and draws its own (logged; results.csv: shared_pool False,
+    same_pool False); the third's pool is stale when the points are compared: it is rerun (stages 03-04)
+    and compared, no NaN left."""
+    from vcb_lib import runner
+    from vcb_lib.manifest import Artefact, ArtefactError
+    from vcb_lib.stages import ablations, artefacts, evaluate
+
+    path = write(tmp_path, "name: abl\nbase: BASE\ngrid: {training.gamma: [0.1, 1.0, 2.0]}\n")
+    over = [f"run.output_root={tmp_path / 'out'}"]
+    runs: list[str] = []
+
+    def fake_run(params, overrides, *, only, log):
+        cfg = load_params(params, overrides)
+        runs.append(cfg.run.name)
+        if cfg.run.name == "gamma-1.0":  # stage 04 with the upstream busy: a pool of its own
+            own = artefacts.own(cfg, artefacts.pool(cfg)).path
+            own.parent.mkdir(parents=True, exist_ok=True)
+            own.write_bytes(b"own pool")
+
+    def share(cfg, log):
+        if cfg.run.name == "gamma-1.0":
+            log("π_sft's evaluation stays per point: busy")
+            return False
+        mine = artefacts.own(cfg, artefacts.pool(cfg))
+        theirs = Artefact(cfg.upstream_dir / mine.path.relative_to(cfg.run_dir), mine.stage, mine.key)
+        if not theirs.current():
+            theirs.path.parent.mkdir(parents=True, exist_ok=True)
+            theirs.path.write_bytes(b"pool")
+            theirs.seal()
+        return True
+
+    def per_prompt(cfg, policy):
+        if cfg.run.name == "gamma-2.0" and runs.count("gamma-2.0") < 2:
+            raise ArtefactError(Artefact(cfg.run_dir / "04_eval" / "pool" / "vcb.parquet", "04_evaluate", {}), "corrupt",
+                                "it does not match its checksum")
+        return _per_prompt(cfg.training.gamma / 10, 0)
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    monkeypatch.setattr(ablations, "point_metrics", lambda cfg: None)
+    monkeypatch.setattr(ablations, "upstream_current", lambda cfg: True)
+    monkeypatch.setattr(ablations, "share_sft_evaluation", share)
+    monkeypatch.setattr(ablations, "record_point", lambda cfg, name, label, metrics, **kw: {"point": name, "label": label,
+                                                                                           "method": "vcb"})
+    monkeypatch.setattr(evaluate, "read_metrics", lambda cfg: {})
+    monkeypatch.setattr(evaluate, "reference_method", lambda cfg: "vcb")
+    monkeypatch.setattr(evaluate, "pool_per_prompt", per_prompt)
+    lines: list[str] = []
+    table = run_sweep(path, over, log=lines.append)
+    assert runs == ["gamma-0.1", "gamma-1.0", "gamma-2.0", "gamma-2.0"]  # the stale one rerun once
+    assert any("gamma-1.0: the upstream folder is busy" in line and "shared_pool = False" in line for line in lines)
+    assert any("point gamma-2.0: its pool cannot be read" in line and "rebuilding" in line for line in lines)
+    saved = pd.read_csv(load_sweep(path, over).root() / "results.csv")
+    for t in (table, saved):
+        assert list(t.shared_pool) == [True, False, True]
+        assert list(t.same_pool.iloc[1:]) == [False, True] and t.vs_first.iloc[1:].notna().all()
+    monkeypatch.setattr(evaluate, "pool_per_prompt", lambda cfg, policy: (_ for _ in ()).throw(
+        ValueError("pool.parquet does not match the pool's rows")) if cfg.run.name == "gamma-2.0" else _per_prompt(0, 0))
+    with pytest.raises(ablations.PointPoolError, match="sweep point 'gamma-2.0'.*even after rebuilding"):
+        run_sweep(path, over, log=lambda m: None)

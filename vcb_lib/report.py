@@ -36,6 +36,14 @@ def _verdict(diff: float, ci, better: str, worse: str) -> str:
     return f"not resolved: the 95% CI {_ci(ci)} of Δ = {diff:+.3f} includes 0"
 
 
+def _family_note(pool: dict, key: str) -> str:
+    """"; family-wise (Holm): resolved" for a comparison of the resolution table's family, "" without one."""
+    f = ((pool.get("family") or {}).get("comparisons") or {}).get(key)
+    if not f:
+        return ""
+    return f"; family-wise (Holm): {'resolved' if f['resolved'] else 'not resolved'}, adjusted p {f['p_holm']:.3g}"
+
+
 def pool_sections(metrics: dict) -> list[str]:
     """The report's opening: the resolution table of the paired pool estimates, the paper's claims
     judged by their CIs, the per-policy pool table, and what scored D_t."""
@@ -43,19 +51,45 @@ def pool_sections(metrics: dict) -> list[str]:
     if not pool:
         return []
     ref, gold, P, m = pool["reference"], pool["gold_name"], pool["prompts"], pool["candidates_per_prompt"]
-    rows = {k.replace("-vs-", " vs "): v | {"95% CI": _ci(v["ci"]), "resolved": "yes" if v["resolved"] else "not resolved"}
-            for k, v in pool["paired"].items()}
-    lines = [f"## Resolution: paired differences on the shared pool ({P} test prompts × {m} candidates from π_sft)\n",
-             f"Expected {gold} of each policy, estimated on the same candidates by self-normalised importance "
-             f"weights π/π_sft; Δ = {ref} − the other, 95% percentile bootstrap CI over prompts; resolved = the CI "
-             f"excludes 0. MDE = the smallest difference this many prompts detects with 80% power "
-             f"({pool['mde_factor']} SE).\n",
-             _table(rows, ["gold_diff", "95% CI", "resolved", "mde"])]
+    family = (pool.get("family") or {}).get("comparisons") or {}
+    lines = [f"## Resolution: paired differences on the shared pool ({P} test prompts × {m} candidates from π_sft)\n"]
+    if family:  # Holm over the table's comparisons (stages.analysis.pool_family)
+        n, alpha = len(family), pool["family"]["alpha"]
+        boot = next(iter(family.values()))["bootstrap"]
+
+        def resolved(k: str, v: dict) -> str:
+            f = family[k]
+            return "yes" if f["resolved"] else ("alone only, not after Holm" if v["resolved"] else "not resolved")
+
+        def p_text(p: float) -> str:  # a bootstrap p-value resolves 2/resamples
+            return f"< {2 / boot:.1g}" if p == 0 else f"{p:.3g}"
+
+        rows = {k.replace("-vs-", " vs "): v | {"95% CI": _ci(v["ci"]), "p": p_text(family[k]["p"]),
+                                                "Holm p": p_text(family[k]["p_holm"]), "resolved": resolved(k, v)}
+                for k, v in pool["paired"].items()}
+        lines += [f"Expected {gold} of each policy, estimated on the same candidates by self-normalised importance "
+                  f"weights π/π_sft; Δ = {ref} − the other, 95% percentile bootstrap CI over prompts (each comparison "
+                  f"alone). **resolved** controls the family-wise error over the table's {n} comparisons at {alpha:g} "
+                  f"(the chance that any of them is called resolved when its Δ is 0): Holm's step-down method on the "
+                  f"two-sided percentile-bootstrap p-values over prompts (p, from {boot:,} resamples: at least 50 "
+                  f"beyond the strictest level, 1 − {alpha:g}/{n}); resolved when its Holm-adjusted p ≤ {alpha:g}. "
+                  "\"alone only\": its own CI excludes 0, but not once the other comparisons are counted. MDE = the "
+                  f"smallest difference this many prompts detects with 80% power ({pool['mde_factor']} SE).\n",
+                  _table(rows, ["gold_diff", "95% CI", "p", "Holm p", "resolved", "mde"])]
+    else:
+        rows = {k.replace("-vs-", " vs "): v | {"95% CI": _ci(v["ci"]), "resolved": "yes" if v["resolved"] else "not resolved"}
+                for k, v in pool["paired"].items()}
+        lines += [f"Expected {gold} of each policy, estimated on the same candidates by self-normalised importance "
+                  f"weights π/π_sft; Δ = {ref} − the other, 95% percentile bootstrap CI over prompts; resolved = the CI "
+                  f"excludes 0, per comparison: no correction for the {len(rows)} comparisons made together "
+                  f"(`stages.analysis.pool_family` adds Holm's). MDE = the smallest difference this many prompts "
+                  f"detects with 80% power ({pool['mde_factor']} SE).\n",
+                  _table(rows, ["gold_diff", "95% CI", "resolved", "mde"])]
     claims = []
     dpo = pool["paired"].get(f"{ref}-vs-dpo")
     if ref == "vcb" and dpo:
         claims.append(f"- VCB ≥ DPO on the {gold}: " + _verdict(dpo["gold_diff"], dpo["ci"], "VCB scores higher",
-                                                                "DPO scores higher"))
+                                                                "DPO scores higher") + _family_note(pool, f"{ref}-vs-dpo"))
         if "misalignment_diff" in dpo:
             claims.append("- VCB's misalignment rate < DPO's (A.5, on the pool, under the reward model): " + _verdict(
                 -dpo["misalignment_diff"], [-dpo["misalignment_ci"][1], -dpo["misalignment_ci"][0]] if dpo["misalignment_ci"]
@@ -282,7 +316,8 @@ def cut_section(cfg, metrics: dict, marks: dict | None) -> list[str]:
         lines.append(f"- **Judgments vs reward values on the pool** ({pool['gold_name']}): {ref} − cut = "
                      f"{d['gold_diff']:+.3f}, 95% CI {_ci(d['ci'])}: "
                      + ("resolved, " + (f"{ref} (reward values) ahead" if d["ci"][0] > 0 else "CUT (judgments) ahead")
-                        if d["resolved"] else f"not resolved at this scale (MDE {d['mde']:.3f})") + ".")
+                        if d["resolved"] else f"not resolved at this scale (MDE {d['mde']:.3f})")
+                     + _family_note(pool, f"{ref}-vs-cut") + ".")
     if marks:
         s = marks["summary"]
         pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
@@ -307,6 +342,10 @@ def write_report(cfg, metrics: dict, fig_dir: Path, *, cut: dict | None = None) 
     """``<run>/report.md``: the scale of the run, then Tables 2, 4, 5, 6, 7 and Figs. 5, 8 as this
     run measured them (figures linked from ``fig_dir``); ``cut``: ``stages.analysis.cut_marks``' result,
     for the CUT section."""
+    if (metrics.get("pool") or {}).get("paired") and "family" not in metrics["pool"]:  # notebook 05's analysis.run adds it
+        from vcb_lib.stages.analysis import pool_family
+
+        metrics = metrics | {"pool": metrics["pool"] | {"family": pool_family(cfg, metrics)}}
     s, rel = metrics["scale"], lambda name: Path(fig_dir.name) / name
     ref, reward = metrics["reference"], metrics.get("evaluation_reward_name", metrics["evaluation_reward"])
     wr = {f"{ref} vs {m}": v | {"95% CI": f"[{v['win_rate_ci'][0]:.2f}, {v['win_rate_ci'][1]:.2f}]",
@@ -402,11 +441,19 @@ def _num(value) -> bool:
     return value is not None and value == value  # not None, not NaN (a results.csv gap)
 
 
+def _false(value) -> bool:
+    """An explicit False (numpy's too), not a results.csv gap."""
+    return _num(value) and not bool(value)
+
+
 def pool_points(table: pd.DataFrame) -> list[str]:
     """One sweep's points on the shared held-out pool: per point its expected evaluation reward,
     its difference with π_sft and with the sweep's first point (paired over prompts; 95% bootstrap
     CIs; resolved per comparison, and whether it stays resolved family-wise, Bonferroni over the
-    points compared), Eq. 12's slope and the misalignment rate. [] when the rows have no pool."""
+    points compared), Eq. 12's slope and the misalignment rate. A point scored on a pool of its own
+    (``shared_pool`` False: the upstream folder was busy; older tables: ``same_pool`` False) is marked
+    † and footnoted: its comparisons pair prompts only, and their CIs are wider. [] when the rows
+    have no pool."""
     if "pool_gold" not in table or not table["pool_gold"].map(_num).any():
         return []
     records = table.to_dict(orient="records")
@@ -423,18 +470,25 @@ def pool_points(table: pd.DataFrame) -> list[str]:
             return "not resolved"
         return "resolved" if r.get("vs_first_resolved_all") else "resolved alone, not family-wise"
 
-    rows = {str(r["label"]): {"trains": r["method"], "pool reward [95% CI]": ci(r, "pool_gold").lstrip("+"),
+    own = [r for r in records if _false(r.get("shared_pool")) or ("shared_pool" not in r and _false(r.get("same_pool")))]
+    mark = lambda r: " †" if any(r is o for o in own) else ""  # noqa: E731
+    rows = {str(r["label"]) + mark(r): {"trains": r["method"], "pool reward [95% CI]": ci(r, "pool_gold").lstrip("+"),
                               "Δ vs π_sft [95% CI]": ci(r, "pool_vs_sft"), f"Δ vs {first} [95% CI]": ci(r, "vs_first"),
                               "verdict": verdict(r), "Eq. 12 slope": r.get("slope") if _num(r.get("slope")) else "–",
                               "misalignment": r.get("misalignment") if _num(r.get("misalignment")) else "–"}
             for r in records}
     compared = sum(_num(r.get("vs_first")) for r in records)
-    shared = all(bool(r.get("same_pool")) for r in records[1:] if _num(r.get("vs_first")))
-    return [f"On the held-out pool ({'every point scored on the same π_sft candidates' if shared else 'paired over prompts'}; "
-            f"Δ paired over prompts, 95% bootstrap CIs; family-wise: Bonferroni over the {compared} comparisons "
-            f"with {first}):\n",
-            _table(rows, ["trains", "pool reward [95% CI]", "Δ vs π_sft [95% CI]", f"Δ vs {first} [95% CI]", "verdict",
-                          "Eq. 12 slope", "misalignment"], label="point")]
+    shared = not own and all(bool(r.get("same_pool")) for r in records[1:] if _num(r.get("vs_first")))
+    lines = [f"On the held-out pool ({'every point scored on the same π_sft candidates' if shared else 'paired over prompts'}; "
+             f"Δ paired over prompts, 95% bootstrap CIs; family-wise: Bonferroni over the {compared} comparisons "
+             f"with {first}):\n",
+             _table(rows, ["trains", "pool reward [95% CI]", "Δ vs π_sft [95% CI]", f"Δ vs {first} [95% CI]", "verdict",
+                           "Eq. 12 slope", "misalignment"], label="point")]
+    if own:
+        lines.append(f"† scored on a pool of its own, not the upstream's shared one (the upstream folder was busy, being "
+                     f"written by another process, when it ran): {', '.join(str(r['label']) for r in own)}. Its Δ with "
+                     f"the other points pairs prompts only, not candidates, so its CI is wider than on the shared pool.\n")
+    return lines
 
 
 def add_ablations_to_report(cfg, tables: dict[str, pd.DataFrame], fig_path: Path) -> Path:

@@ -22,6 +22,11 @@ rate over π_sft under the evaluation reward, with its bootstrap interval, and r
 on the sampled test prompts; on the pool, its expected evaluation reward and difference with π_sft
 (95% CIs), Eq. 12's slope, the misalignment rate, and its paired difference with the sweep's first
 point (``vs_first``, 95% CI, resolved per comparison and family-wise: ``ablations.compare_points``).
+``shared_pool`` says whether the point was scored on its upstream's pool: False when the upstream
+folder was busy (another process writing it) and the point drew its own, so its comparisons pair
+prompts only, not candidates (wider CIs; logged, and marked in the report). A point whose pool is
+stale or corrupt when the points are compared is rebuilt (its stages 03-04 rerun), and the sweep
+fails naming it if it still cannot be read.
 """
 from __future__ import annotations
 
@@ -184,8 +189,24 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, *,
     root.mkdir(parents=True, exist_ok=True)
     output_root = str(root.relative_to(resolve_path(".")) if root.is_relative_to(resolve_path(".")) else root)
     base_cfg = load_params(sweep.base, sweep.extra)  # the caller's run: its upstream may be shared
+
+    def row(point: Point, cfg: Config, record: dict) -> dict:
+        return ({k: v for k, v in record.items() if k not in ("config", "overrides")} |
+                {k: _short(cfg_value(cfg, k)) for k in sweep.keys})
+
+    def run_point(point: Point, cfg: Config) -> dict:
+        """Stages 03-04 of one point (π_sft's samples and the pool first, once per upstream); its row."""
+        if not ablations.share_sft_evaluation(cfg, log=log):  # π_sft's samples and the pool: once per upstream
+            log(f"[{sweep.name}] point {point.name}: the upstream folder is busy: scored on a pool of its own, paired "
+                f"with the other points over prompts only (results.csv: shared_pool = False; the report marks it)")
+        log(f"[{sweep.name}] point {point.name}: {point.overrides}")
+        run(sweep.base, _strings(sweep.overrides(point, name=point.name, output_root=output_root, upstream=cfg.run.upstream)),
+            only=POINT_STAGES, log=log)
+        return row(point, cfg, ablations.record_point(cfg, point.name, point.label, evaluate.read_metrics(cfg),
+                                                      overrides=point.overrides))
+
     with folder_lock(root):  # one writer per sweep folder (each point is locked by its run)
-        rows, cfgs = [], {}
+        rows, cfgs = {}, {}
         bar = tqdm(sweep.points, desc=f"sweep {sweep.name}", unit="point")
         for point in bar:
             bar.set_postfix_str(point.name)
@@ -198,18 +219,15 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, *,
                     log(f"[{sweep.name}] upstream {upstream} (stages 01-02)")
                     run(sweep.base, _strings(sweep.overrides(point, name=upstream, output_root=output_root)),
                         only=UPSTREAM_STAGES, log=log)
-                ablations.share_sft_evaluation(cfg, log=log)  # π_sft's samples and the pool: once per upstream
-                log(f"[{sweep.name}] point {point.name}: {point.overrides}")
-                run(sweep.base, _strings(sweep.overrides(point, name=point.name, output_root=output_root, upstream=upstream)),
-                    only=POINT_STAGES, log=log)
-                record = ablations.record_point(cfg, point.name, point.label, evaluate.read_metrics(cfg),
-                                                overrides=point.overrides)
+                rows[point.name] = run_point(point, cfg)
             else:  # a finished point: its row re-read from its metrics (point.json may predate a column)
-                record |= ablations.summarise_point(evaluate.read_metrics(cfg))
-            rows.append({k: v for k, v in record.items() if k not in ("config", "overrides")} |
-                        {k: _short(cfg_value(cfg, k)) for k in sweep.keys})
-        pairs = ablations.compare_points(cfgs, log=log)
-        table = pd.DataFrame([row | pairs.get(row["point"], {}) for row in rows])
+                rows[point.name] = row(point, cfg, record | ablations.summarise_point(evaluate.read_metrics(cfg)))
+
+        def rebuild(name: str) -> None:  # a point whose pool is stale or corrupt: its stages 03-04 again
+            rows[name] = run_point(next(p for p in sweep.points if p.name == name), cfgs[name])
+
+        pairs = ablations.compare_points(cfgs, log=log, rebuild=rebuild)
+        table = pd.DataFrame([r | pairs.get(r["point"], {}) for r in rows.values()])
         atomic_write_text(root / "results.csv", table.to_csv(index=False))
     return table
 

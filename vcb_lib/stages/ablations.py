@@ -9,6 +9,7 @@ other): a rerun with the same config reads it back instead of training again.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable
 
 from vcb_lib.config import Config
@@ -80,45 +81,83 @@ def run_point(cfg: Config, *, log=print, step: Callable[[str], None] = lambda st
     return evaluate.run(cfg, log=log)
 
 
-def compare_points(points: dict[str, Config], *, log=print) -> dict[str, dict]:
+class PointPoolError(RuntimeError):
+    """A sweep point's pool estimate cannot be read (its pool or its policy's scores are missing,
+    stale or corrupt), and rebuilding it did not help or was not possible."""
+
+
+def shared_pool(cfg: Config) -> bool:
+    """Whether the point is scored on its upstream's pool (drawn once there by
+    :func:`share_sft_evaluation`, shared by every point of that upstream), not on one of its own
+    (drawn when the upstream folder was busy, or when the point has no upstream). A point that drew
+    its own keeps it, and its scores were computed on it, whatever the upstream holds later."""
+    return bool(cfg.run.upstream) and pool_file(cfg) != artefacts.own(cfg, artefacts.pool(cfg)).path
+
+
+def pool_file(cfg: Config) -> Path:
+    """The pool file the point was scored on: its own when it drew one, else the one it reads
+    (``artefacts.pool``: the upstream's when current there)."""
+    art = artefacts.pool(cfg)
+    own = artefacts.own(cfg, art).path
+    return own if own.is_file() else art.path
+
+
+def compare_points(points: dict[str, Config], *, log=print,
+                   rebuild: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Every point against the first one, paired by prompt on the held-out pool: per point, the mean
     over prompts of (its method's per-prompt estimate − the first point's) as ``vs_first`` with its
     95% bootstrap CI (``vs_first_lo``/``_hi``) and ``vs_first_resolved``, and
     ``vs_first_resolved_all``: whether the CI at the family-wise level 1 − 0.05/(points − 1)
-    (Bonferroni over the comparisons) excludes 0 too. ``same_pool`` says whether both were scored
-    on the same candidates (points sharing an upstream are: :func:`share_sft_evaluation`); on
-    different pools of the same prompts the pairing is over prompts only and the CI wider. A point
-    whose pool is missing or stale, or that has other prompts, gets no comparison (logged)."""
+    (Bonferroni over the comparisons) excludes 0 too. That interval's bootstrap has enough resamples
+    for 50 beyond each of its bounds (``metrics.resamples_for_level``: 2000 per comparison, at least
+    ``evaluation.bootstrap``), not the few in each tail that 1000 would leave.
+
+    Every point (the first too) gets ``shared_pool`` (:func:`shared_pool`: False when the upstream
+    folder was busy and the point drew a pool of its own), each compared one ``same_pool``: both were
+    scored on the same candidates. On different pools of the same prompts the pairing is over
+    prompts only and the CI wider; the report marks those points.
+
+    A point whose pool cannot be read (missing, stale or corrupt pool or scores) is rebuilt with
+    ``rebuild(name)`` (the sweep reruns its stages 03-04) and read again; without ``rebuild``, or
+    when it still cannot be read, :class:`PointPoolError` names the point. A point whose pool has
+    other prompts (other evaluation settings) gets no comparison (logged)."""
     from vcb_lib.manifest import ArtefactError
-    from vcb_lib.metrics import paired_difference
+    from vcb_lib.metrics import paired_difference, resamples_for_level
+
+    def per_prompt(name: str):
+        cfg = points[name]
+        try:
+            return evaluate.pool_per_prompt(cfg, evaluate.reference_method(cfg))
+        except (ArtefactError, ValueError) as err:
+            if rebuild is None:
+                raise PointPoolError(f"sweep point {name!r}: its pool cannot be read: {err}") from err
+            log(f"point {name}: its pool cannot be read ({err}); rebuilding it")
+        rebuild(name)
+        try:
+            return evaluate.pool_per_prompt(cfg, evaluate.reference_method(cfg))
+        except (ArtefactError, ValueError) as err:
+            raise PointPoolError(f"sweep point {name!r}: its pool cannot be read, even after rebuilding it: {err}") from err
 
     names = list(points)
     if len(names) < 2:
-        return {}
+        return {name: {"shared_pool": shared_pool(cfg)} for name, cfg in points.items()}
     first_cfg = points[names[0]]
     e, family = first_cfg.evaluation, 1 - 0.05 / (len(names) - 1)
-    try:
-        first = evaluate.pool_per_prompt(first_cfg, evaluate.reference_method(first_cfg))
-    except ArtefactError as err:
-        log(f"no comparison between points: the first point's pool cannot be read ({err})")
-        return {}
-    out = {}
+    first = per_prompt(names[0])
+    out = {names[0]: {"shared_pool": shared_pool(first_cfg)}}
     for name in names[1:]:
         cfg = points[name]
-        try:
-            mine = evaluate.pool_per_prompt(cfg, evaluate.reference_method(cfg))
-        except ArtefactError as err:
-            log(f"point {name}: not compared with {names[0]}: {err}")
-            continue
+        mine = per_prompt(name)
+        out[name] = {"shared_pool": shared_pool(cfg), "same_pool": pool_file(cfg) == pool_file(first_cfg)}
         if list(mine.index) != list(first.index):
             log(f"point {name}: not compared with {names[0]}: its pool has other prompts")
             continue
         d = paired_difference(mine.to_numpy(), first.to_numpy(), bootstrap=e.bootstrap, seed=cfg.run.seed)
-        d_all = paired_difference(mine.to_numpy(), first.to_numpy(), bootstrap=e.bootstrap, seed=cfg.run.seed, ci=family)
+        d_all = paired_difference(mine.to_numpy(), first.to_numpy(), seed=cfg.run.seed, ci=family,
+                                  bootstrap=resamples_for_level(family, e.bootstrap) if e.bootstrap > 0 else 0)
         lo, hi = d["ci"] or [None, None]
-        out[name] = {"vs_first": d["diff"], "vs_first_lo": lo, "vs_first_hi": hi, "vs_first_resolved": d["resolved"],
-                     "vs_first_resolved_all": d_all["resolved"],
-                     "same_pool": artefacts.pool(cfg).path == artefacts.pool(first_cfg).path}
+        out[name] |= {"vs_first": d["diff"], "vs_first_lo": lo, "vs_first_hi": hi, "vs_first_resolved": d["resolved"],
+                      "vs_first_resolved_all": d_all["resolved"]}
     return out
 
 

@@ -17,8 +17,10 @@ from vcb_lib.stages.evaluate import read_metrics, read_samples
 def run(cfg: Config) -> tuple[dict, dict[str, Path]]:
     """Draw Table 2 / 5 / 6 and Figs. 5 / 8 into ``<run>/figures/`` (on the exact tier also the
     near-tie of Figure 1 in each trained model and the exact reward-vs-KL frontier); returns the
-    metrics and the figure paths by name."""
+    metrics (with ``metrics["pool"]["family"]``: :func:`pool_family`) and the figure paths by name."""
     metrics, samples = read_metrics(cfg), read_samples(cfg, "test")
+    if metrics.get("pool"):
+        metrics["pool"]["family"] = pool_family(cfg, metrics)
     fig_dir = cfg.stage_dir("figures")
     ref, reward = metrics["reference"], metrics["evaluation_reward_name"]
     paths = {name: fig_dir / f"{name}.png" for name in
@@ -39,6 +41,32 @@ def run(cfg: Config) -> tuple[dict, dict[str, Path]]:
         plots.exact_near_tie(exact["train"], paths["exact_near_tie"], gamma=exact["gamma"], order=exact.get("policies"))
         plots.exact_reward_vs_kl(exact, paths["exact_reward_vs_kl"], split="train")
     return metrics, paths
+
+
+FAMILY_ALPHA = 0.05  # the family-wise error rate of the report's resolution table
+
+
+def pool_family(cfg: Config, metrics: dict, *, alpha: float = FAMILY_ALPHA) -> dict | None:
+    """The report's resolution table as one family: the reference method's paired differences on the
+    pool with every other policy (``metrics["pool"]["paired"]``, each a separate 95% CI) resolved
+    together with the family-wise error at ``alpha`` by Holm's step-down method on percentile-bootstrap
+    p-values over prompts (:func:`vcb_lib.metrics.family_wise`: enough resamples that the strictest
+    level, 1 − alpha/m, has 50 beyond it). The per-prompt estimates are read back from the stored
+    pool and scores (``evaluate.pool_per_prompt``, the values ``metrics["pool"]`` averages).
+
+    Returns ``{"alpha", "method": "holm", "comparisons": {"<ref>-vs-<other>": {diff, p, p_holm, level,
+    resolved, resolved_alone, bootstrap}}}``; None without a pool, a comparison, or a bootstrap."""
+    from vcb_lib.metrics import family_wise
+    from vcb_lib.stages.evaluate import pool_per_prompt
+
+    pool = metrics.get("pool") or {}
+    if not pool.get("paired") or cfg.evaluation.bootstrap <= 0:
+        return None
+    ref = pool["reference"]
+    mine = pool_per_prompt(cfg, ref)
+    diffs = {key: (mine - pool_per_prompt(cfg, key.split("-vs-", 1)[1])).to_numpy() for key in pool["paired"]}
+    return {"alpha": alpha, "method": "holm",
+            "comparisons": family_wise(diffs, alpha=alpha, bootstrap=cfg.evaluation.bootstrap, seed=cfg.run.seed)}
 
 
 CUT_MARKS_CAP = 256  # negative candidates of D_t scored for the summary (each twice: two contexts)
