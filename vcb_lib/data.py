@@ -333,7 +333,7 @@ def task_prompts(task: str | Task, split: str, limit: int = 0) -> list[dict]:
 
         rows = [r for r in load_own(t.data) if r["split"] == split]
     elif t.source == "embedded":
-        rows = load_prompts(task, split)
+        rows = load_prompts(t.name, split)
     else:
         name = t.ood if split == "ood" else t.prompts
         if name is None:
