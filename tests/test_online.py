@@ -438,6 +438,68 @@ def test_kl_coefficient_zero_vs_positive(tok):
     assert moved[0.0] == 0.0 and moved[0.5] > 1e-4
 
 
+def test_loss_aggregation_entropy_and_critic_warmup_in_the_trainer(tok):
+    """One GRPO step, one micro-batch per prompt: its logged loss is Σ w·l / Σ units of the whole
+    minibatch (each aggregation, by hand from an unsplit computation of the per-token losses); the
+    entropy bonus subtracts coef × the token-mean entropy, which equals -Σ p·log p of plain
+    forward passes; a critic-only PPO step leaves every policy weight (and its optimizer state)
+    untouched and moves the value network."""
+    from vcb_lib.onpolicy import PolicyAndValue, collate_rollouts, token_logps_and_values
+
+    ref = PolicyAndValue(tiny())
+    hp = dict(clip=0.2, kl_coef=0.5)
+    losses = {}
+    for aggregation in pg.LOSS_AGGREGATIONS:
+        trainer = make_trainer(tok, value=False, policy=perturbed())
+        prompt_ids, response_ids, tensors = hand_rollout(trainer, ref, [1.0, -0.5, 0.25, 2.0])
+        fields, _ = pg.grpo_prepare(tensors, scale_rewards="group")
+        w, units = pg.aggregation_weights(tensors["mask"], aggregation, max_tokens=5)
+        per_token, _ = pg.grpo_objective(tensors["old_logps"], None, tensors | fields, **hp)  # step 1: π_new = π_old
+        want = ((per_token.double() * w.double()).sum() / units.double().sum()).item()
+        row, _ = update_once(trainer, OnlineMethod.GRPO, prompt_ids, response_ids, tensors,
+                             fields | {"loss_weights": w, "loss_units": units}, hp)
+        assert row["loss"] == pytest.approx(want, rel=1e-4, abs=1e-7), aggregation
+        losses[aggregation] = row["loss"]
+    assert len(set(losses.values())) == 3
+
+    trainer = make_trainer(tok, value=False, policy=perturbed())
+    batch = collate_rollouts([p for p, _ in ROWS], [r for _, r in ROWS], 0)
+    with torch.no_grad():
+        _, _, entropy = token_logps_and_values(trainer.module, batch, with_entropy=True)
+        for j, (p, r) in enumerate(ROWS):
+            logits = trainer.module.policy(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:-1].double()
+            probs = torch.softmax(logits, -1)
+            torch.testing.assert_close(entropy[j, :len(r)].double(), -(probs * probs.log()).sum(-1), rtol=1e-5, atol=1e-5)
+            assert (entropy[j, len(r):] == 0).all()
+    rows = {}
+    for coef in (0.0, 0.1):
+        trainer = make_trainer(tok, value=False, policy=perturbed())
+        prompt_ids, response_ids, tensors = hand_rollout(trainer, ref, [1.0, -0.5, 0.25, 2.0])
+        fields, _ = pg.grpo_prepare(tensors, scale_rewards="group")
+        rollout = {"prompt_ids": prompt_ids, "response_ids": response_ids, "n": 2, "groups": {},
+                   "rows": {k: tensors[k] for k in ("mask", "old_logps", "ref_logps")} | fields}
+        out = []
+        trainer.update(rollout, OnlineMethod.GRPO.objective, hp | {"entropy_coef": coef}, per_token=True, temperature=1.0,
+                       epochs=1, minibatches=1, order_key="t", on_step=out.append, entropy=coef > 0)
+        rows[coef] = out[0]
+    mean_entropy = pg.masked_mean(entropy, batch["response_mask"]).item()
+    assert rows[0.1]["policy/entropy"] == pytest.approx(mean_entropy, rel=1e-4)
+    assert rows[0.1]["loss"] == pytest.approx(rows[0.0]["loss"] - 0.1 * mean_entropy, rel=1e-4)
+
+    trainer = make_trainer(tok, value=True, policy=perturbed())
+    prompt_ids, response_ids, tensors = hand_rollout(trainer, ref, [1.0, -0.5, 0.25, 2.0])
+    fields, _ = pg.ppo_prepare(tensors, kl_coef=0.1, gae_gamma=1.0, gae_lambda=0.95, whiten_rewards=False)
+    before = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+    rollout = {"prompt_ids": prompt_ids, "response_ids": response_ids, "n": 2, "groups": {},
+               "rows": {k: tensors[k] for k in ("mask", "old_logps", "ref_logps", "old_values")} | fields}
+    trainer.update(rollout, OnlineMethod.PPO.objective, dict(clip=0.2, clip_value=0.2, vf_coef=0.1, critic_only=True),
+                   per_token=True, temperature=1.0, epochs=1, minibatches=1, order_key="t", train_policy=False)
+    after = trainer.module.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("policy."))
+    assert max((after[k] - before[k]).abs().max().item() for k in before if k.startswith("value_")) > 1e-5
+    assert not any(trainer.optimizer.state.get(p) for p in trainer.module.policy.parameters())
+
+
 # --------------------------------------------------------------------------------------------
 # The rollout loop
 # --------------------------------------------------------------------------------------------
@@ -576,6 +638,41 @@ def test_iterative_vcb_anchored_and_rebel_style(tmp_path, monkeypatch):
     assert np.abs(prev2.old_logp - prev2.ref_logp).max() > 1e-3  # π_t ≠ π_sft after a round
     assert max_diff(w_sft, w_prev) > 1e-5
     np.testing.assert_allclose(sft1.old_logp, sft1.sampler_logp, rtol=1e-5)  # the update's log-probs = the sampler's
+
+
+def test_the_peers_options_in_the_rollout_loop(tmp_path, monkeypatch):
+    """PPO with every option on, two rounds, the first a critic warm-up: round 1 leaves the policy at
+    π_sft and trains the value network, round 2 trains the policy; the entropy is logged. RLOO at its
+    defaults (one ratio per sequence) with Dr. GRPO's constant aggregation trains."""
+    from vcb_lib.onpolicy import PolicyAndValue
+    from vcb_lib.stages import online
+
+    monkeypatch.setattr(online, "load_reward", lambda spec, task: Characters())
+    opts = ["training.online.kl_estimator=k3", "training.online.loss_aggregation=sequence_mean",
+            "training.online.clip_high=0.28", "training.online.dual_clip=3", "training.online.reward_clip=0.5",
+            "training.online.entropy_coef=0.01"]
+    cfg = loop_cfg("training.online.rounds=2", "training.online.critic_warmup_rounds=1", *opts)
+    out = tmp_path / "ppo"
+    states = {}
+    online.run_rounds(cfg, "ppo", out, on_round=lambda r: states.__setitem__(r, load_file(out / "rounds" / f"round-000{r}" / "model.safetensors")),
+                      log=lambda m: None)
+    sft = load_file(_tiny_file(tmp_path))
+    policy = lambda state: {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}  # noqa: E731
+    assert max_diff(policy(states[1]), sft) == 0.0 and max_diff(policy(states[2]), sft) > 1e-4
+    value = lambda state: {k: v for k, v in state.items() if k.startswith("value_")}  # noqa: E731
+    start = PolicyAndValue(tiny(), tiny().get_decoder()).state_dict()  # the value network before round 1 (seeded head)
+    assert max_diff(value(states[1]), value(start)) > 1e-5  # the warm-up trained it
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert all("policy/entropy" in row and "policy/dual_clipfrac" in row for row in log)
+    table = pd.read_parquet(out / "rollouts" / "round-0001.parquet")
+    assert table.score.abs().max() > 0.5  # the raw scores are kept; the advantages saw them clipped
+
+    cfg = loop_cfg("training.online.rounds=1", "training.online.loss_aggregation=constant")
+    assert cfg.training.online.clip_level == "sequence"
+    online.run_rounds(cfg, "rloo", tmp_path / "rloo", log=lambda m: None)
+    log = [json.loads(x) for x in (tmp_path / "rloo" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["loss"]) and 0 <= row["policy/clipfrac"] <= 1 for row in log)
+    assert max_diff(final_weights(tmp_path / "rloo"), sft) > 1e-4
 
 
 def test_an_online_method_trains_through_stage_03(tmp_path):

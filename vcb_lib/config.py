@@ -305,10 +305,10 @@ class OnlineConfig:
     reference: Literal["sft", "previous"] = "sft"  # vcb_online: Δπ = log π - log π_sft (anchored), or log π - log π_previous round (REBEL-style)
     kl_estimator: Literal["auto", "k1", "k2", "k3"] = "auto"  # ppo, rloo, grpo: Schulman's KL(π‖π_sft) estimate, d = log π_sft - log π: k1 = -d, k2 = d²/2, k3 = e^d - d - 1 (OpenRLHF, verl, TRL kl_estimator); auto = each method's own default (ppo, rloo: k1 in the reward, as TRL; grpo: k3 in the loss, as the GRPO paper and TRL)
     loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"  # ppo, rloo, grpo: a minibatch's per-token losses / its token count (TRL, DAPO, verl), or the mean over responses of each one's token mean (GRPO paper), or / (responses × the rollout length cap) (Dr. GRPO)
-    clip_level: Literal["sequence", "token"] = "sequence"  # rloo: one importance ratio per response, exp(Σ_t Δlog π), clipped once (TRL RLOOTrainer), or one per token (PPO's)
+    clip_level: Literal["sequence", "token"] = "sequence"  # rloo: sequence = one importance ratio per response, exp(Σ_t Δlog π), clipped once (the default: TRL RLOOTrainer's rule); token = one per token, as PPO (the workbench's rule before issue 31)
     clip_low: float = 0.0  # ppo, rloo, grpo: ε_low, the ratio's lower clip 1 - ε_low (DAPO clip-higher; TRL epsilon); 0 = clip; [0, 1)
     clip_high: float = 0.0  # ppo, rloo, grpo: ε_high, the ratio's upper clip 1 + ε_high (DAPO's 0.28; TRL epsilon_high); 0 = clip; [0, 10]
-    dual_clip: float = 0.0  # ppo, rloo, grpo: verl's dual clip c > 1, the loss of a negative advantage capped at -c·A (verl's default 3); 0 = off (TRL)
+    dual_clip: float = 0.0  # ppo, rloo, grpo: verl's dual clip c > 1, the loss of a negative advantage capped at -c·A; 0 = off, TRL's and the workbench's rule (verl's default is 3)
     reward_clip: float = 0.0  # ppo, rloo, grpo: scores clipped to [-c, c] before the advantages (OpenRLHF reward_clip_range); 0 = off
     entropy_coef: float = 0.0  # ppo, rloo, grpo: entropy bonus, coef × the per-token entropy of π subtracted from the loss (verl entropy_coeff); 0 = off
     critic_warmup_rounds: int = 0  # ppo: the first k rounds update only the value network (the policy keeps its weights; verl critic_warmup); 0 = off; < rounds

@@ -121,10 +121,13 @@ def collate_rollouts(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence
             "response_ids": ids[:, Tp:], "response_mask": mask[:, Tp:].bool()}
 
 
-def token_logps_and_values(model, batch: dict, *, temperature: float = 1.0, autocast_bf16: bool = False):
+def token_logps_and_values(model, batch: dict, *, temperature: float = 1.0, autocast_bf16: bool = False,
+                           with_entropy: bool = False):
     """Per-token log π(y_t | ·) of a :func:`collate_rollouts` batch (R, L) float32, 0 on padding,
     from logits / ``temperature``; and the values (R, L) float32 when ``model`` has a value network
-    (else None). ``model`` is a :class:`PolicyAndValue`, possibly wrapped by DDP."""
+    (else None). ``model`` is a :class:`PolicyAndValue`, possibly wrapped by DDP. ``with_entropy``:
+    a third result, the entropy of π(· | x, y_<t) at each response token (R, L), 0 on padding
+    (logsumexp(z) - Σ softmax(z)·z of the same tempered logits z; it builds one (R, L, V) tensor)."""
     L = batch["response_ids"].shape[1]
     device = batch["input_ids"].device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
@@ -136,6 +139,9 @@ def token_logps_and_values(model, batch: dict, *, temperature: float = 1.0, auto
     lp = token_logps(logits, batch["response_ids"]).masked_fill(~mask, 0.0)  # (R, L)
     if values is not None:
         values = values[:, :-1].float().masked_fill(~mask, 0.0)  # (R, L): V before each response token
+    if with_entropy:
+        entropy = logits.logsumexp(-1) - (torch.softmax(logits, -1) * logits).sum(-1)  # (R, L, V) -> (R, L)
+        return lp, values, entropy.masked_fill(~mask, 0.0)
     return lp, values
 
 
@@ -206,7 +212,8 @@ class OnPolicyTrainer:
     # ---------------------------------------------------------------- updating on a round
 
     def update(self, rollout: dict, objective: Callable, hparams: dict, *, per_token: bool, temperature: float,
-               epochs: int, minibatches: int, order_key: str, on_step: Callable[[dict], None] | None = None) -> int:
+               epochs: int, minibatches: int, order_key: str, on_step: Callable[[dict], None] | None = None,
+               entropy: bool = False, train_policy: bool = True) -> int:
         """``epochs`` passes over one round, each split into ``minibatches`` optimizer steps over a
         seeded shuffle of its prompts (seeded by ``order_key`` and the epoch: a resumed run draws
         the same). Returns the optimizer steps taken; each one's log row goes to ``on_step``.
@@ -214,14 +221,22 @@ class OnPolicyTrainer:
         ``rollout``: ``prompt_ids``, ``response_ids`` (R lists, prompt-major: row p·n + k),
         ``rows`` {name: (R, L) or (R,) tensor, with ``mask`` (R, L)}, ``groups`` {name: (P, n)
         tensor}, ``n``. ``objective(new_logps, new_values, batch, **hparams)`` gets the micro-batch's
-        slices and returns per-token losses (R_mb, L) (``per_token``) or per-prompt losses (B,)."""
+        slices and returns per-token losses (R_mb, L) (``per_token``) or per-prompt losses (B,).
+
+        Per-token losses are reduced as ``rows["loss_weights"]`` (R, L) and ``rows["loss_units"]``
+        (R,) say when given (``policy_gradient.aggregation_weights``): Σ w·l / Σ units over the
+        minibatch; else Σ l / its token count. ``entropy``: the micro-batch's per-token entropies
+        go to the objective as ``batch["entropy"]`` (R_mb, L). ``train_policy=False`` (PPO's critic
+        warm-up): the policy's parameters get no optimizer step (their gradients are dropped before
+        the clip, so AdamW neither moves nor decays them); the value network trains."""
         n, P = rollout["n"], len(rollout["prompt_ids"]) // rollout["n"]
         steps = 0
         for epoch in range(epochs):
             g = torch.Generator().manual_seed(_seed_of(f"{self.seed}/{order_key}/{epoch}"))
             order = torch.randperm(P, generator=g).tolist()
             for mb in split_even(order, minibatches):
-                row = self._optimizer_step(rollout, sorted(mb), n, objective, hparams, per_token, temperature)
+                row = self._optimizer_step(rollout, sorted(mb), n, objective, hparams, per_token, temperature,
+                                           entropy, train_policy)
                 steps += 1
                 if on_step is not None:
                     on_step(row | {"epoch": epoch})
@@ -239,10 +254,13 @@ class OnPolicyTrainer:
         return batch | {k: v.to(self.accelerator.device) for k, v in tokens.items()}
 
     def _optimizer_step(self, rollout: dict, minibatch: list[int], n: int, objective: Callable, hparams: dict,
-                        per_token: bool, temperature: float) -> dict:
+                        per_token: bool, temperature: float, entropy: bool = False, train_policy: bool = True) -> dict:
         acc, cfg = self.accelerator, self.cfg
-        mask = rollout["rows"]["mask"]
-        denom = float(sum(int(mask[p * n:(p + 1) * n].sum()) for p in minibatch)) if per_token else float(len(minibatch))
+        mask, loss_units = rollout["rows"]["mask"], rollout["rows"].get("loss_units") if per_token else None
+        # metrics are averaged over the minibatch's tokens (per-prompt losses: its prompts); the loss over its units
+        units_of = float(sum(int(mask[p * n:(p + 1) * n].sum()) for p in minibatch)) if per_token else float(len(minibatch))
+        denom = units_of if loss_units is None else float(sum(float(loss_units[p * n:(p + 1) * n].double().sum())
+                                                             for p in minibatch))
         k = max(1, math.ceil(len(minibatch) / (self.world * cfg.batch_size)))  # micro-batches per process
         slots = split_even(minibatch, self.world * k)
         sums: dict[str, float | Tensor] = {}
@@ -252,11 +270,14 @@ class OnPolicyTrainer:
             batch = self._slice(rollout, idx or minibatch[:1], n)
             sync = contextlib.nullcontext() if m == k - 1 else acc.no_sync(self.model)
             with sync:
-                new_logps, new_values = token_logps_and_values(self.model, batch, temperature=temperature,
-                                                               autocast_bf16=cfg.bf16)
+                new_logps, new_values, *ent = token_logps_and_values(self.model, batch, temperature=temperature,
+                                                                     autocast_bf16=cfg.bf16, with_entropy=entropy)
+                if ent:
+                    batch["entropy"] = ent[0]
                 losses, metrics = objective(new_logps, new_values, batch, **hparams)
                 units = batch["mask"].sum() if per_token else torch.tensor(losses.shape[0])  # tokens or prompts
-                total = (losses * batch["mask"]).sum() if per_token else losses.sum()
+                weights = batch.get("loss_weights", batch["mask"]) if per_token else None
+                total = (losses * weights).sum() if per_token else losses.sum()
                 if self._any_rank(not bool(torch.isfinite(total.detach()))):
                     raise TrainingDiverged(f"on-policy update: non-finite loss in micro-batch {m} (on rank {self.rank}: "
                                            f"the round's prompts {idx}); nothing was stepped", step=0, micro_batch=m,
@@ -268,6 +289,9 @@ class OnPolicyTrainer:
             sums["tokens"] = sums.get("tokens", 0.0) + weight * float(batch["attention_mask"].sum())
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * units
+        if not train_policy:  # after DDP's all-reduce, the same on every rank: no step, no decay for the policy
+            for p in self.module.policy.parameters():
+                p.grad = None
         norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         norm = None if norm is None else float(norm)
         if norm is not None and not math.isfinite(norm):  # the same on every rank (after DDP's all-reduce)
@@ -282,7 +306,7 @@ class OnPolicyTrainer:
         totals = dict(zip(keys, acc.reduce(totals, "sum").tolist()))
         loss, prompts, tokens = totals.pop("loss"), totals.pop("prompts"), totals.pop("tokens")
         return {"loss": loss / denom, "lr": lr, "grad_norm": norm, "prompts": int(prompts), "tokens": int(tokens),
-                **{k: v / denom for k, v in totals.items()}}
+                **{k: v / units_of for k, v in totals.items()}}
 
     def _any_rank(self, flag: bool) -> bool:
         if self.world == 1:
