@@ -160,8 +160,9 @@ def prompt_groups(table: pd.DataFrame) -> pd.DataFrame:
     for g in _groups(table):
         row = {"prompt_id": str(g.prompt_id.iloc[0]), "prompt": _prompt(g.prompt.iloc[0], chat),
                "completions": [_completion(r, chat) for r in g.response], "rewards": g.reward.astype(float).tolist(),
-               "ref_logps": g.ref_logp.astype(float).tolist(),
-               "completion_ids": [[int(t) for t in ids] for ids in g.response_ids]}
+               "ref_logps": g.ref_logp.astype(float).tolist()}
+        if "response_ids" in g:  # the tokens the losses trained on: an import reads them back exactly
+            row["completion_ids"] = [[int(t) for t in ids] for ids in g.response_ids]
         if "gold" in g:
             row["gold"] = g.gold.astype(float).tolist()
         rows.append(row)
@@ -182,7 +183,8 @@ def reward_source(cfg: Config) -> str:
     if cfg.data.candidates:
         return f"the rewards of the imported candidates `{cfg.data.candidates}` (or `{rm}` where it had none)"
     if rm == "gold":
-        return f"the evaluation reward, {evaluation_reward_name(cfg)} (`rewards.reward_model: gold`)"
+        which = "the evaluation reward" if cfg.rewards.evaluation else "the task's gold reward"
+        return f"{which}, {evaluation_reward_name(cfg)} (`rewards.reward_model: gold`)"
     if rm == "learned":
         return (f"the Bradley-Terry reward model (Eq. 18) trained in stage 01 on gold-labelled pairs, backbone "
                 f"`{cfg.rewards.rm_backbone}` (`01_models/reward_model/`)")
@@ -207,7 +209,7 @@ def _columns(fmt: str, chat: bool, gold: bool) -> list[str]:
     return [f"`prompt`: {text} (the column TRL's `GRPOTrainer` / `RLOOTrainer` read; other columns reach their "
             "reward functions as keyword arguments)",
             f"`completions`: the prompt's n candidates in `k` order, each {text}; `rewards`, `ref_logps`"
-            + (", `gold`" if gold else "") + ": one value per completion; `prompt_id`"]
+            + (", `gold`" if gold else "") + ": one value per completion; `completion_ids`: their token ids; `prompt_id`"]
 
 
 def dataset_card(cfg: Config, fmt: str, record: dict, info: dict, chat: bool, gold: bool) -> str:
