@@ -153,6 +153,7 @@ def own_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("own")
     prompts = write(root / "prompts.jsonl", [{"prompt": t} for t in TEXTS[:10]] + [{"prompt": CHAT}])
     cfg = load_params(SMOKE, {"run.output_root": str(root / "runs"), "models.sft": False, "data.prompts": str(prompts),
+                              "data.system_prompt": "Be kind.",
                               "rewards.reward_model": "tests.fixtures.own_reward:length_reward", "run.name": "sampled"})
     cfg.save()
     table, _ = generate.run(cfg, log=lambda m: None)
@@ -175,9 +176,11 @@ def test_export_then_import_gives_back_the_same_dt(own_run):
     out = export_run(cfg, "trl-groups", log=lambda m: None)
     again = load_params(SMOKE, {"run.output_root": str(cfg.run.output_root), "models.sft": False,
                                 "data.prompts": cfg.data.prompts, "data.candidates": str(out / "train.parquet"),
+                                "data.system_prompt": "Be kind.",
                                 "rewards.reward_model": "tests.fixtures.own_reward:length_reward", "run.name": "imported"})
     imported, _ = generate.run(again, log=lambda m: None)
-    cols = ["prompt_id", "split", "prompt", "model_input", "k", "response", "n_tokens", "finish_reason", "reward"]
+    cols = ["prompt_id", "split", "prompt", "model_input", "k", "response", "n_tokens", "finish_reason", "reward", "messages"]
+    assert table.messages.map(json.loads).map(lambda m: m[0]["role"]).eq("system").all()  # the system turn travels along
     pd.testing.assert_frame_equal(imported[cols], table[cols])
     assert [list(x) for x in imported.response_ids] == [list(x) for x in table.response_ids]
     assert np.allclose(imported.ref_logp, table.ref_logp, atol=1e-4)

@@ -487,6 +487,7 @@ def collate_groups(tokenizer, groups: Sequence[CandidateGroup], *, max_length: i
     return out | {"negative": negative} if judged else out
 
 
+OPTIONAL_COLUMNS = ["messages"]  # a prompt given as chat messages or with a system prompt (your data): JSON text, else absent
 CANDIDATE_COLUMNS = ["prompt_id", "split", "prompt", "model_input", "k", "response", "response_ids", "n_tokens", "finish_reason",
                      "ref_logp", "sampler_logp", "reward"]
 
@@ -549,7 +550,8 @@ def build_candidates(prompts: Sequence[Mapping], sampler, out_dir: str | Path, *
         t_sampling += time.monotonic() - t0
         rows = [{"prompt_id": str(p["prompt_id"]), "split": p.get("split", ""), "prompt": p["prompt"],
                  "model_input": text, "k": k, "response": c.text, "response_ids": c.token_ids,
-                 "n_tokens": len(c.token_ids), "finish_reason": c.finish_reason, "sampler_logp": c.logp}
+                 "n_tokens": len(c.token_ids), "finish_reason": c.finish_reason, "sampler_logp": c.logp,
+                 **({"messages": json.dumps(p["messages"], ensure_ascii=False)} if p.get("messages") else {})}
                 for p, text, cs in zip(chunk, inputs, completions) for k, c in enumerate(cs)]
         if ref_model is not None:
             ref = sequence_logps(ref_model, tokenizer, [r["model_input"] for r in rows],
@@ -567,4 +569,4 @@ def build_candidates(prompts: Sequence[Mapping], sampler, out_dir: str | Path, *
     bar.close()
     shards = sorted(shard_dir.glob("shard-*.parquet"))
     table = pd.concat([pd.read_parquet(p) for p in shards[:len(starts)]], ignore_index=True)
-    return table[CANDIDATE_COLUMNS]
+    return table[CANDIDATE_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in table]]

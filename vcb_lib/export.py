@@ -32,6 +32,7 @@ prompts and completions are plain text.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -115,7 +116,10 @@ def is_chat(table: pd.DataFrame) -> bool:
     return bool((table["model_input"] != table["prompt"]).any())
 
 
-def _prompt(text: str, chat: bool) -> Any:
+def _prompt(text: str, chat: bool, messages: Any = None) -> Any:
+    """TRL's prompt: text, or the conversation as the model saw it (your data's system turn included)."""
+    if chat and isinstance(messages, str) and messages:
+        return json.loads(messages)
     return [{"role": "user", "content": text}] if chat else text
 
 
@@ -145,7 +149,7 @@ def preference_pairs(table: pd.DataFrame, pairs: str) -> pd.DataFrame:
     rows = []
     for i, w, l in _pair_mask(rewards, mask, pairs).nonzero().tolist():  # (G, n, n) -> (P, 3)
         a, b = groups[i].iloc[w], groups[i].iloc[l]
-        rows.append({"prompt_id": str(a.prompt_id), "prompt": _prompt(a.prompt, chat),
+        rows.append({"prompt_id": str(a.prompt_id), "prompt": _prompt(a.prompt, chat, a.get("messages")),
                      "chosen": _completion(a.response, chat), "rejected": _completion(b.response, chat),
                      "score_chosen": float(a.reward), "score_rejected": float(b.reward),
                      "chosen_k": int(a.k), "rejected_k": int(b.k)})
@@ -158,7 +162,8 @@ def prompt_groups(table: pd.DataFrame) -> pd.DataFrame:
     chat = is_chat(table)
     rows = []
     for g in _groups(table):
-        row = {"prompt_id": str(g.prompt_id.iloc[0]), "prompt": _prompt(g.prompt.iloc[0], chat),
+        row = {"prompt_id": str(g.prompt_id.iloc[0]), "prompt": _prompt(g.prompt.iloc[0], chat,
+                                                                       g["messages"].iloc[0] if "messages" in g else None),
                "completions": [_completion(r, chat) for r in g.response], "rewards": g.reward.astype(float).tolist(),
                "ref_logps": g.ref_logp.astype(float).tolist()}
         if "response_ids" in g:  # the tokens the losses trained on: an import reads them back exactly

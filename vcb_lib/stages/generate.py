@@ -8,6 +8,8 @@ from its shards) and ``02_candidates/metrics.json``.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
@@ -86,7 +88,7 @@ def import_candidates(cfg: Config, art: Artefact, *, log=print) -> pd.DataFrame:
     sampled candidates. Stage 03 cannot tell the table from a sampled one."""
     from tqdm.auto import tqdm
 
-    from vcb_lib.data import CANDIDATE_COLUMNS, task_of, task_prompts
+    from vcb_lib.data import CANDIDATE_COLUMNS, OPTIONAL_COLUMNS, task_of, task_prompts
     from vcb_lib.logps import sequence_logps
     from vcb_lib.models import format_prompt, load_policy, load_tokenizer
     from vcb_lib.user_data import chat_input, load_candidates
@@ -121,7 +123,9 @@ def import_candidates(cfg: Config, art: Artefact, *, log=print) -> pd.DataFrame:
         ref += sequence_logps(model, tok, [r["model_input"] for r in part], [r["response_ids"] for r in part],
                               autocast_bf16=cfg.training.bf16).tolist()
     table = pd.DataFrame(rows).assign(ref_logp=ref)
-    table = table[CANDIDATE_COLUMNS]
+    if any(r.get("messages") for r in rows):
+        table["messages"] = [json.dumps(r["messages"], ensure_ascii=False) if r.get("messages") else None for r in rows]
+    table = table[CANDIDATE_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in table]]
     log(f"candidates: imported {len(table)} candidates of {table.prompt_id.nunique()} prompts from {cfg.data.candidates}")
     return score_and_seal(cfg, art, table, log=log, sampler="imported", model=spec,
                           source=str(cfg.data.candidates))
