@@ -12,6 +12,15 @@ subprocess whose log streams into the cell.
 - :func:`train_subprocess` launches ``python -m vcb_lib.trainers`` with the params file's
   ``training.accelerate_config`` and ``training.num_processes``.
 
+Several machines: call the launcher once on every node with the same ``num_processes`` (the total
+over all nodes, as in accelerate), ``num_machines``, ``main_process_ip`` (node 0's address) and
+``port``, and that node's ``machine_rank`` (0 on the node at ``main_process_ip``); they are handed to
+``accelerate launch`` as ``--num_machines/--machine_rank/--main_process_ip/--main_process_port``
+(a config file's own values are kept where a key is not given). Every node must see the params,
+candidates and output paths (a shared filesystem): only global rank 0 writes, and every rank reads
+the checkpoints it resumes from. Tested as 2 machines x 1 CPU process on loopback
+(tests/test_multinode.py); README "Sampling with vLLM, training on GPUs" has the per-node command.
+
 Several CPU processes: ``accelerate launch --cpu --num_processes 2`` silently runs ONE process, so
 ``cpu=True`` uses ``--multi_gpu --num_processes N`` with ``ACCELERATE_USE_CPU=1`` in the
 environment: every ``Accelerator()`` then runs on CPU with the gloo backend.
@@ -139,45 +148,73 @@ def die_with_parent(signum: int = signal.SIGKILL) -> Callable[[], None] | None:
 
 
 def launch_command(target: Sequence[str], num_processes: int = 1, config_file: str | os.PathLike | None = None,
-                   cpu: bool = False, port: int | None = None) -> list[str]:
+                   cpu: bool = False, port: int | None = None, *, num_machines: int | None = None,
+                   machine_rank: int | None = None, main_process_ip: str | None = None) -> list[str]:
     """The ``accelerate launch`` command line that runs ``target`` (script + args, or ``-m module``
-    + args) in ``num_processes`` ranks, each through this module's worker wrapper."""
+    + args) in ``num_processes`` ranks, each through this module's worker wrapper.
+
+    With ``num_machines`` > 1 (given, or the config file's) this is one node's command:
+    ``num_processes`` counts the ranks of all nodes, ``machine_rank`` is this node's (0 hosts the
+    rendezvous at ``main_process_ip:port``). Every node must name the same port: none is picked at
+    random then (without ``port``, the config file's ``main_process_port`` or accelerate's 29500).
+    """
+    config = _read_config(config_file) if config_file is not None else {}
+    machines = int(num_machines if num_machines is not None else config.get("num_machines") or 1)
+    if machines > 1:
+        rank = machine_rank if machine_rank is not None else config.get("machine_rank")
+        ip = main_process_ip or config.get("main_process_ip")
+        if num_processes % machines:
+            raise ValueError(f"num_processes ({num_processes}) counts the ranks of all {machines} machines: "
+                             "it must be a multiple of num_machines")
+        if rank is None or not 0 <= int(rank) < machines:
+            raise ValueError(f"machine_rank must be this node's rank in 0..{machines - 1}, got {rank}")
+        if not ip:
+            raise ValueError("several machines need main_process_ip: the address of the node with machine_rank 0")
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file is not None:
         cmd += ["--config_file", str(config_file)]
-        if num_processes > 1 and _distributed_type(config_file) == "NO":
+        if num_processes > 1 and str(config.get("distributed_type", "NO")) == "NO":
             cmd += ["--multi_gpu"]  # a one-process config asked for several: it would silently run one
+        if num_machines is not None:
+            cmd += ["--num_machines", str(num_machines)]
     else:
-        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd += ["--num_machines", str(machines), "--mixed_precision", "no", "--dynamo_backend", "no"]
         if num_processes > 1:
             cmd += ["--multi_gpu"]  # also on CPU: `--cpu` with several processes runs only one
         elif cpu:
             cmd += ["--cpu"]
     cmd += ["--num_processes", str(num_processes)]
+    if machines > 1:
+        cmd += ["--machine_rank", str(rank), "--main_process_ip", str(ip)]
     # accelerate exports OMP_NUM_THREADS=1 unless told otherwise: on a 2-core CPU that halves the
-    # training speed (bench/README.md). Give each rank its share of the cores.
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // num_processes))
+    # training speed (bench/README.md). Give each rank its share of this node's cores.
+    per_node = max(1, num_processes // machines)
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // per_node))
     cmd += ["--num_cpu_threads_per_process", threads]
-    if num_processes > 1:
+    if port is not None or (num_processes > 1 and machines == 1):
         cmd += ["--main_process_port", str(port or free_port())]
     return cmd + ["--module", "vcb_lib.launch", *target]
 
 
-def _distributed_type(config_file: str | os.PathLike) -> str:
+def _read_config(config_file: str | os.PathLike) -> dict:
     import yaml
 
     path = Path(config_file)
-    return str((yaml.safe_load(path.read_text()) or {}).get("distributed_type", "NO")) if path.is_file() else "NO"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def launch_subprocess(script_or_module_args: Sequence[str] | str, num_processes: int = 1,
                       config_file: str | os.PathLike | None = None, cpu: bool = False, *,
                       env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None,
-                      echo: Callable[[str], None] | None = None) -> int:
+                      echo: Callable[[str], None] | None = None, port: int | None = None,
+                      num_machines: int | None = None, machine_rank: int | None = None,
+                      main_process_ip: str | None = None) -> int:
     """Run ``accelerate launch`` on ``script_or_module_args`` (``["train.py", "--x", "1"]`` or
     ``["-m", "vcb_lib.trainers", ...]``), streaming every output line to ``echo`` (default: print
     and flush) as it arrives. Returns 0; raises :class:`LaunchError` with the first failing rank's
     traceback otherwise. The launcher and its ranks are killed if this process dies (Linux).
+    ``port``, ``num_machines``, ``machine_rank``, ``main_process_ip``: see :func:`launch_command`
+    (on several machines, call this on every node; ``num_processes`` counts all their ranks).
     """
     target = script_or_module_args.split() if isinstance(script_or_module_args, str) else list(script_or_module_args)
     if not target:
@@ -190,7 +227,8 @@ def launch_subprocess(script_or_module_args: Sequence[str] | str, num_processes:
             run_env["ACCELERATE_USE_CPU"] = "true"
         root = str(Path(__file__).resolve().parents[1])  # vcb_lib importable from any cwd
         run_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, run_env.get("PYTHONPATH", "")) if p)
-        cmd = launch_command(target, num_processes, config_file, cpu)
+        cmd = launch_command(target, num_processes, config_file, cpu, port, num_machines=num_machines,
+                             machine_rank=machine_rank, main_process_ip=main_process_ip)
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                               env=run_env, cwd=cwd, errors="replace", preexec_fn=die_with_parent()) as proc:
@@ -240,7 +278,8 @@ def train_subprocess(params: str | os.PathLike, method: str, candidates: str | o
     """``python -m vcb_lib.trainers`` under :func:`launch_subprocess` (starting from ``model``,
     default ``models.policy``), with the params file's
     ``training.accelerate_config`` / ``training.num_processes`` unless given; ``cpu`` defaults to
-    ``run.device == "cpu"``."""
+    ``run.device == "cpu"``. One node of a multi-node run: pass ``num_machines``, ``machine_rank``,
+    ``main_process_ip`` and ``port`` (on to :func:`launch_subprocess`); ``num_processes`` counts all nodes' ranks."""
     from vcb_lib.config import load_params, resolve_path
 
     cfg = load_params(params, list(overrides))
