@@ -573,6 +573,50 @@ def test_a_run_killed_between_rounds_resumes_to_the_uninterrupted_result(tmp_pat
     assert max_diff(final_weights(out), load_file(_tiny_file(tmp_path))) > 1e-3  # it trained
 
 
+def test_a_damaged_newest_round_is_set_aside_for_the_previous_intact_one(tmp_path, monkeypatch):
+    """A round's state is a checkpoint in the offline trainer's format (vcb_lib.checkpoints:
+    trainer_state.json, then checksums.json listing the state files). The newest sealed round
+    damaged (a byte of its optimizer state flipped): the rerun warns naming it and the problem, sets
+    it aside as damaged-round-0003, resumes after round 2 and ends with the uninterrupted run's
+    weights and log."""
+    from vcb_lib.checkpoints import CheckpointWarning
+    from vcb_lib.onpolicy import verify_state
+    from vcb_lib.stages import online
+
+    monkeypatch.setattr(online, "load_reward", lambda spec, task: Characters())
+    cfg = loop_cfg("training.online.rounds=3")
+    online.run_rounds(cfg, "grpo", tmp_path / "full", log=lambda m: None)
+    out = tmp_path / "cut"
+
+    def kill_after(r):
+        if r == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        online.run_rounds(cfg, "grpo", out, on_round=kill_after, log=lambda m: None)
+    folder = out / "rounds" / "round-0003"
+    listed = json.loads((folder / "checksums.json").read_text())["files"]
+    assert sorted(listed) == ["model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"]
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert (state["format"], state["round"], state["step"], state["method"]) == (1, 3, 12, "grpo")
+    assert verify_state(folder) is None
+    data = bytearray((folder / "optimizer.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "optimizer.pt").write_bytes(bytes(data))
+    assert verify_state(folder) == "optimizer.pt does not match its sha256"
+
+    messages = []
+    with pytest.warns(CheckpointWarning, match="round-0003 is damaged: optimizer.pt does not match its sha256; "
+                                               "skipped \\(moved to damaged-round-0003\\)"):
+        online.run_rounds(cfg, "grpo", out, log=messages.append)
+    assert messages[0] == "grpo: resuming after round 2 of 3"
+    assert max_diff(final_weights(out), final_weights(tmp_path / "full")) == 0.0
+    cut_log, full_log = ([json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()] for d in (out, tmp_path / "full"))
+    assert [r["step"] for r in cut_log] == list(range(1, 13)) and [r["loss"] for r in cut_log] == [r["loss"] for r in full_log]
+    assert sorted(p.name for p in (out / "rounds").iterdir() if p.is_dir()) == ["damaged-round-0003", "round-0002", "round-0003"]
+    assert verify_state(out / "rounds" / "round-0003") is None
+
+
 def _key(cfg):
     from vcb_lib.stages import artefacts
 

@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,14 +41,31 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
+from vcb_lib.checkpoints import MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE, read_file, seal, verify
 from vcb_lib.config import TrainingConfig
 from vcb_lib.logps import token_logps
 from vcb_lib.io import replace_folder
 from vcb_lib.trainers import TrainingDiverged, lr_lambda, split_even, tracked_values, tracker_kwargs
 
 Tensor = torch.Tensor
-MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE = "model.safetensors", "optimizer.pt", "scheduler.pt"
-STATE_FILES = (MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE)
+STATE_FILES = (MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, STATE_FILE)  # a round's checkpoint (vcb_lib.checkpoints)
+STATE_FORMAT = 1  # trainer_state.json's format of the on-policy rounds
+_STATE_KEYS = ("format", "round", "step", "num_processes", "seed")
+_ROUND_NAME = re.compile(r"^round-(\d{4,})$")
+
+
+def verify_state(folder: Path) -> str | None:
+    """What is wrong with the round checkpoint ``folder`` (:meth:`OnPolicyTrainer.save_state`), or
+    None when it is intact (:func:`vcb_lib.checkpoints.verify`: checksums, format, the round its
+    name says, every state file listed)."""
+    return verify(folder, state_keys=_STATE_KEYS, format=STATE_FORMAT, needed_files=lambda state: list(STATE_FILES),
+                  step_key="round", name_pattern=_ROUND_NAME)
+
+
+def read_state(folder: Path) -> dict:
+    """The optimizer and scheduler states of a verified round checkpoint, read without unpickling
+    (``torch.load(weights_only=True)``); ValueError naming a file that cannot be read so."""
+    return {"optimizer": read_file(folder, OPTIMIZER_FILE), "scheduler": read_file(folder, SCHEDULER_FILE)}
 
 
 def disable_dropout(model: torch.nn.Module | None) -> None:
@@ -316,24 +334,29 @@ class OnPolicyTrainer:
 
     # ---------------------------------------------------------------- state between rounds
 
-    def save_state(self, folder: Path) -> None:
-        """The policy and value network (safetensors), optimizer and scheduler states, on the
-        main process (DDP: every rank holds the same)."""
+    def save_state(self, folder: Path, state: dict) -> None:
+        """A round's checkpoint in ``folder``, in :mod:`vcb_lib.checkpoints`' format, on the main
+        process (DDP: every rank holds the same): the policy and value network (safetensors),
+        optimizer and scheduler states, ``trainer_state.json`` (``state``: ``round``, ``step``, ...,
+        with the format, the process count and the seed) and, last, ``checksums.json``. No RNG
+        state: nothing in a round draws from a global random stream."""
         if self.accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
             save_model(self.module, str(folder / MODEL_FILE), force_contiguous=True)
             torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
             torch.save(self.scheduler.state_dict(), folder / SCHEDULER_FILE)
+            seal(folder, {"format": STATE_FORMAT, "num_processes": self.world, "seed": self.seed} | state)
         self.accelerator.wait_for_everyone()
 
     def load_state(self, folder: Path) -> None:
-        """What :meth:`save_state` wrote, on every rank, without unpickling."""
+        """What :meth:`save_state` wrote (verified: :func:`verify_state`), on every rank, without unpickling."""
         missing, unexpected = load_model(self.module, str(folder / MODEL_FILE), strict=False,
                                          device=str(self.accelerator.device))
         if missing or unexpected:
             raise ValueError(f"{folder / MODEL_FILE} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-        self.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+        loaded = read_state(folder)
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(loaded["scheduler"])
 
     def save_final(self, target: Path) -> Path:
         """``target`` (``final/``): the policy's ``save_pretrained`` + tokenizer, through a temporary folder."""

@@ -37,7 +37,8 @@ does the same number of backward passes). Each micro-batch back-propagates
 ``Σ_b losses_b · num_processes · grad_accum / N_step``; accelerate divides by grad_accum and DDP
 averages over processes, which leaves ``(1/N_step) Σ losses`` whatever B each micro-batch had.
 
-Checkpoints (``out_dir/checkpoints/step-000012/``), written without pickle: ``model.safetensors``
+Checkpoints (``out_dir/checkpoints/step-000012/``; :mod:`vcb_lib.checkpoints`, the format the
+on-policy rounds share), written without pickle: ``model.safetensors``
 (the unwrapped model), ``optimizer.pt`` and ``scheduler.pt`` (state dicts of tensors, numbers, lists
 and dicts, read back with ``torch.load(weights_only=True)``), ``scaler.pt`` under fp16, every rank's
 RNG states (``rng_state_<rank>.safetensors``: torch CPU and CUDA generators; ``rng_state_<rank>.json``:
@@ -92,7 +93,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import shutil
 import time
@@ -100,11 +100,13 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import save_file, save_model
 from tqdm.auto import tqdm
 
+from vcb_lib.checkpoints import (  # noqa: F401 - the format's names, importable from here as before
+    ADAPTER_FILE, CHECKSUMS_FILE, MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE, SCHEDULER_FILE, STATE_FILE,
+    CheckpointWarning, checksum_list, file_sha256, read_file, rng_states, seal, set_aside, set_rng_states, verify)
 from vcb_lib.config import LoraConfig, TrainingConfig
 from vcb_lib.data import CandidateGroup, collate_groups
 from vcb_lib.io import atomic_write_text, replace_folder, write_json
@@ -119,21 +121,15 @@ ScoreFn = Callable[[torch.nn.Module, dict], Tensor]
 MEGA_BATCH_STEPS = 50  # length bucketing: sort by length inside this many optimizer steps
 KEEP_CHECKPOINTS = 2
 _CKPT_NAME = re.compile(r"^step-(\d{6,})$")
-# A checkpoint's files (module docstring). checksums.json is written last, just before the rename.
-STATE_FILE, CHECKSUMS_FILE = "trainer_state.json", "checksums.json"
-MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.pt"
-SCHEDULER_FILE, SCALER_FILE = "scheduler.pt", "scaler.pt"
-ADAPTER_FILE, ADAPTER_DIR = "adapter.safetensors", "adapter"  # LoRA: a checkpoint's trained tensors; final/adapter/
+# A checkpoint's files: vcb_lib.checkpoints (the one format of both trainers); checksums.json is
+# written last, just before the rename.
+ADAPTER_DIR = "adapter"  # LoRA: final/adapter/
 CHECKPOINT_FORMAT = 2  # 1: accelerator.save_state for everything (pickled RNG and scheduler states), no checksums
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # distributed types whose model + optimizer accelerate saves
 _STATE_KEYS = ("format", "step", "epoch", "step_in_epoch", "position", "step_size", "seed", "data", "num_processes",
                "elapsed", "sharded", "scaler", "accelerator_step")
 TRACKER_DIR = "tensorboard"  # <run>/tensorboard/: the offline trackers' files (tracker_dir)
 _STAGE_DIR = re.compile(r"^\d\d_\w+$")  # a stage folder of a run: 01_models, 03_train, ...
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped on resume (damaged, or unreadable without unpickling)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -265,47 +261,8 @@ def data_fingerprint(groups: Sequence[CandidateGroup]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoint files: RNG states without pickle, checksums, verification
+# Checkpoint files: the format is vcb_lib.checkpoints'; what this trainer's state needs
 # --------------------------------------------------------------------------------------------
-
-
-def rng_states() -> tuple[dict[str, Tensor], dict]:
-    """This process's RNG states: torch generators as tensors (CPU; CUDA where it is in use) for
-    safetensors, and Python's ``random`` and numpy's global states as JSON-ready values."""
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors |= {f"torch_cuda_{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())}
-    version, internal, gauss_next = random.getstate()
-    np_state = np.random.get_state(legacy=False)
-    plain = {"python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-             "numpy": {"bit_generator": np_state["bit_generator"], "key": np_state["state"]["key"].tolist(),
-                       "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                       "gauss": float(np_state["gauss"])}}
-    return tensors, plain
-
-
-def set_rng_states(tensors: dict[str, Tensor], plain: dict) -> None:
-    """Restore what :func:`rng_states` returned."""
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = sorted((int(k.rsplit("_", 1)[1]), t) for k, t in tensors.items() if k.startswith("torch_cuda_"))
-    if cuda and torch.cuda.is_available():
-        for i, t in cuda[:torch.cuda.device_count()]:
-            torch.cuda.set_rng_state(t, i)
-    py, npy = plain["python"], plain["numpy"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
-    np.random.set_state({"bit_generator": npy["bit_generator"], "has_gauss": npy["has_gauss"], "gauss": npy["gauss"],
-                         "state": {"key": np.asarray(npy["key"], dtype=np.uint32), "pos": npy["pos"]}})
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def checksum_list(folder: Path) -> dict[str, dict]:
-    """``{relative path: {"size", "sha256"}}`` of every file under ``folder`` but checksums.json."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE)
-    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
 
 
 def needed_files(state: dict) -> list[str]:
@@ -319,45 +276,9 @@ def needed_files(state: dict) -> list[str]:
 def verify_checkpoint(folder: Path) -> str | None:
     """What is wrong with checkpoint ``folder``, or None when it is intact: checksums.json lists
     every file the trainer state needs, each present with its size and sha256, and
-    trainer_state.json is this format's, for this folder's step."""
-    try:
-        listed = json.loads((folder / CHECKSUMS_FILE).read_text())["files"]
-        sizes = {name: int(v["size"]) for name, v in listed.items()}
-        hashes = {name: str(v["sha256"]) for name, v in listed.items()}
-    except FileNotFoundError:
-        return f"no {CHECKSUMS_FILE} (damaged, or written before checkpoints had one)"
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        return f"{CHECKSUMS_FILE} is unreadable ({type(e).__name__}: {e})"
-    outside = [n for n in listed if Path(n).is_absolute() or ".." in Path(n).parts]
-    if outside:
-        return f"{CHECKSUMS_FILE} lists paths outside the folder: {outside}"
-    for name, size in sizes.items():  # cheap checks first
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} were saved"
-    for name, digest in hashes.items():
-        if file_sha256(folder / name) != digest:
-            return f"{name} does not match its sha256"
-    if STATE_FILE not in listed:
-        return f"{CHECKSUMS_FILE} does not list {STATE_FILE}"
-    try:
-        state = json.loads((folder / STATE_FILE).read_text())
-        absent = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else ["a JSON object"]
-    except ValueError as e:
-        return f"{STATE_FILE} is unreadable ({type(e).__name__}: {e})"
-    if absent:
-        return f"{STATE_FILE} lacks {absent}"
-    if state["format"] != CHECKPOINT_FORMAT:
-        return f"{STATE_FILE} has format {state['format']!r}, this trainer reads {CHECKPOINT_FORMAT}"
-    match = _CKPT_NAME.match(folder.name)
-    if match and int(match.group(1)) != state["step"]:
-        return f"{STATE_FILE} is for step {state['step']}, the folder for step {int(match.group(1))}"
-    unlisted = [n for n in needed_files(state) if n not in listed]
-    if unlisted:
-        return f"{CHECKSUMS_FILE} does not list {unlisted}"
-    return None
+    trainer_state.json is this format's, for this folder's step (:func:`vcb_lib.checkpoints.verify`)."""
+    return verify(folder, state_keys=_STATE_KEYS, format=CHECKPOINT_FORMAT, needed_files=needed_files,
+                  step_key="step", name_pattern=_CKPT_NAME)
 
 
 # --------------------------------------------------------------------------------------------
@@ -725,8 +646,7 @@ class Trainer:
                      "data": self.fingerprint, "num_processes": self.world, "loss_type": str(self.loss_type),
                      "elapsed": elapsed, "sharded": sharded, "scaler": not sharded and acc.scaler is not None,
                      "accelerator_step": acc.step, "lora": self._lora_state()}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-            atomic_write_text(tmp / CHECKSUMS_FILE, json.dumps({"files": checksum_list(tmp)}, indent=2) + "\n")
+            seal(tmp, state)  # trainer_state.json, then checksums.json last
             if final.exists():  # a checkpoint of the same step from an abandoned attempt
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -765,11 +685,7 @@ class Trainer:
                 problem = f"cannot be read safely: {error or 'on another rank'}"
             skipped.append(name)
             if acc.is_main_process:
-                aside = self.ckpt_dir / f"damaged-{name}"
-                shutil.rmtree(aside, ignore_errors=True)
-                os.replace(path, aside)
-                warnings.warn(f"checkpoint {path} is damaged: {problem}; skipped (moved to {aside.name})",
-                              CheckpointWarning, stacklevel=4)
+                set_aside(path, problem, stacklevel=4)
             acc.wait_for_everyone()
         if acc.is_main_process:
             warnings.warn(f"no intact checkpoint in {self.ckpt_dir} (skipped {', '.join(skipped)}): "
@@ -779,18 +695,9 @@ class Trainer:
     def _read_checkpoint(self, path: Path, state: dict) -> dict:
         """This rank's states from a verified checkpoint, read without unpickling (safetensors,
         JSON, ``torch.load(weights_only=True)``); nothing is applied yet. Raises ValueError naming
-        the file that cannot be read so."""
+        the file that cannot be read so (:func:`vcb_lib.checkpoints.read_file`)."""
         def read(name: str):
-            try:
-                if name.endswith(".safetensors"):
-                    return load_file(str(path / name))
-                if name.endswith(".json"):
-                    return json.loads((path / name).read_text())
-                return torch.load(path / name, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - a format error, or a global weights_only refuses
-                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
-                why = next((ln for ln in lines if "Unsupported global" in ln), lines[0]).split(". Please")[0]
-                raise ValueError(f"{name}: {type(e).__name__}: {why}") from e
+            return read_file(path, name)
 
         loaded = {"scheduler": read(SCHEDULER_FILE)}
         if (path / f"rng_state_{self.rank}.safetensors").is_file():  # absent if made with fewer processes

@@ -24,14 +24,17 @@ Each method of ``policy_gradient.OnlineMethod`` in ``training.methods`` trains i
    (``policy_gradient.aggregation_weights``; the length cap of ``constant`` is the rollout's
    ``max_new_tokens``), with per-token entropies when ``entropy_coef`` > 0; in PPO's first
    ``critic_warmup_rounds`` rounds only the value network steps;
-6. **seal**: ``rounds/round-NNNN/`` (policy + value network, optimizer and scheduler states,
-   ``rollouts.parquet``, ``stats.json``) with a manifest whose key is the method's artefact key plus
-   the round; a copy of the rollouts stays in ``rollouts/round-NNNN.parquet``. The last two round
-   folders are kept.
+6. **seal**: ``rounds/round-NNNN/``: the round's checkpoint in the offline trainer's format
+   (``vcb_lib.checkpoints``: policy + value network in safetensors, optimizer and scheduler states,
+   ``trainer_state.json``, ``checksums.json`` last), then ``rollouts.parquet``, ``stats.json``, and a
+   manifest whose key is the method's artefact key plus the round; a copy of the rollouts stays in
+   ``rollouts/round-NNNN.parquet``. The last two round folders are kept.
 
-Resuming: a run restarts after the newest round whose manifest is current (a round killed before
-its seal is redone from scratch; nothing in a round draws from a global random stream, so the
-result is the one an uninterrupted run gives, tested). When the rounds are done the policy is
+Resuming: a run restarts after the newest round whose manifest is current and whose checkpoint is
+intact (a round killed before its seal is redone from scratch; a damaged one is set aside as
+``rounds/damaged-round-NNNN`` with a ``CheckpointWarning`` and the round before it is tried:
+:func:`latest_round`; nothing in a round draws from a global random stream, so the result is the
+one an uninterrupted run gives, tested). When the rounds are done the policy is
 saved to ``final/`` with ``log.jsonl`` (one row per optimizer step, with its round's reward and
 KL) and ``summary.json`` (the compute: policy samples drawn, tokens trained), like every other
 method, so stage 04 evaluates it with no special path.
@@ -208,13 +211,34 @@ def _from_main(acc, obj):
 
 
 def latest_round(out: Path, key: dict, rounds: int) -> int:
-    """The newest round whose folder is current for ``key`` (sha256 of every file checked), 0 when none."""
+    """The newest round whose folder is current for ``key`` and whose checkpoint is intact, 0 when
+    none (main process). A round never sealed (killed before its manifest) or sealed for another
+    config is passed over; a sealed one whose checkpoint fails :func:`vcb_lib.onpolicy.verify_state`
+    (checksums, format), whose files changed since its manifest, or whose optimizer or scheduler
+    state cannot be read without unpickling is damaged: set aside as ``damaged-round-NNNN``
+    (:func:`vcb_lib.checkpoints.set_aside`, a ``CheckpointWarning``) and the round before is tried."""
+    from vcb_lib.checkpoints import set_aside
+    from vcb_lib.onpolicy import read_state, verify_state
+
     folder = out / "rounds"
     found = sorted((int(p.name.split("-")[1]) for p in folder.glob("round-[0-9]*") if p.is_dir()), reverse=True) \
         if folder.is_dir() else []
     for r in found:
-        if r <= rounds and Artefact(_round_dir(out, r), "03_train", key | {"round": r}).current():
-            return r
+        if r > rounds:
+            continue
+        art = Artefact(_round_dir(out, r), "03_train", key | {"round": r})
+        state, detail = art.status()
+        if state in ("missing", "building", "stale"):  # unsealed, or another config's: redone, nothing damaged
+            continue
+        problem = verify_state(art.path) or (detail if state != "current" else None)
+        if problem is None:
+            try:
+                read_state(art.path)
+                return r
+            except ValueError as e:
+                problem = f"cannot be read safely: {e}"
+        art.invalidate()
+        set_aside(art.path, problem, stacklevel=3)
     return 0
 
 
@@ -258,9 +282,13 @@ def run_rounds(cfg: Config, method: str, out_dir, *, model_spec: str | None = No
         log(f"{method}: resuming after round {done} of {o.rounds}")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not done:
-            for p in (out / "rounds", out / "rollouts"):
-                shutil.rmtree(p, ignore_errors=True)
+        if not done:  # a fresh start: earlier rounds go; rounds set aside as damaged stay for a look
+            from vcb_lib.checkpoints import DAMAGED_PREFIX
+
+            for p in sorted((out / "rounds").iterdir()) if (out / "rounds").is_dir() else []:
+                if not p.name.startswith(DAMAGED_PREFIX):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            shutil.rmtree(out / "rollouts", ignore_errors=True)
             log_path.unlink(missing_ok=True)
             write_json(out / "training_config.json", dataclasses.asdict(t) | {
                 "method": method, "seed": cfg.run.seed, "num_processes": acc.num_processes,
@@ -347,7 +375,8 @@ def _seal_round(cfg: Config, om: OnlineMethod, trainer, out: Path, key: dict, r:
         art.invalidate()
         shutil.rmtree(folder, ignore_errors=True)
     acc.wait_for_everyone()
-    trainer.save_state(folder)
+    o = cfg.training.online
+    trainer.save_state(folder, {"round": r, "step": r * o.epochs * o.minibatches, "method": om.value})
     if acc.is_main_process:
         mask = tensors["mask"]
         seq = lambda x: torch.where(mask, x, 0.0).sum(-1).tolist()  # noqa: E731  (R, L) -> R sequence sums
