@@ -434,4 +434,4 @@ def test_notebooks_run_on_your_data(tmp_path):
     report = (cfg.run_dir / "report.md").read_text()
     assert "**Your data:** task `kids_science`: prompts from `examples/own_data/prompts.jsonl`" in report
     assert "D_t imported from `examples/own_data/candidates.jsonl`" in report
-    assert "examples/own_data/reward.py:score (rewards.evaluation)" in report
+    assert "evaluation reward: the reward `examples/own_data/reward.py:score` (rewards.evaluation)" in report

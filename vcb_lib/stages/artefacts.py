@@ -143,6 +143,8 @@ def method_key(cfg: Config, method: str, seed: int | None = None) -> dict:
 
 NAMED_IF_CHANGED = ("normalize", "eta", "sigma_floor", "sigma_policy",  # VCB's options: in the name only off the paper's default
                     "cut_positive")  # and CUT's positive context
+ONLINE_NAMED_IF_CHANGED = ("kl_estimator", "loss_aggregation", "clip_level", "clip_low", "clip_high", "dual_clip",  # the peers'
+                           "reward_clip", "entropy_coef", "critic_warmup_rounds")  # options: named only off their default
 NEVER_NAMED = ("cut_judge", "cut_judge_model")  # a URL or a model path: CUT's folder says "llmjudge" instead
 
 
@@ -169,6 +171,9 @@ def method_dir_name(cfg: Config, method: str, seed: int | None = None) -> str:
         parts.append(f"scale{o.scale_rewards}")
     if lt is OnlineMethod.VCB_ONLINE and o.reference != "sft":
         parts.append(f"ref{o.reference}")
+    online_defaults = type(o)()
+    parts += [f"{k.replace('_', '')}{getattr(o, k)}" for k in ONLINE_NAMED_IF_CHANGED
+              if k in getattr(lt, "online_keys", ()) and getattr(o, k) != getattr(online_defaults, k)]
     lora = cfg.training.lora_for(method)
     if lora is not None:
         parts.append(f"lora-r{lora.r}")
