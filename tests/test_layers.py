@@ -12,7 +12,7 @@ LAYERS = {
     1: ["io", "config", "losses", "policy_gradient", "theory", "manifest", "tasks", "launch"],  # ground: pure functions, typed config
     2: ["models", "logps"],  # model specs and loading; log-prob kernels
     3: ["data", "samplers", "user_data"],  # prompt sets, hub loaders, D_t builder, a researcher's own files
-    4: ["rewards", "reward_sources", "checkpoints", "trainers", "onpolicy", "metrics", "exact", "judge", "judgments", "plots"],  # methods and measures
+    4: ["rewards", "reward_sources", "checkpoints", "trainers", "onpolicy", "metrics", "estimators", "exact", "judge", "judgments", "plots"],  # methods and measures
     5: ["stages"],  # one module per notebook
     6: ["sweep", "widgets", "runner", "report", "export", "__main__"],  # fronts
 }
