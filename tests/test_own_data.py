@@ -418,7 +418,7 @@ def test_notebooks_run_on_your_data(tmp_path):
     from vcb_lib.runner import run
 
     overrides = [f"run.output_root={tmp_path}", "models.policy=tiny-random", "evaluation.num_prompts=4",
-                 "evaluation.samples_per_prompt=1", "evaluation.max_new_tokens=8", "evaluation.pool_prompts=4",
+                 "evaluation.samples_per_prompt=2", "evaluation.max_new_tokens=8", "evaluation.pool_prompts=4",
                  "evaluation.pool_candidates=3", "evaluation.pool_max_new_tokens=8", "evaluation.bootstrap=100",
                  "sampling.backend=hf", "sampling.num_prompts=6", "training.max_steps=2", "training.batch_size=2",
                  "theory.n_instances=2"]

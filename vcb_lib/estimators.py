@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from vcb_lib.metrics import _bootstrap_means, snis
+from vcb_lib.metrics import ESS_MIN_FRACTION, _bootstrap_means, snis
 
 __all__ = ["ESTIMATORS", "GAMMAS", "POOL_COVERAGE_TARGET", "POOL_ESS_MIN_FRACTION", "calibrate", "derive_threshold", "draw",
            "exact_case", "pool_valid", "replicate", "simulate", "table"]
@@ -57,7 +57,7 @@ POOL_COVERAGE_TARGET = 0.9  # the pool's 95% CI must cover the truth at least th
 # default run's pool size (138 prompts x 6), sets it (P = 24 alone gives 0.86; m = 16 at P = 144 gives 0.92): SNIS's
 # bias, O(1/m), does not shrink with P while the CI does, so more prompts need a policy closer to π_sft. It is
 # conservative for fewer prompts or more candidates, not for more than ~150 prompts or fewer than 6 candidates.
-POOL_ESS_MIN_FRACTION = 0.98
+POOL_ESS_MIN_FRACTION = ESS_MIN_FRACTION  # 0.98, derived here (derive_threshold); metrics.pool_estimate's ess_flag reads it
 
 
 def pool_valid(ess_per_prompt: Any, m: int, fraction: float = POOL_ESS_MIN_FRACTION) -> bool:

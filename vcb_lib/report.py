@@ -44,6 +44,46 @@ def _family_note(pool: dict, key: str) -> str:
     return f"; family-wise (Holm): {'resolved' if f['resolved'] else 'not resolved'}, adjusted p {f['p_holm']:.3g}"
 
 
+def _decided_note(pool: dict) -> list[str]:
+    """Which estimator decided the table's comparisons, when the on-policy samples checked the pool."""
+    by = {k: v.get("decided_by") for k, v in pool["paired"].items() if v.get("decided_by")}
+    if not by:
+        return []
+    on = [k.replace("-vs-", " vs ") for k, d in by.items() if d == "on-policy"]
+    text = ("Each comparison is decided by the pool where the pool is valid for both of its policies (next table), "
+            "else by the policies' own samples (on-policy means per prompt, paired: every policy sampled the same "
+            "prompts with the same seeds); `decided by` says which, and Δ, its CI, p and MDE are that estimator's")
+    return [text + (f". Decided on-policy: {', '.join(on)}.\n" if on else "; here the pool decided every one.\n")]
+
+
+def validity_section(pool: dict) -> list[str]:
+    """Per policy: the pool's estimate beside its on-policy one, their difference with its CI, the ESS,
+    and whether the pool is valid for it (``evaluate.pool_validity``)."""
+    rows = {}
+    for name, v in pool["methods"].items():
+        val = v.get("validity")
+        if val is None:
+            continue
+        rows[name] = {"pool": v["gold"], "on-policy": v["on_policy"], "on-policy CI": _ci(v["on_policy_ci"]),
+                      "pool − on-policy": val["bias"], "95% CI": _ci(val["bias_ci"]),
+                      "ESS/m mean": val["ess_fraction"]["mean"], "ESS/m p10": val["ess_fraction"]["p10"],
+                      "verdict": "valid" if val["valid"] else "pool not valid: " + "; ".join(val["why_not"])}
+    if not rows:
+        return []
+    from vcb_lib.estimators import POOL_ESS_MIN_FRACTION
+
+    prompts = next(iter(pool["methods"].values())).get("on_policy_prompts")
+    return [f"### Is the pool valid for each policy? (on-policy check: {prompts} prompts, the pool's length cap, T = 1)\n",
+            "The pool's importance-weighted estimate against each policy's mean over its own samples on the same prompts "
+            "(Δ with a 95% bootstrap CI over prompts: it should include 0), and the per-prompt ESS as a share of m. The "
+            f"pool is valid for a policy when that Δ's CI includes 0 and its mean ESS/m ≥ {POOL_ESS_MIN_FRACTION:g}: the "
+            "share at which the pool's CI still covered the truth in ≥ 90% of replicates on the exact tier "
+            "(README, \"Are the estimators right?\"; self-normalised importance sampling is biased by O(1/m), a bias more "
+            "prompts do not shrink).\n",
+            _table(rows, ["pool", "on-policy", "on-policy CI", "pool − on-policy", "95% CI", "ESS/m mean", "ESS/m p10",
+                          "verdict"])]
+
+
 def pool_sections(metrics: dict) -> list[str]:
     """The report's opening: the resolution table of the paired pool estimates, the paper's claims
     judged by their CIs, the per-policy pool table, and what scored D_t."""
@@ -65,7 +105,8 @@ def pool_sections(metrics: dict) -> list[str]:
             return f"< {2 / boot:.1g}" if p == 0 else f"{p:.3g}"
 
         rows = {k.replace("-vs-", " vs "): v | {"95% CI": _ci(v["ci"]), "p": p_text(family[k]["p"]),
-                                                "Holm p": p_text(family[k]["p_holm"]), "resolved": resolved(k, v)}
+                                                "Holm p": p_text(family[k]["p_holm"]), "resolved": resolved(k, v),
+                                                "decided by": v.get("decided_by", "pool")}
                 for k, v in pool["paired"].items()}
         lines += [f"Expected {gold} of each policy, estimated on the same candidates by self-normalised importance "
                   f"weights π/π_sft; Δ = {ref} − the other, 95% percentile bootstrap CI over prompts (each comparison "
@@ -75,16 +116,17 @@ def pool_sections(metrics: dict) -> list[str]:
                   f"beyond the strictest level, 1 − {alpha:g}/{n}); resolved when its Holm-adjusted p ≤ {alpha:g}. "
                   "\"alone only\": its own CI excludes 0, but not once the other comparisons are counted. MDE = the "
                   f"smallest difference this many prompts detects with 80% power ({pool['mde_factor']} SE).\n",
-                  _table(rows, ["gold_diff", "95% CI", "p", "Holm p", "resolved", "mde"])]
+                  *_decided_note(pool), _table(rows, ["gold_diff", "95% CI", "p", "Holm p", "resolved", "mde", "decided by"])]
     else:
-        rows = {k.replace("-vs-", " vs "): v | {"95% CI": _ci(v["ci"]), "resolved": "yes" if v["resolved"] else "not resolved"}
+        rows = {k.replace("-vs-", " vs "): v | {"95% CI": _ci(v["ci"]), "resolved": "yes" if v["resolved"] else "not resolved",
+                                                "decided by": v.get("decided_by", "pool")}
                 for k, v in pool["paired"].items()}
         lines += [f"Expected {gold} of each policy, estimated on the same candidates by self-normalised importance "
                   f"weights π/π_sft; Δ = {ref} − the other, 95% percentile bootstrap CI over prompts; resolved = the CI "
                   f"excludes 0, per comparison: no correction for the {len(rows)} comparisons made together "
                   f"(`stages.analysis.pool_family` adds Holm's). MDE = the smallest difference this many prompts "
                   f"detects with 80% power ({pool['mde_factor']} SE).\n",
-                  _table(rows, ["gold_diff", "95% CI", "resolved", "mde"])]
+                  *_decided_note(pool), _table(rows, ["gold_diff", "95% CI", "resolved", "mde", "decided by"])]
     claims = []
     dpo = pool["paired"].get(f"{ref}-vs-dpo")
     if ref == "vcb" and dpo:
@@ -113,15 +155,13 @@ def pool_sections(metrics: dict) -> list[str]:
                   "(`metrics.power_curve`). A comparison resolves once its half-width falls below |Δ|.\n",
                   _table(power, cols, "{:.4f}")]
     per = {name: v | {"gold CI": _ci(v["gold_ci"]), "slope CI": _ci(v["slope_ci"]),
-                      "ESS": f"{v['ess_mean']:.1f}" + (" (low)" if v["ess_flag"] else ""),
+                      "ESS": f"{v['ess_mean']:.1f}" + (" (pool not valid)" if not v.get("validity", {"valid": True})["valid"]
+                                                       else ""),
                       "misaligned": "reference" if name == "sft" else v["misalignment_rate"]}
            for name, v in pool["methods"].items()}
     lines += [f"### Per policy on the pool ({gold}; slope of γ·log-ratio gaps on normalised reward-model gaps)\n",
               _table(per, ["gold", "gold CI", "rm", "ESS", "slope", "slope CI", "r2", "spearman", "misaligned"])]
-    flagged = [n for n, v in pool["methods"].items() if v["ess_flag"]]
-    if flagged:
-        lines.append(f"ESS below {pool['ess_threshold']:.1f} of {m} (low): {', '.join(flagged)} moved far from π_sft; "
-                     "their importance-sampled estimates rest on few candidates and are not reliable.\n")
+    lines += validity_section(pool)
     spread = pool.get("seeds")
     if spread:
         rows = {k.replace("-vs-", " vs "): v | {"95% t CI (seeds)": _ci(v["ci_seeds"]), "per seed": ", ".join(f"{d:+.3f}" for d in v["diffs"])}
@@ -303,7 +343,7 @@ def cut_section(cfg, metrics: dict, marks: dict | None) -> list[str]:
     context = "the instruction alone" if t.cut_positive == "none" else "the instruction with the positive judgment"
     lines = ["## Judgments vs reward values: CUT (arXiv 2312.14591)\n",
              f"CUT trains on the same D_t with the same budget, but instead of each candidate's reward value it reads a "
-             f"natural-language judgment written from the {cfg.rewards.task} task's white-box features "
+             f"natural-language judgment written from the {cfg.rewards.task if not cfg.data.own else 'your'} task's white-box features "
              "(`vcb_lib/judgments.yaml`): Align-P (MLE of positively judged candidates), Align-N (MLE of a negatively "
              "judged one given its judgment) and Misalign (the same response without it: tokens whose probability "
              f"the judgment raises by more than λ = {t.cut_lambda:g} get the unlikelihood term, α = {t.cut_alpha:g}). "
@@ -338,6 +378,23 @@ def cut_section(cfg, metrics: dict, marks: dict | None) -> list[str]:
     return lines
 
 
+def data_section(cfg, evaluation_reward: str) -> list[str]:
+    """Your own data (``data:``): where the prompts and candidates came from and which rewards scored them."""
+    if not cfg.data.own:
+        return []
+    from vcb_lib.data import task_of
+    from vcb_lib.export import reward_source
+
+    d = cfg.data
+    prompts = f"prompts from `{d.prompts}` (column `{d.prompt_column}`)" if d.prompts else \
+        f"the prompts of the candidate file (column `{d.prompt_column}`)"
+    split = f"split by column `{d.split_column}`" if d.split_column else \
+        f"split by the rule ({d.test_percent}% test by a hash of data.split_seed {d.split_seed} and the prompt id)"
+    dt = f"D_t imported from `{d.candidates}`" if d.candidates else "D_t sampled from π_sft"
+    return [f"**Your data:** task `{task_of(cfg).name}`: {prompts}, {split}; {dt}, scored by {reward_source(cfg)}; "
+            f"evaluation reward: {evaluation_reward}.\n"]
+
+
 def write_report(cfg, metrics: dict, fig_dir: Path, *, cut: dict | None = None) -> Path:
     """``<run>/report.md``: the scale of the run, then Tables 2, 4, 5, 6, 7 and Figs. 5, 8 as this
     run measured them (figures linked from ``fig_dir``); ``cut``: ``stages.analysis.cut_marks``' result,
@@ -357,6 +414,7 @@ def write_report(cfg, metrics: dict, fig_dir: Path, *, cut: dict | None = None) 
         f"{s['samples_per_prompt']} samples per policy, seed {s['seed']}; evaluation reward: {reward}. "
         "The paper uses Pythia-2.8B, thousands of prompts and GPT-4/human judges: compare directions and confidence "
         "intervals, not magnitudes.\n",
+        *data_section(cfg, reward),
         *pool_sections(metrics),
         *exact_sections(metrics, rel),
         f"## Table 2 analogue: win rate of {ref} ({reward})\n",

@@ -47,8 +47,9 @@ FAMILY_ALPHA = 0.05  # the family-wise error rate of the report's resolution tab
 
 
 def pool_family(cfg: Config, metrics: dict, *, alpha: float = FAMILY_ALPHA) -> dict | None:
-    """The report's resolution table as one family: the reference method's paired differences on the
-    pool with every other policy (``metrics["pool"]["paired"]``, each a separate 95% CI) resolved
+    """The report's resolution table as one family: the reference method's paired differences with every
+    other policy (``metrics["pool"]["paired"]``, each a separate 95% CI; on the pool, or on the on-policy
+    samples where the pool is not valid for one of the two: ``decided_by``) resolved
     together with the family-wise error at ``alpha`` by Holm's step-down method on percentile-bootstrap
     p-values over prompts (:func:`vcb_lib.metrics.family_wise`: enough resamples that the strictest
     level, 1 − alpha/m, has 50 beyond it). The per-prompt estimates are read back from the stored
@@ -65,6 +66,14 @@ def pool_family(cfg: Config, metrics: dict, *, alpha: float = FAMILY_ALPHA) -> d
     ref = pool["reference"]
     mine = pool_per_prompt(cfg, ref)
     diffs = {key: (mine - pool_per_prompt(cfg, key.split("-vs-", 1)[1])).to_numpy() for key in pool["paired"]}
+    on_policy = [key for key, v in pool["paired"].items() if v.get("decided_by") == "on-policy"]
+    if on_policy:  # the pool is not valid for one of its policies: its on-policy samples decide (evaluate.pool_metrics)
+        from vcb_lib.stages.evaluate import evaluation_reward, on_policy_per_prompt
+
+        samples, column = read_samples(cfg, "test"), evaluation_reward(cfg)[0]
+        own = on_policy_per_prompt(samples, ref, column)
+        for key in on_policy:
+            diffs[key] = (own - on_policy_per_prompt(samples, key.split("-vs-", 1)[1], column)).to_numpy()
     return {"alpha": alpha, "method": "holm",
             "comparisons": family_wise(diffs, alpha=alpha, bootstrap=cfg.evaluation.bootstrap, seed=cfg.run.seed)}
 

@@ -234,9 +234,9 @@ def own(cfg: Config, art: Artefact) -> Artefact:
 def samples(cfg: Config, policy: str, split: str) -> Artefact:
     """``04_eval/<policy>/samples-<split>.parquet``: the policy's evaluation samples, scored (the
     upstream run's when current there, :func:`shared`)."""
-    prompts = "num_prompts" if split == "test" else "ood_prompts"
-    key = policy_key(cfg, policy) | cfg.slice(*(f"evaluation.{k}" for k in (prompts, *EVAL_SAMPLING_KEYS))) | \
-        {"policy": policy, "split": split}
+    keys = ("num_prompts", "pool_prompts", "pool_max_new_tokens") if split == "test" else ("ood_prompts",)  # test: the pool's prompts and cap
+    key = policy_key(cfg, policy) | cfg.slice(*(f"evaluation.{k}" for k in (*keys, *EVAL_SAMPLING_KEYS))) | \
+        {"policy": policy, "split": split} | ({"sampling": "pool-prompts-T1"} if split == "test" else {})
     return shared(cfg, Artefact(cfg.run_dir / "04_eval" / policy / f"samples-{split}.parquet", "04_evaluate", key))
 
 

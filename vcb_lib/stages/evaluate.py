@@ -35,54 +35,105 @@ def evaluation_reward(cfg: Config) -> tuple[str, str]:
     return ("gold" if has_evaluation_reward(cfg) else "reward"), evaluation_reward_name(cfg)
 
 
-def sample_policies(cfg: Config, split: str, policies: list[str] | None = None, *, log=print) -> pd.DataFrame:
-    """``evaluation.samples_per_prompt`` samples per ``split`` prompt ("test" or "ood") from every
-    policy (or those named in ``policies``), with what the metrics need: the reward model's
-    ``reward``, the gold reward (tasks with one), log π of each sample (the sampler's, raw) and
-    log π_sft (for KL and misalignment). Every policy samples with the same seeds on the same
-    prompts; returns all rows, ``method`` naming the policy."""
-    from vcb_lib.data import build_candidates, task_prompts
+def sampling_settings(cfg: Config, split: str) -> dict:
+    """How every policy samples ``split``. ``test``: the on-policy check of the pool, on the pool's prompts
+    (the first ``evaluation.num_prompts`` of them; 0 = all) at the pool's length cap, temperature 1 and
+    top_p 1, so that the on-policy mean and the pool's importance-weighted estimate measure the same
+    E_π[r]. ``ood``: ``evaluation.ood_prompts`` at ``evaluation.temperature`` / ``max_new_tokens``."""
+    from vcb_lib.data import task_prompts
+
+    e = cfg.evaluation
+    if split == "test":
+        prompts = task_prompts(task_of(cfg), "test", e.pool_prompts)
+        return {"prompts": prompts[:e.num_prompts] if e.num_prompts else prompts, "temperature": 1.0,
+                "max_new_tokens": e.pool_max_new_tokens or e.max_new_tokens}
+    return {"prompts": task_prompts(task_of(cfg), split, e.ood_prompts), "temperature": e.temperature,
+            "max_new_tokens": e.max_new_tokens}
+
+
+class SharedSampler:
+    """One sampler for stage 04 (``sampling.backend``: one vLLM engine per run, not one per policy),
+    opened on π_sft when first needed; each policy's weights are loaded into it in turn
+    (``sync_weights``, as the on-policy rounds do). ``with SharedSampler(cfg) as s: s.get(ref, tok)``."""
+
+    def __init__(self, cfg: Config, *, log=print):
+        self.cfg, self.log, self.sampler = cfg, log, None
+
+    def get(self, ref, tok):
+        from vcb_lib.samplers import make_sampler
+
+        if self.sampler is None:
+            c = self.cfg
+            self.sampler = make_sampler(c.sampling.backend, artefacts.sft_spec(c), model=ref, tokenizer=tok,
+                                        batch_size=c.sampling.batch_size, seed=c.run.seed, cache_dir=c.models.cache_dir,
+                                        log=self.log)
+        return self.sampler
+
+    def __enter__(self) -> "SharedSampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
+
+
+def sample_policies(cfg: Config, split: str, policies: list[str] | None = None, *, log=print,
+                    shared: SharedSampler | None = None) -> pd.DataFrame:
+    """``evaluation.samples_per_prompt`` samples per ``split`` prompt ("test" or "ood",
+    :func:`sampling_settings`) from every policy (or those named in ``policies``), with what the
+    metrics need: the reward model's ``reward``, the evaluation reward ``gold`` (where there is one),
+    log π of each sample (the sampler's, raw) and log π_sft (for KL and misalignment). Common random
+    numbers: every policy samples the same prompts with the same seed per prompt (two equal policies
+    draw the same text). One sampler serves every policy (``shared``; opened here when None); returns
+    all rows, ``method`` naming the policy."""
+    from vcb_lib.data import build_candidates
     from vcb_lib.manifest import key_hash
     from vcb_lib.models import format_prompt, load_policy, load_tokenizer
-    from vcb_lib.samplers import HFSampler
 
     e, specs = cfg.evaluation, artefacts.policy_specs(cfg, policies)
-    prompts = task_prompts(task_of(cfg), split, e.num_prompts if split == "test" else e.ood_prompts)
+    settings = sampling_settings(cfg, split)
     ref_spec = artefacts.sft_spec(cfg)
     ref, tok = None, load_tokenizer(ref_spec, cache_dir=cfg.models.cache_dir)
     rm, gold = None, None
     tables = []
-    for name, spec in specs.items():
-        art = artefacts.samples(cfg, name, split)
-        if art.current():
-            tables.append(check_rewards(pd.read_parquet(art.path), ("reward", "gold"), str(art.path)))
-            continue
-        art = artefacts.own(cfg, art)
-        art.invalidate()
-        if ref is None:
-            ref = load_policy(ref_spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
-            rm = load_reward_model(cfg)
-            gold = load_evaluation_reward(cfg)
-        policy = ref if name == "sft" else load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
-        table = build_candidates(prompts, HFSampler(policy, tok, batch_size=cfg.sampling.batch_size),
-                                 art.path.parent / f"shards-{split}", n=e.samples_per_prompt, temperature=e.temperature,
-                                 max_new_tokens=e.max_new_tokens, seed=cfg.run.seed + 1000,
-                                 format_prompt=lambda p: format_prompt(tok, p), ref_model=ref, tokenizer=tok,
-                                 manifest={"policy": name, "config": key_hash(art.key)}, progress=False)
-        table = table.rename(columns={"sampler_logp": "policy_logp"})  # log π (raw); ref_logp = log π_sft
-        table["reward"] = rm.score(list(table.prompt), list(table.response))
-        if gold is not None:
-            table["gold"] = gold.score(list(table.prompt), list(table.response))
-        table["method"] = name
-        check_rewards(table, ("reward", "gold"), f"{name} samples [{split}]")
-        atomic_write_bytes(art.path, table.to_parquet(index=False))
-        art.seal()
-        log(f"{name} [{split}]: {len(table)} samples, mean reward {table.reward.mean():.3f}")
-        tables.append(table)
+    with contextlib.ExitStack() as stack:
+        if shared is None:
+            shared = stack.enter_context(SharedSampler(cfg, log=log))
+        for name, spec in specs.items():
+            art = artefacts.samples(cfg, name, split)
+            if art.current():
+                tables.append(check_rewards(pd.read_parquet(art.path), ("reward", "gold"), str(art.path)))
+                continue
+            art = artefacts.own(cfg, art)
+            art.invalidate()
+            if ref is None:
+                ref = load_policy(ref_spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
+                rm = load_reward_model(cfg)
+                gold = load_evaluation_reward(cfg)
+            policy = ref if name == "sft" else load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
+            sampler = shared.get(ref, tok)
+            sampler.sync_weights(policy)
+            table = build_candidates(settings["prompts"], sampler, art.path.parent / f"shards-{split}",
+                                     n=e.samples_per_prompt, temperature=settings["temperature"],
+                                     max_new_tokens=settings["max_new_tokens"], seed=cfg.run.seed + 1000,
+                                     format_prompt=lambda p: format_prompt(tok, p), ref_model=ref, tokenizer=tok,
+                                     manifest={"policy": name, "config": key_hash(art.key), "sampler": sampler.name},
+                                     progress=False)
+            table = table.rename(columns={"sampler_logp": "policy_logp"})  # log π (raw); ref_logp = log π_sft
+            table["reward"] = rm.score(list(table.prompt), list(table.response))
+            if gold is not None:
+                table["gold"] = gold.score(list(table.prompt), list(table.response))
+            table["method"] = name
+            check_rewards(table, ("reward", "gold"), f"{name} samples [{split}]")
+            atomic_write_bytes(art.path, table.to_parquet(index=False))
+            art.seal()
+            log(f"{name} [{split}]: {len(table)} samples, mean reward {table.reward.mean():.3f}")
+            tables.append(table)
     return pd.concat(tables, ignore_index=True)
 
 
-def build_pool(cfg: Config, *, log=print) -> pd.DataFrame:
+def build_pool(cfg: Config, *, log=print, shared: SharedSampler | None = None) -> pd.DataFrame:
     """The shared held-out pool: ``evaluation.pool_candidates`` candidates for each of the first
     ``evaluation.pool_prompts`` test prompts, drawn once from π_sft at temperature 1 and top_p 1
     (importance weights π/π_sft need π_sft's own distribution), with log π_sft, the reward
@@ -90,9 +141,16 @@ def build_pool(cfg: Config, *, log=print) -> pd.DataFrame:
     art, e = artefacts.pool(cfg), cfg.evaluation
     if art.current():
         return check_rewards(pd.read_parquet(art.path), ("reward", "gold", "ref_logp"), str(art.path))
+    sampler = None
+    if shared is not None:
+        from vcb_lib.models import load_policy, load_tokenizer
+
+        spec = artefacts.sft_spec(cfg)
+        sampler = shared.get(load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir),
+                             load_tokenizer(spec, cache_dir=cfg.models.cache_dir))
     table = sample_from_sft(cfg, artefacts.own(cfg, art), "test", e.pool_prompts, n=e.pool_candidates, temperature=1.0,
                             max_new_tokens=e.pool_max_new_tokens or e.max_new_tokens, seed=cfg.run.seed + 2000,
-                            top_p=1.0, log=log)
+                            top_p=1.0, log=log, sampler=sampler)
     log(f"pool: {table.prompt_id.nunique()} prompts x {cfg.evaluation.pool_candidates} candidates from π_sft")
     return table
 
@@ -144,14 +202,47 @@ def pool_per_prompt(cfg: Config, policy: str) -> pd.Series:
     return pd.Series(est, index=pool.prompt_id.unique())
 
 
-def pool_metrics(cfg: Config, pool: pd.DataFrame, logps: dict[str, np.ndarray]) -> dict:
+def on_policy_per_prompt(samples: pd.DataFrame, policy: str, column: str) -> pd.Series:
+    """Per prompt, the mean ``column`` of ``policy``'s own samples (the on-policy estimate of E_π[r | x]),
+    indexed by prompt_id in sampling order."""
+    t = samples[samples.method == policy]
+    return pd.Series(_grid(t, column).mean(axis=1), index=t.prompt_id.unique())
+
+
+def pool_validity(pool_est: pd.Series, on_policy: pd.Series, ess: np.ndarray, m: int, *, bootstrap: int,
+                  seed: int) -> dict:
+    """Is the pool valid for one policy? Its estimate minus the on-policy one on the prompts both have
+    (``bias``, 95% CI over prompts: it should include 0) and the per-prompt ESS as a share of m
+    (``estimators.pool_valid``: the rule the exact tier calibrated). ``valid`` needs both."""
+    from vcb_lib.estimators import pool_valid
+    from vcb_lib.metrics import paired_difference
+
+    common = on_policy.index.intersection(pool_est.index)
+    d = paired_difference(pool_est.loc[common].to_numpy(), on_policy.loc[common].to_numpy(), bootstrap=bootstrap, seed=seed)
+    frac = np.asarray(ess, dtype=np.float64) / m
+    ess_ok = bool(pool_valid(np.asarray(ess, dtype=np.float64), m))
+    why = [w for w, bad in (("pool − on-policy CI excludes 0", d["resolved"]), ("ESS below the calibrated threshold", not ess_ok))
+           if bad]
+    return {"bias": d["diff"], "bias_ci": d["ci"], "bias_prompts": int(len(common)),
+            "ess_fraction": {"mean": float(frac.mean()), "p10": float(np.quantile(frac, 0.1)), "min": float(frac.min())},
+            "valid": not why, "why_not": why}
+
+
+def pool_metrics(cfg: Config, pool: pd.DataFrame, logps: dict[str, np.ndarray], samples: pd.DataFrame | None = None) -> dict:
     """``metrics["pool"]``: per policy the importance-sampled expected evaluation reward ("gold")
     and reward-model reward ("rm") with CIs and ESS, the Eq. 12 calibration slope, R² and Spearman,
     and the misalignment rate (A.5, π_sft excluded: it is the reference); paired differences of the
     reference method against every other policy, with CIs over prompts, the minimum detectable
     effect and ``power``: the CI half-width at 1, 2 and 4 times the prompts and 1 and 2 times the candidates,
-    measured on this pool and predicted beyond it (:func:`vcb_lib.metrics.power_curve`)."""
-    from vcb_lib.metrics import ESS_MIN_FRACTION, MDE_FACTOR, calibration, paired_difference, pool_estimate, power_curve
+    measured on this pool and predicted beyond it (:func:`vcb_lib.metrics.power_curve`).
+
+    With ``samples`` (every policy's on-policy test samples, :func:`sampling_settings`): per policy its
+    on-policy estimate with its CI and the pool's validity (:func:`pool_validity`); per comparison the
+    on-policy paired difference (common random numbers), and ``decided_by``: the pool where it is valid
+    for both policies, else the on-policy samples, whose numbers then stand in ``gold_diff``, ``ci``,
+    ``resolved`` and ``mde`` (the pool's stay under ``pool``)."""
+    from vcb_lib.metrics import (ESS_MIN_FRACTION, MDE_FACTOR, bootstrap_mean_ci, calibration, paired_difference,
+                                 pool_estimate, power_curve)
     from vcb_lib.theory import misalignment_rate
 
     e, seed = cfg.evaluation, cfg.run.seed
@@ -165,7 +256,8 @@ def pool_metrics(cfg: Config, pool: pd.DataFrame, logps: dict[str, np.ndarray]) 
         r = pool_estimate(policy, ref, rm, bootstrap=e.bootstrap, seed=seed)
         cal = calibration(policy, ref, rm, cfg.training.gamma, bootstrap=e.bootstrap, seed=seed)
         rate, rates = misalignment_rate(policy, ref, rm, per_prompt=True) if name != "sft" else (None, None)
-        per_prompt[name] = {"gold": g.pop("per_prompt"), "rm": r.pop("per_prompt"), "misalignment": rates}
+        per_prompt[name] = {"gold": g.pop("per_prompt"), "rm": r.pop("per_prompt"), "misalignment": rates, "ess": g.pop("ess")}
+        r.pop("ess")
         methods[name] = {"gold": g["mean"], "gold_ci": g["ci"], "rm": r["mean"], "rm_ci": r["ci"],
                          "ess_mean": g["ess_mean"], "ess_min": g["ess_min"], "ess_flag": g["ess_flag"],
                          "slope": cal["slope"], "slope_ci": cal["slope_ci"], "r2": cal["r2"], "spearman": cal["spearman"],
@@ -173,6 +265,14 @@ def pool_metrics(cfg: Config, pool: pd.DataFrame, logps: dict[str, np.ndarray]) 
                          "misalignment_rate": None if rate is None or np.isnan(rate) else float(rate)}
         if cal.get("degenerate"):
             methods[name]["degenerate"] = cal["degenerate"]
+        if samples is not None and name in set(samples.method):
+            on = on_policy_per_prompt(samples, name, judge_col)
+            per_prompt[name]["on_policy"] = on
+            methods[name] |= {"on_policy": float(on.mean()), "on_policy_ci": bootstrap_mean_ci(
+                on.to_numpy(), bootstrap=e.bootstrap, seed=seed), "on_policy_prompts": int(len(on))}
+            pool_est = pd.Series(per_prompt[name]["gold"], index=pool.prompt_id.unique())
+            methods[name]["validity"] = pool_validity(pool_est, on, per_prompt[name]["ess"], ref.shape[1],
+                                                      bootstrap=e.bootstrap, seed=seed)
     main = {"sft", *cfg.training.methods}
     replicates = {n: v for n, v in methods.items() if n not in main}
     methods = {n: v for n, v in methods.items() if n in main}
@@ -196,6 +296,14 @@ def pool_metrics(cfg: Config, pool: pd.DataFrame, logps: dict[str, np.ndarray]) 
                                          _grid(pool.assign(_lp=logps[other]), "_lp"), ref, gold,
                                          prompts=(P, 2 * P, 4 * P), candidates=(m, 2 * m), repeats=100, seed=seed)
             del entry["power"]["measured"]
+        if "on_policy" in a and "on_policy" in b:  # common random numbers: the same prompts and seeds
+            on = paired_difference(a["on_policy"].to_numpy(), b["on_policy"].to_numpy(), bootstrap=e.bootstrap, seed=seed)
+            entry["on_policy"] = on
+            valid = methods[reference]["validity"]["valid"] and methods[other]["validity"]["valid"]
+            entry["decided_by"] = "pool" if valid else "on-policy"
+            if not valid:
+                entry["pool"] = {k: entry[k] for k in ("gold_diff", "ci", "resolved", "mde")}
+                entry |= {"gold_diff": on["diff"], "ci": on["ci"], "resolved": on["resolved"], "mde": on["mde"]}
         paired[f"{reference}-vs-{other}"] = entry
     out = {"prompts": int(ref.shape[0]), "candidates_per_prompt": int(ref.shape[1]), "reference": reference,
            "gold_name": judge_name, "gamma": cfg.training.gamma, "ess_threshold": ESS_MIN_FRACTION * ref.shape[1],
@@ -483,11 +591,12 @@ def run(cfg: Config, *, log=print) -> dict:
     Fig. 5 curve and the judge, write ``04_eval/metrics.json``; returns the metrics."""
     check_judge(cfg)  # before the sampling, not after it
     task = task_of(cfg)
-    samples = sample_policies(cfg, "test", log=log)
-    ood = sample_policies(cfg, "ood", log=log) if "ood" in splits(cfg) else None
+    with SharedSampler(cfg, log=log) as shared:  # one engine for the pool and every policy's samples
+        pool = build_pool(cfg, log=log, shared=shared)
+        samples = sample_policies(cfg, "test", log=log, shared=shared)
+        ood = sample_policies(cfg, "ood", log=log, shared=shared) if "ood" in splits(cfg) else None
     metrics = summarise(cfg, samples, ood)
-    pool = build_pool(cfg, log=log)
-    metrics["pool"] = pool_metrics(cfg, pool, pool_logps(cfg, pool, log=log))
+    metrics["pool"] = pool_metrics(cfg, pool, pool_logps(cfg, pool, log=log), samples)
     metrics["dt_reward"] = dt_reward(cfg)
     metrics["reward_kl_curve"] = reward_kl_curve(cfg, samples, log=log)  # {} unless evaluation.curve_points > 0
     metrics["judge"] = {}  # what judged: endpoint, model, server start time (empty when off)

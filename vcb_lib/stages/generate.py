@@ -40,11 +40,12 @@ def read_candidates(cfg: Config) -> pd.DataFrame:
 
 
 def sample_from_sft(cfg: Config, art: Artefact, split: str, limit: int, *, n: int, temperature: float,
-                    max_new_tokens: int, seed: int, top_p: float, log=print) -> pd.DataFrame:
+                    max_new_tokens: int, seed: int, top_p: float, log=print, sampler=None) -> pd.DataFrame:
     """Build ``art`` (a candidate table): ``n`` candidates for each of the first ``limit``
     ``split`` prompts from π_sft (resuming from shards beside it), their log π_sft, the reward
     model's ``reward`` and, where the task has one, the gold reward; checked finite, then sealed.
-    D_t and the evaluation pool are both built by it."""
+    D_t and the evaluation pool are both built by it. ``sampler``: one already open (stage 04 shares its
+    engine between the pool and every policy's samples; it is given π_sft's weights here and left open)."""
     from vcb_lib.data import build_candidates, task_of, task_prompts
     from vcb_lib.models import format_prompt, load_policy, load_tokenizer
     from vcb_lib.samplers import make_sampler
@@ -53,14 +54,19 @@ def sample_from_sft(cfg: Config, art: Artefact, split: str, limit: int, *, n: in
     spec = artefacts.sft_spec(cfg)
     model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
     tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
-    sampler = make_sampler(cfg.sampling.backend, spec, model=model, tokenizer=tok, batch_size=cfg.sampling.batch_size,
-                           seed=cfg.run.seed, cache_dir=cfg.models.cache_dir, log=log)
+    own = sampler is None
+    if own:
+        sampler = make_sampler(cfg.sampling.backend, spec, model=model, tokenizer=tok, batch_size=cfg.sampling.batch_size,
+                               seed=cfg.run.seed, cache_dir=cfg.models.cache_dir, log=log)
+    else:
+        sampler.sync_weights(model)
     prompts = task_prompts(task_of(cfg), split, limit)
     table = build_candidates(prompts, sampler, art.path.parent, n=n, temperature=temperature,
                              max_new_tokens=max_new_tokens, seed=seed, top_p=top_p, ref_model=model, tokenizer=tok,
                              format_prompt=lambda p: format_prompt(tok, p), ref_autocast_bf16=cfg.training.bf16,
                              manifest={"config": key_hash(art.key), "sampler": sampler.name})
-    sampler.close()
+    if own:
+        sampler.close()
     return score_and_seal(cfg, art, table, log=log, sampler=sampler.name, model=spec)
 
 
