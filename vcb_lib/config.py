@@ -458,11 +458,11 @@ class TrainingConfig:
 class EvaluationConfig:
     """Notebooks 04-05: win rates, reward vs KL, misalignment, diversity, length, OOD."""
 
-    num_prompts: int = 0  # test prompts evaluated; 0 = all; <= 10_000_000
+    num_prompts: int = 0  # test prompts every policy samples on-policy: the first num_prompts of the pool's prompts (evaluation.pool_prompts), at the pool's length cap, T = 1, top_p 1 (the pool's check, Table 2, Fig. 5); 0 = all of them; <= 10_000_000
     ood_prompts: int = 0  # out-of-distribution prompts evaluated (Table 5); 0 = all; <= 10_000_000
     samples_per_prompt: int = 2  # samples per prompt and policy (pairs for misalignment and Self-BLEU; A.5/A.8 use 8); <= 1024
-    temperature: float = 1.0  # evaluation sampling temperature
-    max_new_tokens: int = 64  # evaluation generation length cap; <= 32768
+    temperature: float = 1.0  # sampling temperature of the OOD samples and the Fig. 5 snapshots (the test samples use 1, as the pool)
+    max_new_tokens: int = 64  # length cap of the OOD samples, the snapshots and the pool when pool_max_new_tokens is 0; <= 32768
     bootstrap: int = 1000  # bootstrap resamples for confidence intervals; <= 1_000_000
     curve_points: int = 0  # Fig. 5: snapshots sampled during training (evenly spaced steps; π_sft and the final model come from the evaluation); 0 = none
     curve_prompts: int = 8  # Fig. 5: test prompts sampled at each snapshot (the first ones)
