@@ -273,7 +273,7 @@ def test_evaluation_reward_is_the_gold_column(tmp_path, own_run):
     with_eval = load_params(SMOKE, {"data.prompts": cfg.data.prompts, "rewards.reward_model": "gold", "models.sft": False,
                                     "rewards.evaluation": "tests.fixtures.own_reward:length_reward"})
     column, name = evaluation_reward(with_eval)
-    assert column == "gold" and "own_reward:length_reward" in name
+    assert column == "gold" and name == "`tests.fixtures.own_reward:length_reward` reward"
     assert load_evaluation_reward(with_eval).score(["p"], ["a b"]).tolist() == [2.0]
 
 
@@ -434,4 +434,4 @@ def test_notebooks_run_on_your_data(tmp_path):
     report = (cfg.run_dir / "report.md").read_text()
     assert "**Your data:** task `kids_science`: prompts from `examples/own_data/prompts.jsonl`" in report
     assert "D_t imported from `examples/own_data/candidates.jsonl`" in report
-    assert "evaluation reward: the reward `examples/own_data/reward.py:score` (rewards.evaluation)" in report
+    assert "evaluation reward: `examples/own_data/reward.py:score` reward" in report

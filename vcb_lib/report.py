@@ -92,7 +92,13 @@ def pool_sections(metrics: dict) -> list[str]:
         return []
     ref, gold, P, m = pool["reference"], pool["gold_name"], pool["prompts"], pool["candidates_per_prompt"]
     family = (pool.get("family") or {}).get("comparisons") or {}
-    lines = [f"## Resolution: paired differences on the shared pool ({P} test prompts × {m} candidates from π_sft)\n"]
+    checked = any(v.get("decided_by") for v in pool["paired"].values())
+    lines = [f"## Resolution: paired differences on the shared pool ({P} test prompts × {m} candidates from π_sft)\n"
+             if not checked else f"## Resolution: paired differences, each decided by an estimator valid for it\n"]
+    where = (f"estimated on the same candidates by self-normalised importance weights π/π_sft" if not checked else
+             f"estimated on the shared pool ({P} test prompts × {m} candidates from π_sft, self-normalised importance "
+             "weights π/π_sft) where the pool is valid for both policies, else on the policies' own samples of the same "
+             "prompts")
     if family:  # Holm over the table's comparisons (stages.analysis.pool_family)
         n, alpha = len(family), pool["family"]["alpha"]
         boot = next(iter(family.values()))["bootstrap"]
@@ -108,8 +114,7 @@ def pool_sections(metrics: dict) -> list[str]:
                                                 "Holm p": p_text(family[k]["p_holm"]), "resolved": resolved(k, v),
                                                 "decided by": v.get("decided_by", "pool")}
                 for k, v in pool["paired"].items()}
-        lines += [f"Expected {gold} of each policy, estimated on the same candidates by self-normalised importance "
-                  f"weights π/π_sft; Δ = {ref} − the other, 95% percentile bootstrap CI over prompts (each comparison "
+        lines += [f"Expected {gold} of each policy, {where}; Δ = {ref} − the other, 95% percentile bootstrap CI over prompts (each comparison "
                   f"alone). **resolved** controls the family-wise error over the table's {n} comparisons at {alpha:g} "
                   f"(the chance that any of them is called resolved when its Δ is 0): Holm's step-down method on the "
                   f"two-sided percentile-bootstrap p-values over prompts (p, from {boot:,} resamples: at least 50 "
@@ -121,8 +126,7 @@ def pool_sections(metrics: dict) -> list[str]:
         rows = {k.replace("-vs-", " vs "): v | {"95% CI": _ci(v["ci"]), "resolved": "yes" if v["resolved"] else "not resolved",
                                                 "decided by": v.get("decided_by", "pool")}
                 for k, v in pool["paired"].items()}
-        lines += [f"Expected {gold} of each policy, estimated on the same candidates by self-normalised importance "
-                  f"weights π/π_sft; Δ = {ref} − the other, 95% percentile bootstrap CI over prompts; resolved = the CI "
+        lines += [f"Expected {gold} of each policy, {where}; Δ = {ref} − the other, 95% percentile bootstrap CI over prompts; resolved = the CI "
                   f"excludes 0, per comparison: no correction for the {len(rows)} comparisons made together "
                   f"(`stages.analysis.pool_family` adds Holm's). MDE = the smallest difference this many prompts "
                   f"detects with 80% power ({pool['mde_factor']} SE).\n",

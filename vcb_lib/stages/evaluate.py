@@ -119,7 +119,7 @@ def sample_policies(cfg: Config, split: str, policies: list[str] | None = None, 
                                      max_new_tokens=settings["max_new_tokens"], seed=cfg.run.seed + 1000,
                                      format_prompt=lambda p: format_prompt(tok, p), ref_model=ref, tokenizer=tok,
                                      manifest={"policy": name, "config": key_hash(art.key), "sampler": sampler.name},
-                                     progress=False)
+                                     progress=False, shard_size=64)  # vLLM: 205 tok/s at 64 prompts x 2 vs 180 at 16 (same samples)
             table = table.rename(columns={"sampler_logp": "policy_logp"})  # log π (raw); ref_logp = log π_sft
             table["reward"] = rm.score(list(table.prompt), list(table.response))
             if gold is not None:

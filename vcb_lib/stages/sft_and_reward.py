@@ -205,7 +205,7 @@ def has_evaluation_reward(cfg: Config) -> bool:
 def evaluation_reward_name(cfg: Config) -> str:
     """The evaluation reward in words, as reports name it."""
     if cfg.rewards.evaluation:
-        return f"the reward `{cfg.rewards.evaluation}` (rewards.evaluation)"
+        return f"`{cfg.rewards.evaluation}` reward"
     task = task_of(cfg)
     return task.reward_name if task.gold else f"{cfg.rewards.reward_model} reward model"
 
