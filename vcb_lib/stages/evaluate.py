@@ -141,16 +141,9 @@ def build_pool(cfg: Config, *, log=print, shared: SharedSampler | None = None) -
     art, e = artefacts.pool(cfg), cfg.evaluation
     if art.current():
         return check_rewards(pd.read_parquet(art.path), ("reward", "gold", "ref_logp"), str(art.path))
-    sampler = None
-    if shared is not None:
-        from vcb_lib.models import load_policy, load_tokenizer
-
-        spec = artefacts.sft_spec(cfg)
-        sampler = shared.get(load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir),
-                             load_tokenizer(spec, cache_dir=cfg.models.cache_dir))
     table = sample_from_sft(cfg, artefacts.own(cfg, art), "test", e.pool_prompts, n=e.pool_candidates, temperature=1.0,
                             max_new_tokens=e.pool_max_new_tokens or e.max_new_tokens, seed=cfg.run.seed + 2000,
-                            top_p=1.0, log=log, sampler=sampler)
+                            top_p=1.0, log=log, get_sampler=None if shared is None else shared.get)
     log(f"pool: {table.prompt_id.nunique()} prompts x {cfg.evaluation.pool_candidates} candidates from π_sft")
     return table
 

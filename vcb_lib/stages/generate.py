@@ -40,12 +40,13 @@ def read_candidates(cfg: Config) -> pd.DataFrame:
 
 
 def sample_from_sft(cfg: Config, art: Artefact, split: str, limit: int, *, n: int, temperature: float,
-                    max_new_tokens: int, seed: int, top_p: float, log=print, sampler=None) -> pd.DataFrame:
+                    max_new_tokens: int, seed: int, top_p: float, log=print, get_sampler=None) -> pd.DataFrame:
     """Build ``art`` (a candidate table): ``n`` candidates for each of the first ``limit``
     ``split`` prompts from π_sft (resuming from shards beside it), their log π_sft, the reward
     model's ``reward`` and, where the task has one, the gold reward; checked finite, then sealed.
-    D_t and the evaluation pool are both built by it. ``sampler``: one already open (stage 04 shares its
-    engine between the pool and every policy's samples; it is given π_sft's weights here and left open)."""
+    D_t and the evaluation pool are both built by it. ``get_sampler(model, tokenizer)``: a sampler already
+    open, e.g. stage 04's (one engine for the pool and every policy's samples): it is given π_sft's
+    weights here and left open."""
     from vcb_lib.data import build_candidates, task_of, task_prompts
     from vcb_lib.models import format_prompt, load_policy, load_tokenizer
     from vcb_lib.samplers import make_sampler
@@ -54,11 +55,12 @@ def sample_from_sft(cfg: Config, art: Artefact, split: str, limit: int, *, n: in
     spec = artefacts.sft_spec(cfg)
     model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
     tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
-    own = sampler is None
+    own = get_sampler is None
     if own:
         sampler = make_sampler(cfg.sampling.backend, spec, model=model, tokenizer=tok, batch_size=cfg.sampling.batch_size,
                                seed=cfg.run.seed, cache_dir=cfg.models.cache_dir, log=log)
     else:
+        sampler = get_sampler(model, tok)
         sampler.sync_weights(model)
     prompts = task_prompts(task_of(cfg), split, limit)
     table = build_candidates(prompts, sampler, art.path.parent, n=n, temperature=temperature,
