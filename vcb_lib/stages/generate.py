@@ -114,13 +114,12 @@ def import_candidates(cfg: Config, art: Artefact, *, log=print) -> pd.DataFrame:
     spec = artefacts.sft_spec(cfg)
     model = load_policy(spec, dtype=cfg.models.dtype, cache_dir=cfg.models.cache_dir)
     tok = load_tokenizer(spec, cache_dir=cfg.models.cache_dir)
+    eos = tok.eos_token_id
     for r in rows:
         r["split"] = "train"  # the task's split decides (data.prompts when given), not the candidate file's own rule
         r["model_input"] = format_prompt(tok, chat_input(r))
         if r["response_ids"] is None:
-            ids = list(tok(r["response"], add_special_tokens=False).input_ids)
-            r["response_ids"] = ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-        eos = tok.eos_token_id
+            r["response_ids"] = list(tok(r["response"], add_special_tokens=False).input_ids) + ([eos] if eos is not None else [])
         r["finish_reason"] = "stop" if r["response_ids"][-1:] == [eos] else "length"
         r["n_tokens"] = len(r["response_ids"])
         r["sampler_logp"] = float("nan")
